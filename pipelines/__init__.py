@@ -1,0 +1,1 @@
+"""Teacher generation: DSS prompts, answer parsing, LLM backends, response cache, cost."""

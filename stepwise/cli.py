@@ -1,0 +1,119 @@
+"""The `stepwise` command line.
+
+Core commands live here; each stage package adds its own by exposing `register(app)` in its
+`cli` module (pipelines, curation, training, evals, argilla_embedded), so packages stay
+independent. Heavy libraries are imported inside commands to keep `stepwise --help` fast.
+
+Exit codes: 0 ok, 1 a stage failed, 2 bad input (recipe, config, data), 3 stopped early by a
+limit (cost cap) with a resumable run, 4 a quality gate failed (forgetting).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stepwise.recipe import Recipe, RecipeError, load_recipe
+
+EXIT_STAGE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_GATE_FAILED = 4
+
+app = typer.Typer(
+    name="stepwise",
+    help="Distilling Step-by-Step, declaratively: teacher rationales -> curated data -> student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def load_or_exit(path: Path, *, check_files: bool = True) -> Recipe:
+    """Load a recipe or print every problem and exit 2."""
+    try:
+        return load_recipe(path, check_files=check_files)
+    except RecipeError as exc:
+        for problem in exc.problems:
+            console.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML")) -> None:
+    """Check a recipe: every error at once, each with its file, line and field."""
+    r = load_or_exit(recipe)
+    kind = f"{len(r.task.label_set)} classes" if r.task.is_classification else f"structured ({r.task.validator})"
+    console.print(f"[green]ok[/green] {recipe}: recipe '{r.name}', task '{r.task.name}' ({kind}), "
+                  f"teacher {r.teacher.provider}:{r.teacher.model}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def runs(
+    root: Path = typer.Option(Path("runs"), "--root", help="Runs directory"),
+) -> None:
+    """List runs with the status of each stage."""
+    from stepwise.rundir import STAGES, effective_status, list_runs
+
+    found = list_runs(root)
+    if not found:
+        console.print(f"no runs under {root}")
+        return
+    table = Table("run", *STAGES)
+    for path, manifest in found:
+        stages = manifest.get("stages", {})
+        cells = []
+        for s in STAGES:
+            status = effective_status(stages.get(s))
+            color = {"done": "green", "failed": "red", "interrupted": "red", "running": "yellow",
+                     "incomplete": "yellow"}.get(status, "dim")
+            cells.append(f"[{color}]{status}[/{color}]")
+        table.add_row(str(path.relative_to(root)), *cells)
+    Console().print(table)
+
+
+@app.command("schema")
+def schema_cmd() -> None:
+    """Print the recipe's JSON schema."""
+    import json
+
+    from stepwise.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+
+
+_PLUGINS = ["pipelines.cli", "curation.cli", "training.cli", "evals.cli", "argilla_embedded.cli", "stepwise.run_cli"]
+
+
+def _register_plugins() -> None:
+    for module_name in _PLUGINS:
+        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None:
+            continue
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None:
+            continue
+        importlib.import_module(module_name).register(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: completed work is saved; run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

