@@ -9,6 +9,7 @@ export TOKENIZERS_PARALLELISM=false
 
 setup:
 	@bash scripts/setup.sh
+	@if [ -f scripts/setup_argilla.sh ]; then bash scripts/setup_argilla.sh; fi
 
 demo: setup
 	@bash scripts/demo.sh
