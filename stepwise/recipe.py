@@ -232,9 +232,13 @@ Modality = Literal["full", "lora", "qlora"]
 
 
 class SweepSpec(StrictModel):
-    lora_r: list[int] = Field(default_factory=list)
-    alpha_ratio: list[float] = Field(default_factory=list)
-    learning_rate: list[float] = Field(default_factory=list)
+    """Grid over which `stepwise configs` writes one Axolotl config per point (empty = not swept)."""
+
+    lora_r: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=list)
+    alpha_ratio: list[Annotated[float, Field(gt=0, le=64)]] = Field(
+        default_factory=list, description="lora_alpha / lora_r (the paper's best: 4)."
+    )
+    learning_rate: list[Annotated[float, Field(gt=0, le=1.0)]] = Field(default_factory=list)
     modality: list[Modality] = Field(default_factory=list)
 
 
@@ -253,7 +257,9 @@ class TrainingSpec(StrictModel):
     micro_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     sequence_len: int | None = Field(None, ge=32, description="Default: from the data, rounded up.")
-    optimizer: str = "adamw_torch"
+    optimizer: str | None = Field(
+        None, description="Axolotl optimizer; default adamw_torch_fused (full, LoRA), paged_adamw_8bit (QLoRA)."
+    )
     weight_decay: float | None = Field(None, ge=0.0, le=1.0)
     gradient_checkpointing: bool = True
     sample_packing: bool | None = None
@@ -263,25 +269,47 @@ class TrainingSpec(StrictModel):
     profile: Literal["gpu", "cpu"] = Field("gpu", description="`cpu` applies the CPU overrides (no bf16/flash).")
     sweep: SweepSpec = Field(default_factory=SweepSpec)
 
+    @model_validator(mode="after")
+    def _one_sharding(self) -> TrainingSpec:
+        if self.deepspeed and self.fsdp:
+            raise ValueError("set at most one of `deepspeed` and `fsdp`")
+        return self
+
     @property
     def effective_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 4 * self.lora_r
 
 
 class TaskEvalSpec(StrictModel):
+    enabled: bool = Field(True, description="Evaluate the student on the held-out test split.")
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals.")
     limit: int | None = Field(None, ge=1)
+    device: str = Field("auto", description="`auto` (cuda when present, else cpu), `cpu`, `cuda`, `cuda:1`...")
+    concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight for an OpenAI-compatible endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's API key.")
+
+
+ForgettingBenchmark = Literal["mmlu", "arc_easy", "arc_challenge", "hellaswag", "gsm8k", "truthfulqa_mc1"]
 
 
 class ForgettingSpec(StrictModel):
     enabled: bool = True
-    benchmarks: list[str] = Field(default_factory=lambda: ["mmlu", "arc_easy"])
-    subset_size: int = Field(50, ge=1, description="Questions per benchmark (small on a laptop, large on a GPU).")
+    benchmarks: list[ForgettingBenchmark] = Field(default_factory=lambda: ["mmlu", "arc_easy"])
+    subset_size: int | None = Field(
+        50, ge=1, description="Questions per benchmark (small on a laptop, large on a GPU); null = all available."
+    )
+    data_dir: str | None = Field(
+        None, description="Full benchmark folders (layout of shared/data/benchmarks); default the bundled 500-row subsets."
+    )
     num_fewshot: int = Field(0, ge=0, le=25)
     max_drop: float = Field(0.05, ge=0.0, le=1.0, description="Gate: fail when any benchmark drops more (seeds: 5%).")
+    drop_kind: Literal["absolute", "relative"] = Field(
+        "absolute", description="`max_drop` in accuracy points (0.05 = 5 points) or relative to the base score."
+    )
     batch_size: int = Field(8, ge=1)
+    device: str = Field("auto", description="`auto` (cuda when present, else cpu), `cpu`, `cuda`...")
 
 
 class EvalSpec(StrictModel):

@@ -1,0 +1,173 @@
+"""Forgetting evaluation: lm-eval on bundled benchmark subsets, before (base) vs after (student).
+
+`evaluate_model` runs lm-eval 0.4's Python API (`simple_evaluate` with a `TaskManager` holding only
+our task folder: `include_path` with `include_defaults=False`, so it skips indexing lm-eval's
+thousands of built-in YAMLs, the bulk of the CLI's start-up) and keeps per-question scores, so the
+before/after comparison is paired (same questions) with bootstrap CIs. Results are cached per
+(model weights, rendered task + data, lm-eval version) in the run, so the base model's "before"
+is computed once per run and a re-run redoes nothing.
+
+`forgetting_report` compares before and after per benchmark and applies the gate: fail when any
+benchmark drops by more than `max_drop` (absolute accuracy points by default, the seeds' 5% rule;
+or relative to the base score).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from evals.benchmarks import PreparedTask
+from evals.modelref import ModelRef
+from evals.stats import mean_ci, paired_diff
+from stepwise.io import atomic_write_json, sha256_text
+
+MITIGATIONS = [
+    "Mix 5-10% general-domain examples into the training data (`curation.general_mix`, fraction 0.05-0.10).",
+    "Lower the learning rate (e.g. 1e-5 instead of 5e-5 for full fine-tuning; the low end of 1e-4..5e-4 for "
+    "LoRA) (`training.learning_rate`).",
+    "Train fewer epochs and stop when task accuracy plateaus (`training.num_epochs`; 1-3 for < 1,000 examples).",
+    "Use LoRA instead of full fine-tuning (`training.modality: lora`): it updates a tiny fraction of the "
+    "weights and resists forgetting.",
+]
+
+
+def default_device() -> str:
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def _lm_eval_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("lm_eval")
+
+
+def cache_key(model: ModelRef, task: PreparedTask, batch_size: int, device: str) -> str:
+    ident = {"model": model.identity(), "task": task.fingerprint, "lm_eval": _lm_eval_version(), "device": device}
+    return sha256_text(json.dumps(ident, sort_keys=True))[:20]
+
+
+def evaluate_model(
+    model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int = 8, device: str | None = None,
+    cache_dir: Path | None = None, log=print,
+) -> dict[str, dict[str, Any]]:
+    """Per benchmark: {metric, value, n, items: [score per question in file order], wall_s, cached}."""
+    device = device or default_device()
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[PreparedTask] = []
+    for t in tasks:
+        cached = _cache_get(cache_dir, cache_key(model, t, batch_size, device)) if cache_dir else None
+        if cached is not None:
+            cached["cached"] = True
+            results[t.benchmark.name] = cached
+        else:
+            todo.append(t)
+    if todo:
+        log(f"lm-eval: {model.label} on {', '.join(f'{t.benchmark.name} ({t.n})' for t in todo)} [{device}]")
+        fresh = _run_lm_eval(model, todo, task_dir, batch_size=batch_size, device=device)
+        for t in todo:
+            res = fresh[t.benchmark.name]
+            res["cached"] = False
+            if cache_dir:
+                _cache_put(cache_dir, cache_key(model, t, batch_size, device), res)
+            results[t.benchmark.name] = res
+    return {t.benchmark.name: results[t.benchmark.name] for t in tasks}
+
+
+def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int, device: str):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False, verbosity="WARNING")
+    started = time.time()
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=model.lm_eval_args(), tasks=[t.benchmark.task for t in tasks],
+        batch_size=batch_size, device=device, task_manager=manager, log_samples=True,
+        bootstrap_iters=0, verbosity="WARNING",
+    )
+    wall = time.time() - started
+    results: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        b = t.benchmark
+        key = f"{b.metric},{b.filter}"
+        agg = out["results"][b.task]
+        samples = [s for s in out["samples"][b.task] if s.get("filter", "none") == b.filter]
+        samples.sort(key=lambda s: s["doc_id"])
+        items = [float(s[b.metric]) for s in samples]
+        results[b.name] = {
+            "benchmark": b.name, "task": b.task, "metric": b.metric, "filter": b.filter,
+            "value": float(agg[key]), "n": len(items), "items": items,
+            "wall_s": round(wall, 3), "model": model.label, "lm_eval": _lm_eval_version(),
+            "other_metrics": {k: v for k, v in agg.items() if isinstance(v, int | float) and "stderr" not in k},
+        }
+    return results
+
+
+def _cache_get(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    p = cache_dir / f"{key}.json"
+    if not p.exists():
+        return None
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        return json.loads(p.read_text(encoding="utf-8"))
+    return None
+
+
+def _cache_put(cache_dir: Path, key: str, value: dict[str, Any]) -> None:
+    atomic_write_json(cache_dir / f"{key}.json", value)
+
+
+def forgetting_report(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], *, max_drop: float = 0.05,
+    relative: bool = False, in_domain: set[str] | None = None, n_boot: int = 1000, seed: int | None = None,
+) -> dict[str, Any]:
+    """Before/after per benchmark with CIs, and the gate."""
+    in_domain = in_domain or set()
+    rows: dict[str, Any] = {}
+    failed: list[str] = []
+    for name, b in before.items():
+        a = after.get(name)
+        if a is None:
+            continue
+        if len(a["items"]) != len(b["items"]):
+            raise ValueError(f"{name}: before and after scored different questions ({len(b['items'])} vs {len(a['items'])})")
+        diff = paired_diff(b["items"], a["items"], n_boot=n_boot, seed=seed)
+        drop = -(diff["relative"] if relative else diff["delta"]) if diff["delta"] is not None else 0.0
+        drop = drop if drop is not None else 0.0
+        exceeds = drop > max_drop + 1e-12
+        if exceeds:
+            failed.append(name)
+        rows[name] = {
+            "metric": b["metric"], "n": diff["n"],
+            "before": mean_ci(b["items"], n_boot, seed), "after": mean_ci(a["items"], n_boot, seed),
+            "delta": diff["delta"], "delta_ci": diff["delta_ci"],
+            "relative": diff["relative"], "relative_ci": diff["relative_ci"],
+            "p_value": diff["p_value"], "mcnemar_p": diff.get("mcnemar_p"),
+            "lost": diff.get("lost"), "gained": diff.get("gained"),
+            "significant": bool(diff["delta_ci"][0] is not None and (diff["delta_ci"][0] > 0 or diff["delta_ci"][1] < 0)),
+            "drop": drop, "exceeds_max_drop": exceeds, "in_domain": name in in_domain,
+            "lm_eval_value": {"before": b["value"], "after": a["value"]},
+        }
+    passed = not failed
+    return {
+        "benchmarks": rows,
+        "gate": {
+            "passed": passed, "max_drop": max_drop, "drop_kind": "relative" if relative else "absolute",
+            "failed": failed, "mitigations": [] if passed else MITIGATIONS,
+        },
+        "in_domain": sorted(in_domain),
+    }

@@ -1,0 +1,154 @@
+"""`stepwise eval` end to end: pick the models, guard against contamination, run the task eval and
+the forgetting eval, write `eval/task.json`, `eval/forgetting.json` (+ per-item files) and the
+manifest entry, and decide the gate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evals.benchmarks import prepare_tasks
+from evals.forgetting import default_device, evaluate_model, forgetting_report
+from evals.modelref import ModelRef, count_parameters, newest_trained_model, resolve_model
+from evals.task_eval import check_contamination, evaluate_task, load_test_rows, predictions_path
+from stepwise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from stepwise.recipe import Recipe
+from stepwise.rundir import RunDir
+
+
+@dataclass
+class EvalOutcome:
+    task: dict[str, Any] | None = None
+    forgetting: dict[str, Any] | None = None
+    outputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gate_passed(self) -> bool:
+        return self.forgetting is None or self.forgetting["gate"]["passed"]
+
+
+def pick_models(recipe: Recipe, run: RunDir, model: str | None, base: str | None) -> tuple[ModelRef, ModelRef]:
+    """(student, base): `--model` or the newest model under `<run>/train/`; base = `--base` or
+    the recipe's `training.base_model`."""
+    if model is None:
+        found = newest_trained_model(run.path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{run.path}/train/: no trained model yet; run `stepwise train` or pass `--model <dir|name>`")
+        model = str(found)
+    student = resolve_model(model, base_override=base)
+    base_ref = resolve_model(base or recipe.training.base_model)
+    return student, base_ref
+
+
+def in_domain_benchmarks(recipe: Recipe, run: RunDir) -> set[str]:
+    """Benchmarks whose training split was mixed in as general data (GSM8K via general_mix)."""
+    hints: list[str] = []
+    if recipe.curation.general_mix is not None:
+        hints.append(str(recipe.curation.general_mix.file))
+    for name in ("curate/train.jsonl", "export/train.lineage.jsonl"):
+        p = run.path / name
+        if not p.exists():
+            continue
+        for _, row in iter_jsonl(p):
+            kind = row.get("kind") or row.get("provenance") or row.get("origin")
+            if isinstance(kind, dict):
+                kind = kind.get("kind")
+            if kind == "general" or row.get("general"):
+                hints.append(str(row.get("source") or row.get("general_source") or "general"))
+    text = " ".join(hints).lower()
+    found = {b for b in ("gsm8k", "mmlu", "hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1") if b in text}
+    if "arc" in text and "arc_" not in text:
+        found.add("arc_easy")
+    return found
+
+
+def run_eval(
+    recipe: Recipe, run: RunDir, *, model: str | None = None, base: str | None = None, skip_task: bool = False,
+    skip_forgetting: bool = False, log=print, progress_factory=None,
+) -> EvalOutcome:
+    eval_dir = run.stage_dir("eval")
+    student, base_ref = pick_models(recipe, run, model, base)
+    outcome = EvalOutcome()
+    test_path = run.path / "curate" / "test.jsonl"
+    inputs = [p for p in (test_path,) if p.exists()]
+    params = {"model": student.identity(), "base": base_ref.identity(), "eval": recipe.eval.model_dump(),
+              "skip_task": skip_task, "skip_forgetting": skip_forgetting}
+    with run.stage("eval", inputs=inputs, params=params) as st:
+        model_info = {"label": student.label, "kind": student.kind, "spec": student.spec,
+                      "path": str(student.path) if student.path else None,
+                      "base": str(student.base) if student.base else None, **student.info,
+                      "parameters": count_parameters(student)}
+        st.extra(model=model_info)
+        # -- task ------------------------------------------------------------------------------
+        if recipe.eval.task.enabled and not skip_task:
+            if not test_path.exists():
+                outcome.notes.append(f"task eval skipped: {test_path} not found (run `stepwise curate`)")
+            else:
+                rows = load_test_rows(run.path)
+                contamination = check_contamination(run.path, rows)  # raises ContaminationError
+                device = _device(recipe.eval.task.device)
+                log(f"task eval: {student.label} on {len(rows)} test rows [{device}]")
+                bar = progress_factory(len(rows[: recipe.eval.task.limit] if recipe.eval.task.limit else rows),
+                                       "generating") if progress_factory else None
+                report, preds = evaluate_task(recipe, student, rows, device=device,
+                                              progress=bar.advance if bar else None)
+                if bar:
+                    bar.close()
+                report.update(model_info=model_info, contamination=contamination, recipe=recipe.name,
+                              run=str(run.path), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                atomic_write_jsonl(predictions_path(eval_dir), preds)
+                atomic_write_json(eval_dir / "task.json", report)
+                outcome.task = report
+                outcome.outputs += [eval_dir / "task.json", predictions_path(eval_dir)]
+        # -- forgetting --------------------------------------------------------------------------
+        fspec = recipe.eval.forgetting
+        if fspec.enabled and not skip_forgetting:
+            if not student.is_local:
+                outcome.notes.append("forgetting eval skipped: it needs local weights (lm-eval loglikelihood), "
+                                     "not an endpoint; pass the model dir with --model")
+            else:
+                device = _device(fspec.device)
+                fdir = eval_dir / "forgetting"
+                data_dir = recipe.resolve(fspec.data_dir) if fspec.data_dir else None
+                tasks = prepare_tasks(list(fspec.benchmarks), fspec.subset_size, fspec.num_fewshot, fdir, data_dir)
+                for t in tasks:
+                    if fspec.subset_size and t.n < fspec.subset_size:
+                        outcome.notes.append(f"{t.benchmark.name}: only {t.n} questions available "
+                                             f"(subset_size {fspec.subset_size}); set eval.forgetting.data_dir for more")
+                started = time.time()
+                before = evaluate_model(base_ref, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
+                                        cache_dir=fdir / "cache", log=log)
+                after = evaluate_model(student, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
+                                       cache_dir=fdir / "cache", log=log)
+                rep = forgetting_report(before, after, max_drop=fspec.max_drop, relative=fspec.drop_kind == "relative",
+                                        in_domain=in_domain_benchmarks(recipe, run) & set(before),
+                                        n_boot=recipe.eval.task.bootstrap)
+                rep.update(
+                    base=base_ref.label, model=student.label, subset_size=fspec.subset_size,
+                    num_fewshot=fspec.num_fewshot, device=device, wall_s=round(time.time() - started, 3),
+                    lm_eval={"version": before[next(iter(before))]["lm_eval"] if before else None,
+                             "task_dir": str(fdir / "tasks"),
+                             "runs": {n: {"before_cached": before[n]["cached"], "after_cached": after[n]["cached"],
+                                          "before_wall_s": before[n]["wall_s"], "after_wall_s": after[n]["wall_s"]}
+                                      for n in before}},
+                    model_info=model_info, recipe=recipe.name, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                )
+                items = [{"benchmark": n, "doc_index": i, "before": b, "after": a}
+                         for n in before for i, (b, a) in enumerate(zip(before[n]["items"], after[n]["items"], strict=True))]
+                atomic_write_jsonl(eval_dir / "forgetting_items.jsonl", items)
+                atomic_write_json(eval_dir / "forgetting.json", rep)
+                outcome.forgetting = rep
+                outcome.outputs += [eval_dir / "forgetting.json", eval_dir / "forgetting_items.jsonl"]
+        st.outputs(*outcome.outputs)
+        st.extra(gate=None if outcome.forgetting is None else outcome.forgetting["gate"], notes=outcome.notes)
+        if outcome.task:
+            st.counts(test_rows=outcome.task["n"])
+    return outcome
+
+
+def _device(setting: str) -> str:
+    return default_device() if setting == "auto" else setting

@@ -1,0 +1,209 @@
+"""Fast evals tests: gate logic, model resolution, task prep, contamination guard, schema
+adapter, compare on synthetic runs, and the OpenAI-compatible backend against a stub server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from evals.benchmarks import BENCHMARKS, BUNDLED_DATA, get_benchmark, prepare_tasks
+from evals.forgetting import MITIGATIONS, forgetting_report
+from evals.modelref import resolve_model
+from evals.schema import adapt
+from evals.task_eval import ContaminationError, check_contamination
+from stepwise.recipe import ForgettingSpec
+
+
+def _res(items, name="mmlu"):
+    return {name: {"metric": "acc", "value": sum(items) / len(items), "items": items}}
+
+
+def test_gate_passes_within_max_drop():
+    before = _res([1] * 10 + [0] * 10)  # 0.50
+    after = _res([1] * 9 + [0] * 11)  # 0.45: a 5-point drop is not "more than" 5
+    rep = forgetting_report(before, after, max_drop=0.05, n_boot=100)
+    assert rep["gate"]["passed"] and rep["gate"]["mitigations"] == []
+    r = rep["benchmarks"]["mmlu"]
+    assert r["delta"] == pytest.approx(-0.05) and r["relative"] == pytest.approx(-0.1)
+    assert r["before"]["value"] == 0.5 and r["after"]["value"] == 0.45
+
+
+def test_gate_fails_on_constructed_drop_and_lists_mitigations():
+    before = {**_res([1] * 10 + [0] * 10), **_res([1] * 10, "arc_easy")}
+    after = {**_res([1] * 10 + [0] * 10), **_res([1] * 8 + [0] * 2, "arc_easy")}
+    rep = forgetting_report(before, after, max_drop=0.05, n_boot=200)
+    assert not rep["gate"]["passed"] and rep["gate"]["failed"] == ["arc_easy"]
+    assert rep["gate"]["mitigations"] == MITIGATIONS
+    assert any("5-10% general" in m for m in MITIGATIONS) and any("LoRA" in m for m in MITIGATIONS)
+    assert rep["benchmarks"]["arc_easy"]["exceeds_max_drop"] and rep["benchmarks"]["arc_easy"]["lost"] == 2
+
+
+def test_gate_relative_mode_and_in_domain_flag():
+    before, after = _res([1] * 4 + [0] * 16, "gsm8k"), _res([1] * 3 + [0] * 17, "gsm8k")  # 0.20 -> 0.15
+    assert forgetting_report(before, after, max_drop=0.10, n_boot=0)["gate"]["passed"]  # 5 points
+    rel = forgetting_report(before, after, max_drop=0.10, relative=True, in_domain={"gsm8k"}, n_boot=0)
+    assert not rel["gate"]["passed"]  # -25% relative
+    assert rel["benchmarks"]["gsm8k"]["in_domain"] and rel["in_domain"] == ["gsm8k"]
+
+
+def test_gate_rejects_unpaired_items():
+    with pytest.raises(ValueError):
+        forgetting_report(_res([1, 0]), _res([1, 0, 1]))
+
+
+def test_recipe_benchmarks_match_bundled():
+    allowed = set(ForgettingSpec.model_fields["benchmarks"].annotation.__args__[0].__args__)
+    assert allowed == set(BENCHMARKS)
+    for b in BENCHMARKS.values():
+        assert (BUNDLED_DATA / b.folder / b.split_file).exists()
+        assert (BUNDLED_DATA / b.folder / "LICENSE").exists() and b.template.exists()
+    assert get_benchmark("TruthfulQA").name == "truthfulqa_mc1"
+    with pytest.raises(KeyError):
+        get_benchmark("nope")
+
+
+def test_prepare_tasks_subset_and_fewshot(tmp_path):
+    tasks = prepare_tasks(["mmlu", "truthfulqa_mc1"], 7, 2, tmp_path)
+    mmlu, tqa = tasks
+    assert mmlu.n == 7 and mmlu.available == 500
+    assert len(mmlu.data_file.read_text().strip().split("\n")) == 7
+    text = mmlu.yaml_path.read_text()
+    assert "@DATA@" not in text and "num_fewshot: 2" in text and "dataset_path: json" in text
+    assert (tmp_path / "data" / "mmlu" / "dev.jsonl").exists()
+    assert "num_fewshot: 2" not in tqa.yaml_path.read_text()  # fixed 0-shot prompt
+    again = prepare_tasks(["mmlu"], 7, 2, tmp_path)[0]
+    assert again.fingerprint == mmlu.fingerprint
+    assert prepare_tasks(["mmlu"], 8, 2, tmp_path)[0].fingerprint != mmlu.fingerprint
+
+
+def test_bundled_subset_is_prefix_of_seeded_shuffle():
+    first = json.loads((BUNDLED_DATA / "arc_easy" / "test.jsonl").read_text().split("\n")[0])
+    assert {"question", "choices", "answer_index", "source_index"} <= set(first)
+
+
+def test_resolve_model_kinds(tmp_path):
+    ep = resolve_model("openai:student@http://127.0.0.1:8000/v1")
+    assert ep.kind == "openai" and ep.model_name == "student" and ep.base_url == "http://127.0.0.1:8000/v1"
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    assert resolve_model(str(base)).kind == "hf"
+    adapter = tmp_path / "train" / "lora"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": 8,
+                                                              "peft_type": "LORA"}))
+    ref = resolve_model(str(adapter))
+    assert ref.kind == "adapter" and ref.base == base and ref.info["r"] == 8
+    assert "peft=" in ref.lm_eval_args()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/model"}))
+    with pytest.raises(FileNotFoundError, match="--base"):
+        resolve_model(str(adapter))
+    assert resolve_model(str(adapter), base_override=str(base)).base == base
+    with pytest.raises(FileNotFoundError):
+        resolve_model(str(tmp_path / "missing"))
+
+
+def test_contamination_guard(tmp_path):
+    (tmp_path / "curate").mkdir()
+    train = [{"id": "a", "input": {"text": "My card was charged twice"}}, {"id": "b", "input": {"text": "hello"}}]
+    (tmp_path / "curate" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    clean = [{"id": "t1", "input": {"text": "Something else"}, "gold": "x"}]
+    assert check_contamination(tmp_path, clean)["overlaps"] == 0
+    dirty = clean + [{"id": "t2", "input": {"text": "  my card was CHARGED   twice"}, "gold": "x"}]
+    with pytest.raises(ContaminationError, match="1 of 2 test inputs") as err:
+        check_contamination(tmp_path, dirty)
+    assert err.value.overlaps[0] == {"test_id": "t2", "train_id": "a", "file": "train.jsonl"}
+
+
+def test_schema_adapter_shapes():
+    assert adapt(lambda o: [])({}) == []
+    assert adapt(lambda o: ["bad"])({}) == ["bad"]
+    assert adapt(lambda o: True)({}) == [] and adapt(lambda o: False)({}) == ["schema validation failed"]
+    assert adapt(lambda o: (False, ["e1"]))({}) == ["e1"]
+
+    def boom(o):
+        raise ValueError("nope")
+
+    assert adapt(boom)({})[0].startswith("ValueError")
+
+
+class _Stub(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][-1]["content"]
+        label = "billing" if "charged" in text else "technical"
+        resp = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f"<answer>{label}"}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+        data = json.dumps(resp).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_task_eval_against_openai_compatible_stub(write_recipe, tmp_path):
+    from evals.task_eval import evaluate_task
+    from stepwise.recipe import load_recipe
+
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = load_recipe(write_recipe())
+        recipe.eval.task.bootstrap = 50
+        rows = [{"id": "1", "input": {"text": "I was charged twice"}, "gold": "billing"},
+                {"id": "2", "input": {"text": "App crashes"}, "gold": "technical"},
+                {"id": "3", "input": {"text": "Where is the office?"}, "gold": "general"}]
+        model = resolve_model(f"openai:student@http://127.0.0.1:{server.server_port}/v1")
+        report, preds = evaluate_task(recipe, model, rows)
+    finally:
+        server.shutdown()
+    assert report["metrics"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    assert report["parse_status"] == {"ok": 3}
+    assert [p["pred"] for p in preds] == ["billing", "technical", "technical"]
+    assert report["generation"]["backend"] == "openai" and report["generation"]["output_tokens"] == 9
+
+
+def test_compare_synthetic_runs(tmp_path):
+    from evals.compare import compare_runs, compare_svg, markdown, write_compare
+
+    def make(name, correct, delta):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        task = {"task_type": "classification", "dss_output": "multitask", "n": len(correct),
+                "metrics": {"accuracy": {"value": sum(correct) / len(correct), "ci_low": 0.1, "ci_high": 0.9},
+                            "macro_f1": {"value": 0.5, "ci_low": 0.2, "ci_high": 0.7}},
+                "model_info": {"label": name, "kind": "adapter", "peft_type": "LORA", "r": 8,
+                               "parameters": {"trainable": 1000, "total": 100000}}}
+        forg = {"benchmarks": {"mmlu": {"before": {"value": 0.3}, "after": {"value": 0.3 + delta}, "delta": delta,
+                                        "delta_ci": [delta - 0.1, delta + 0.1], "relative": delta / 0.3,
+                                        "exceeds_max_drop": delta < -0.05, "in_domain": False}},
+                "gate": {"passed": delta >= -0.05}}
+        (run / "eval" / "task.json").write_text(json.dumps(task))
+        (run / "eval" / "forgetting.json").write_text(json.dumps(forg))
+        (run / "eval" / "task_predictions.jsonl").write_text(
+            "".join(json.dumps({"id": str(i), "correct": c}) + "\n" for i, c in enumerate(correct)))
+        (run / "manifest.json").write_text(json.dumps({"stages": {"train": {"wall_s": 12.5, "peak_memory_mb": 900},
+                                                                 "eval": {"wall_s": 3.0}}}))
+        return run
+
+    a = make("dss", [1, 1, 1, 0, 1, 1], 0.0)
+    b = make("label-only", [1, 0, 0, 0, 1, 0], -0.1)
+    result = compare_runs([a, b])
+    assert result["columns"][4] == "accuracy"
+    assert result["runs"][1]["vs_first"]["delta"] == pytest.approx(-0.5)
+    assert result["runs"][0]["peak_memory_mb"] == 900 and result["runs"][0]["trainable_params"] == 1000
+    row_b = result["table"][1]
+    assert "FAIL" in row_b and any("-10.0 !" in str(c) for c in row_b)
+    assert "| run |" in markdown(result)
+    assert compare_svg(result).startswith("<svg")
+    paths = write_compare(result, tmp_path / "out")
+    assert all(p.exists() for p in paths)
