@@ -135,9 +135,13 @@ class MinHashSpec(StrictModel):
     enabled: bool = True
     threshold: Probability = 0.8
     num_perm: int = Field(128, ge=16, le=1024)
-    ngram: int = Field(5, ge=1, le=50, description="Shingle size in characters... or words, see `shingle`.")
+    ngram: int = Field(5, ge=1, le=50, description="Shingle size, in words or characters (see `shingle`).")
     shingle: Literal["word", "char"] = "word"
     over: Literal["input", "input_answer"] = "input"
+    index: Literal["auto", "datasketch", "numpy"] = Field(
+        "auto", description="LSH banding: datasketch MinHashLSH, numpy (large corpora), auto picks by size/redis."
+    )
+    processes: int = Field(1, ge=1, le=256, description="Worker processes for MinHash signatures.")
     redis_url: str | None = Field(None, description="Keep the LSH index in Redis (datasketch storage).")
 
 
@@ -211,6 +215,9 @@ class CurationSpec(StrictModel):
     split: SplitSpec = Field(default_factory=SplitSpec)
     general_mix: GeneralMixSpec | None = None
     min_agreement: Probability = Field(0.0, description="Drop rows whose self-consistency agreement is below this.")
+    on_gold_mismatch: Literal["keep", "drop"] = Field(
+        "drop", description="Classification rows whose teacher label contradicts the gold label: keep or drop."
+    )
 
 
 class ReviewSpec(StrictModel):

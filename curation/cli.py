@@ -1,0 +1,103 @@
+"""`stepwise curate` and `stepwise export` (registered by `stepwise.cli`)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _run(recipe_path: Path, run_dir: Path | None):
+    from stepwise.cli import EXIT_BAD_INPUT, load_or_exit
+    from stepwise.rundir import resolve_run
+
+    recipe = load_or_exit(recipe_path)
+    try:
+        run = resolve_run(recipe, run_dir, create=False)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    return recipe, run
+
+
+def _bad_input(exc: Exception) -> typer.Exit:
+    from stepwise.cli import EXIT_BAD_INPUT
+
+    console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def print_funnel(report: dict) -> None:
+    table = Table("step", "in", "out", "removed / moved", title="curation funnel")
+    for s in report["steps"]:
+        why = ", ".join(f"{k} {v}" for k, v in s["removed"].items())
+        extra = [f"-> {k} {v}" for k, v in s.get("moved", {}).items()]
+        if s.get("added"):
+            extra.append(f"+ {s['added']} general")
+        table.add_row(s["step"], str(s["in"]), str(s["out"]), "; ".join(x for x in [why, *extra] if x))
+    Console().print(table)
+    kept = report["kept"]
+    acc = report.get("teacher_accuracy") or {}
+    line = (f"train {kept['train']}, val {kept['val']}, test {kept['test']} ({report['test_source']}), "
+            f"rejected {report['rejected']}")
+    if acc.get("accuracy") is not None:
+        line += f"; teacher {acc['metric']} vs gold: {acc['accuracy']:.1%} of {acc['rows_with_gold']}"
+    Console().print(line, highlight=False)
+    mix = report.get("general_mix")
+    if mix and mix.get("in_domain_benchmarks"):
+        Console().print(f"general mix from {mix['file']}: {', '.join(mix['in_domain_benchmarks'])} is in-domain now",
+                        highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def curate(
+        recipe: Path = typer.Argument(..., help="Recipe YAML"),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
+    ) -> None:
+        """Validate, filter, dedup, decontaminate, balance and split teacher responses."""
+        from curation.curate import run_curate
+        from stepwise.io import DataFileError
+
+        r, run = _run(recipe, run_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                report = run_curate(r, run)
+            except DataFileError as exc:
+                raise _bad_input(exc) from None
+        for w in caught:
+            console.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+        print_funnel(report)
+        console.print(f"[green]ok[/green] wrote {run.path / 'curate'}", highlight=False)
+
+    @app.command()
+    def export(
+        recipe: Path = typer.Argument(..., help="Recipe YAML"),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
+    ) -> None:
+        """Write the training files: OpenAI chat JSONL (+ line-aligned lineage)."""
+        from curation.export import run_export
+        from stepwise.io import DataFileError
+
+        r, run = _run(recipe, run_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                summary = run_export(r, run)
+            except DataFileError as exc:
+                raise _bad_input(exc) from None
+        for w in caught:
+            console.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[green]ok[/green] {run.path / 'export'}: train {summary['train']['examples']} examples, "
+            f"val {summary['val']['examples']} ({summary['dss_output']}); longest {summary['max_tokens']} tokens "
+            f"({summary['tokenizer']}), suggested sequence_len {summary['suggested_sequence_len']}"
+            + (f"; {summary['overlong']} over sequence_len listed in export/overlong.jsonl" if summary["overlong"] else ""),
+            highlight=False, soft_wrap=True,
+        )

@@ -1,0 +1,192 @@
+"""The curate stage: `generate/responses.jsonl` -> `curate/{train,val,test,rejected}.jsonl` + `funnel.json`.
+
+Steps, in order (each one a function from rows to kept rows + reasons, see `curation.funnel`):
+validate -> filter -> dedup_exact -> dedup_near -> dedup_semantic -> split -> decontaminate ->
+balance -> general_mix. The test split is cut before decontamination (so training rows are
+checked against it) and before balancing (so it keeps the real class distribution); a held-out
+`data.test_file` takes its place when given. Every response row ends in exactly one of train,
+val, test or rejected; `funnel.json` says how many went where and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from curation.balance import balance_step
+from curation.contamination import contamination_step
+from curation.dedup import exact_step, near_step, semantic_step
+from curation.filters import filter_step
+from curation.funnel import Funnel, StepOutcome
+from curation.mixing import mix_step
+from curation.splits import stratified_split
+from curation.validate import validate_step
+from stepwise.io import (
+    DataFileError,
+    atomic_write_json,
+    atomic_write_jsonl,
+    canonical_json,
+    iter_jsonl,
+    iter_records,
+)
+from stepwise.recipe import Recipe
+from stepwise.rundir import RunDir
+
+REQUIRED = ("id", "input", "parse_status")
+_PARSE_STATUSES = {"ok", "missing_rationale", "missing_answer", "invalid_label", "invalid_json", "error", "not_run"}
+
+
+def read_responses(path: Path) -> list[dict[str, Any]]:
+    """Responses rows, checked against the contract; errors name file:line and the field."""
+    rows, seen = [], {}
+    for line, row in iter_jsonl(path):
+        for f in REQUIRED:
+            if f not in row:
+                raise DataFileError(f"{path}:{line}: field '{f}' is missing (see docs/contracts.md)")
+        if row["parse_status"] not in _PARSE_STATUSES:
+            raise DataFileError(f"{path}:{line}: field 'parse_status': unknown value {row['parse_status']!r}")
+        if not isinstance(row["input"], dict | str):
+            raise DataFileError(f"{path}:{line}: field 'input' must be an object or a string")
+        rid = str(row["id"])
+        if rid in seen:
+            raise DataFileError(f"{path}:{line}: field 'id': duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = line
+        rows.append(row)
+    return rows
+
+
+def row_id(recipe: Recipe, raw: dict[str, Any], inp: Any) -> str:
+    field = recipe.data.id_field
+    if field and raw.get(field) is not None:
+        return str(raw[field])
+    return "r-" + hashlib.sha256(canonical_json(inp).encode()).hexdigest()[:16]
+
+
+def read_test_file(recipe: Recipe) -> list[dict[str, Any]]:
+    path = recipe.resolve(recipe.data.test_file)
+    if path is None:
+        return []
+    rows = []
+    for line, raw in iter_records(path):
+        missing = [f for f in recipe.task.input_fields if f not in raw]
+        if missing:
+            raise DataFileError(f"{path}:{line}: field '{missing[0]}' is missing (task.input_fields)")
+        inp = {f: raw[f] for f in recipe.task.input_fields}
+        gold = raw.get(recipe.data.label_field) if recipe.data.label_field else None
+        rows.append({"id": row_id(recipe, raw, inp), "input": inp, "gold": gold,
+                     "source": {"file": str(path), "line": line}, "split": "test"})
+    return rows
+
+
+def _stratum(recipe: Recipe):
+    if not (recipe.curation.split.stratify and recipe.task.is_classification):
+        return None
+    return lambda r: r.get("label")
+
+
+def curate_rows(
+    rows: list[dict[str, Any]], recipe: Recipe, test_file_rows: list[dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, list[dict[str, Any]]], Funnel]:
+    """The whole stage on rows in memory; returns {train, val, test} and the funnel."""
+    funnel = Funnel()
+    n = len(rows)
+    steps = [("validate", validate_step), ("filter", filter_step), ("dedup_exact", exact_step)]
+    for name, fn in steps:
+        rows = funnel.record(name, len(rows), fn(rows, recipe))
+    processes = recipe.curation.dedup.minhash.processes
+    rows = funnel.record("dedup_near", len(rows), near_step(rows, recipe, processes=processes))
+    rows = funnel.record("dedup_semantic", len(rows), semantic_step(rows, recipe))
+
+    sp = recipe.curation.split
+    if test_file_rows:
+        parts = stratified_split(rows, {"train": sp.train, "val": sp.val}, recipe.curation.seed, _stratum(recipe))
+        parts["test"] = []
+        test_rows = list(test_file_rows)
+        test_source = "data.test_file"
+    else:
+        parts = stratified_split(rows, {"train": sp.train, "val": sp.val, "test": sp.test},
+                                 recipe.curation.seed, _stratum(recipe))
+        test_rows = parts["test"]
+        test_source = "split"
+    kept = parts["train"] + parts["val"]
+    rows = funnel.record("split", len(rows), StepOutcome(kept, moved={"test": len(parts["test"])} if parts["test"] else {}, info={
+        "test_source": test_source, "train": len(parts["train"]), "val": len(parts["val"]), "test": len(test_rows)}))
+
+    outcome = contamination_step(rows, recipe, test_rows)
+    rows = funnel.record("decontaminate", len(rows), outcome)
+    alive = {id(r) for r in rows}
+    splits = {k: [r for r in parts[k] if id(r) in alive] for k in ("train", "val")}
+
+    splits, outcome = balance_step(splits, recipe)
+    funnel.record("balance", len(rows), outcome)
+
+    mixed = mix_step(splits["train"], recipe)
+    n_kept = len(splits["train"]) + len(splits["val"])
+    funnel.record("general_mix", n_kept, StepOutcome(mixed.kept + splits["val"], added=mixed.added, info=mixed.info))
+    splits["train"] = mixed.kept
+
+    for name in ("train", "val"):
+        for r in splits[name]:
+            r["split"] = name
+    for r in test_rows:
+        r["split"] = "test"
+    splits["test"] = test_rows
+    from_pool = 0 if test_file_rows else len(test_rows)
+    added = sum(s.get("added", 0) for s in funnel.steps)
+    total_out = len(splits["train"]) + len(splits["val"]) + from_pool + len(funnel.rejected)
+    if total_out != n + added:
+        raise RuntimeError(f"curation lost rows: {n} in + {added} added != {total_out} accounted for")
+    return splits, funnel
+
+
+def funnel_report(funnel: Funnel, splits: dict[str, list[dict[str, Any]]], n_in: int, test_source: str) -> dict[str, Any]:
+    validate = next((s for s in funnel.steps if s["step"] == "validate"), {})
+    mix = next((s for s in funnel.steps if s["step"] == "general_mix"), {})
+    return {
+        "steps": funnel.steps,
+        "responses": n_in,
+        "kept": {k: len(v) for k, v in splits.items()},
+        "rejected": len(funnel.rejected),
+        "removed_by_reason": funnel.removed_by_reason(),
+        "test_source": test_source,
+        "teacher_accuracy": validate.get("teacher_accuracy"),
+        "general_mix": None if mix.get("skipped") or not mix else {
+            k: mix[k] for k in ("file", "fraction", "rows", "in_domain_benchmarks") if k in mix},
+    }
+
+
+def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+    """Read responses, curate, write the stage files and the manifest entry; return the funnel."""
+    responses = run.path / "generate" / "responses.jsonl"
+    if not responses.exists():
+        raise DataFileError(f"{responses}: file not found (run `stepwise generate` first)")
+    inputs = [responses]
+    test_path = recipe.resolve(recipe.data.test_file)
+    if test_path is not None:
+        inputs.append(test_path)
+    if recipe.curation.general_mix is not None:
+        inputs.append(recipe.resolve(recipe.curation.general_mix.file))
+    params = recipe.curation.model_dump(mode="json")
+    with run.stage("curate", inputs=inputs, params=params) as st:
+        rows = read_responses(responses)
+        test_rows = read_test_file(recipe)
+        n_in = len(rows)
+        splits, funnel = curate_rows(rows, recipe, test_rows)
+        out = run.stage_dir("curate")
+        paths = {}
+        for name in ("train", "val", "test"):
+            paths[name] = out / f"{name}.jsonl"
+            atomic_write_jsonl(paths[name], splits[name])
+        paths["rejected"] = out / "rejected.jsonl"
+        atomic_write_jsonl(paths["rejected"], funnel.rejected)
+        report = funnel_report(funnel, splits, n_in, "data.test_file" if test_rows else "split")
+        paths["funnel"] = out / "funnel.json"
+        atomic_write_json(paths["funnel"], report)
+        st.outputs(*paths.values())
+        st.counts(responses=n_in, train=len(splits["train"]), val=len(splits["val"]), test=len(splits["test"]),
+                  rejected=len(funnel.rejected), **{f"removed_{k}": v for k, v in report["removed_by_reason"].items()})
+        st.extra(funnel=[{k: s[k] for k in ("step", "in", "out", "removed")} for s in funnel.steps],
+                 teacher_accuracy=report["teacher_accuracy"], general_mix=report["general_mix"])
+    return report

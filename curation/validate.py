@@ -1,0 +1,208 @@
+"""Step 1: parse and validate teacher outputs per task type, and check rationales.
+
+- classification: the label must be one of the classes after normalisation and the alias map
+  (the shared `pipelines.parsing.LabelMatcher`); agreement with gold is teacher accuracy, and
+  (`curation.on_gold_mismatch: drop`) a row whose teacher label contradicts gold is dropped,
+  since its rationale argues for a wrong answer.
+- structured JSON: must parse; for `validator: opensearch_query_dsl` it must validate against the
+  vendored OpenSearch spec (`curation.dsl_schema`), the failing JSON path in the detail; answers
+  are canonicalised (sorted keys) so later steps compare meaning, not formatting.
+- rationales (DSS format): present, within length bounds, not a copy of the input, and not
+  arguing for another label (classification: the last class it names, unless negated, must be
+  the answer; JSON: an object it quotes must equal the answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from typing import Any
+
+from curation.funnel import Rejection, StepOutcome
+from curation.text import normalize, split_input
+from pipelines.parsing import LabelMatcher
+from stepwise.io import canonical_json
+from stepwise.recipe import Recipe, TaskSpec
+
+_NEGATION = re.compile(r"\b(not|no|never|isn't|isnt|rather than|instead of|unlike|nor|than)\W+(\w+\W+){0,2}$")
+
+
+def _class_patterns(task: TaskSpec) -> list[tuple[str, re.Pattern[str]]]:
+    forms: dict[str, set[str]] = {c: {c, c.replace("_", " "), c.replace("-", " ")} for c in task.label_set}
+    for alias, target in task.label_aliases.items():
+        forms.setdefault(target, set()).update({alias, alias.replace("_", " ")})
+    out = []
+    for cls, fs in forms.items():
+        alts = "|".join(re.escape(f.lower()) for f in sorted(fs, key=len, reverse=True) if f.strip())
+        out.append((cls, re.compile(rf"(?<![\w])({alts})(?![\w])")))
+    return out
+
+
+def argued_label(rationale: str, patterns: list[tuple[str, re.Pattern[str]]]) -> str | None:
+    """The class the rationale concludes with: the last class named without a negation before it."""
+    text = rationale.lower()
+    best: tuple[int, str] | None = None
+    for cls, pat in patterns:
+        for m in pat.finditer(text):
+            if _NEGATION.search(text[max(0, m.start() - 40) : m.start()]):
+                continue
+            if best is None or m.start() > best[0]:
+                best = (m.start(), cls)
+    return best[1] if best else None
+
+
+def _json_objects(text: str) -> list[Any]:
+    """JSON objects quoted in a text (balanced-brace scan)."""
+    out, depth, start = [], 0, None
+    for i, ch in enumerate(text):
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0 and start is not None:
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(text[start : i + 1]))
+    return out
+
+
+def copies_input(rationale: str, input_text: str) -> bool:
+    r, i = normalize(rationale), normalize(input_text)
+    if not r or not i:
+        return False
+    if r == i or (r in i and len(r) >= 0.5 * len(i)):
+        return True
+    rw, iw = set(r.split()), set(i.split())
+    return len(rw) >= 3 and len(rw & iw) / len(rw | iw) >= 0.9
+
+
+class Validator:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.task = recipe.task
+        self.cur = recipe.curation
+        self.fmt = recipe.teacher.format
+        if self.task.is_classification:
+            self.matcher = LabelMatcher(self.task.label_set, self.task.label_aliases)
+            self.patterns = _class_patterns(self.task)
+        self.gold_total = 0
+        self.gold_correct = 0
+        self.parsed = 0
+
+    def check(self, row: dict[str, Any]) -> Rejection | None:
+        """Validate one row in place (canonical label, `checks`); a Rejection when it fails."""
+        checks: dict[str, Any] = dict(row.get("checks") or {})
+        row["checks"] = checks
+        status = row.get("parse_status")
+        if status != "ok" and not (status == "missing_rationale" and self.fmt == "label_only"):
+            detail = row.get("parse_detail") or row.get("error")
+            return Rejection(row, status or "missing_parse_status", detail)
+        label, rej = self._label(row)
+        if rej:
+            return rej
+        row["label"] = label
+        self.parsed += 1
+        if row.get("gold") is not None:
+            agrees = self._agrees_with_gold(label, row["gold"])
+            checks["gold_agrees"] = agrees
+            self.gold_total += 1
+            self.gold_correct += int(agrees)
+            if not agrees and self.task.is_classification and self.cur.on_gold_mismatch == "drop":
+                return Rejection(row, "disagrees_with_gold", f"teacher said '{label}', gold is '{row['gold']}'")
+        if self.fmt == "dss":
+            rej = self._rationale(row, label)
+            if rej:
+                return rej
+        agreement = row.get("agreement")
+        if agreement is not None and agreement < self.cur.min_agreement:
+            return Rejection(row, "low_agreement", f"self-consistency {agreement:.2f} < {self.cur.min_agreement:g}")
+        checks["valid"] = True
+        return None
+
+    def _label(self, row: dict[str, Any]) -> tuple[Any, Rejection | None]:
+        label = row.get("label")
+        if self.task.is_classification:
+            text = label if isinstance(label, str) else row.get("answer_text")
+            matched = self.matcher.match(text) if isinstance(text, str) else None
+            if matched is None:
+                return None, Rejection(row, "invalid_label", f"'{str(text)[:80]}' is not one of the task's classes")
+            return matched, None
+        if label is None or isinstance(label, str):
+            text = label if isinstance(label, str) else row.get("answer_text")
+            if not isinstance(text, str) or not text.strip():
+                return None, Rejection(row, "missing_answer", "no JSON answer")
+            try:
+                label = json.loads(text)
+            except json.JSONDecodeError as exc:
+                return None, Rejection(row, "invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")
+        if not isinstance(label, dict | list):
+            return None, Rejection(row, "invalid_json", f"answer is a JSON {type(label).__name__}, not an object")
+        canonical = canonical_json(label)
+        label = json.loads(canonical)  # sorted keys, no formatting left
+        if self.task.validator == "opensearch_query_dsl":
+            from curation.dsl_schema import validate_search_body
+
+            problem = validate_search_body(label)
+            if problem:
+                if validate_search_body(label, bare_query=True) is None:
+                    problem = "$: a bare query, not a search body (expected {\"query\": ...})"
+                return None, Rejection(row, "invalid_dsl", problem)
+        return label, None
+
+    def _agrees_with_gold(self, label: Any, gold: Any) -> bool:
+        if self.task.is_classification:
+            gold_label = self.matcher.match(str(gold))
+            return gold_label == label
+        if isinstance(gold, str):
+            try:
+                gold = json.loads(gold)
+            except json.JSONDecodeError:
+                return False
+        return canonical_json(gold) == canonical_json(label)
+
+    def _rationale(self, row: dict[str, Any], label: Any) -> Rejection | None:
+        spec = self.cur.rationale
+        rationale = row.get("rationale")
+        if not isinstance(rationale, str) or not rationale.strip():
+            return Rejection(row, "missing_rationale", "DSS format needs a rationale")
+        n = len(rationale.strip())
+        if n < spec.min_chars:
+            return Rejection(row, "rationale_too_short", f"{n} chars < {spec.min_chars}")
+        if n > spec.max_chars:
+            return Rejection(row, "rationale_too_long", f"{n} chars > {spec.max_chars}")
+        if spec.reject_copy_of_input:
+            text, _ = split_input(row.get("input"), self.task.input_fields)
+            if copies_input(rationale, text):
+                return Rejection(row, "rationale_copies_input", "rationale repeats the input")
+        if spec.check_consistency:
+            if self.task.is_classification:
+                argued = argued_label(rationale, self.patterns)
+                if argued is not None and argued != label:
+                    return Rejection(row, "rationale_inconsistent", f"rationale argues for '{argued}', answer is '{label}'")
+            else:
+                for obj in _json_objects(rationale):
+                    if isinstance(obj, dict) and ("query" in obj or len(obj) > 1) and canonical_json(obj) != canonical_json(label):
+                        return Rejection(row, "rationale_inconsistent", "rationale quotes a JSON body that differs from the answer")
+        return None
+
+    def teacher_accuracy(self) -> dict[str, Any]:
+        return {
+            "rows_with_gold": self.gold_total,
+            "agree": self.gold_correct,
+            "accuracy": round(self.gold_correct / self.gold_total, 4) if self.gold_total else None,
+            "metric": "label accuracy" if self.task.is_classification else "canonical JSON exact match",
+        }
+
+
+def validate_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
+    v = Validator(recipe)
+    kept, rejected = [], []
+    for row in rows:
+        rej = v.check(row)
+        if rej:
+            rejected.append(rej)
+        else:
+            kept.append(row)
+    return StepOutcome(kept, rejected, info={"teacher_accuracy": v.teacher_accuracy()})
