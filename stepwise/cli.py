@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -33,6 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+# Library import noise (pydantic field warnings from dependencies) is not the user's business.
+warnings.filterwarnings("ignore", message=r".*The 'default' attribute with value.*")
 
 
 def load_or_exit(path: Path, *, check_files: bool = True) -> Recipe:
@@ -75,7 +78,7 @@ def runs(
                      "incomplete": "yellow"}.get(status, "dim")
             cells.append(f"[{color}]{status}[/{color}]")
         table.add_row(str(path.relative_to(root)), *cells)
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
 
 
 @app.command("schema")
@@ -104,9 +107,6 @@ def _register_plugins() -> None:
         importlib.import_module(module_name).register(app)
 
 
-_register_plugins()
-
-
 def main() -> None:
     try:
         app()
@@ -116,4 +116,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m stepwise.cli`: run the canonical module, so plugins that import `stepwise.cli`
+    # register on the same app instead of loading a second copy.
+    from stepwise.cli import main as _canonical_main
+
+    _canonical_main()
+else:
+    _register_plugins()

@@ -1,0 +1,68 @@
+"""CLI: `stepwise generate` and `stepwise estimate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from stepwise.cli import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_STOPPED, console, load_or_exit
+from stepwise.io import DataFileError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def generate(
+        recipe: Path = typer.Argument(..., help="Recipe YAML"),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run, or a new one)"),
+        new_run: bool = typer.Option(False, "--new-run", help="Start a new run directory"),
+        offline: bool = typer.Option(False, "--offline", help="Replay the response cache only; fail on a miss"),
+        max_cost: float | None = typer.Option(None, "--max-cost", help="Stop before spending more than this (USD)"),
+        ray: bool = typer.Option(False, "--ray", help="Run through distilabel's Ray integration"),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar"),
+    ) -> None:
+        """Ask the teacher for a rationale and label per input (cached, resumable, cost-capped)."""
+        from pipelines.generate import GenerateError, run_generate
+        from stepwise.rundir import create_run, resolve_run
+
+        r = load_or_exit(recipe)
+        run = create_run(r) if new_run else resolve_run(r, run_dir, create=True)
+        try:
+            result = run_generate(r, run, offline=offline, max_cost=max_cost, progress=not no_progress, ray=ray)
+        except (GenerateError, DataFileError) as exc:
+            console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        table = Table("parse status", "rows", title=f"generate -> {result.path}")
+        for status, n in sorted(result.status_counts.items()):
+            table.add_row(status, str(n))
+        console.print(table)
+        s = result.stats
+        console.print(f"cache hits {result.cache_hits}, requests sent {s.sent} (retried {s.retried}, failed {s.failed}), "
+                      f"tokens {s.input_tokens}+{s.output_tokens}, cost this run ${s.cost:.4f}", highlight=False)
+        if result.stopped_reason:
+            console.print(f"[yellow]stopped[/yellow]: {result.stopped_reason}; run the same command to resume")
+            raise typer.Exit(EXIT_STOPPED)
+        if result.status_counts.get("error"):
+            console.print(f"[yellow]{result.status_counts['error']} rows failed[/yellow]; they are retried on the next run "
+                          f"(up to teacher.max_attempts={r.teacher.max_attempts})")
+            raise typer.Exit(EXIT_STAGE_FAILED)
+
+    @app.command()
+    def estimate(
+        recipe: Path = typer.Argument(..., help="Recipe YAML"),
+        sample: int = typer.Option(0, "--sample", help="Send N real requests (cached, not wasted) to measure output length"),
+    ) -> None:
+        """Price a generation run before it starts."""
+        from pipelines.estimate import estimate_run
+
+        r = load_or_exit(recipe)
+        try:
+            est = estimate_run(r, sample=sample)
+        except DataFileError as exc:
+            console.print(f"[red]error[/red] {exc}", highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        table = Table("", "value", title=f"estimate: {r.name} ({r.teacher.model})")
+        for k, v in est.items():
+            table.add_row(k, str(v))
+        console.print(table)

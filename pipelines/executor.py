@@ -1,0 +1,273 @@
+"""Run teacher requests through the cache with bounded concurrency, retries and a cost cap.
+
+Why not distilabel's pipeline runner for the local path: it gathers a whole batch before writing
+anything (a slow or retrying row stalls the batch, a failed batch becomes None rows, resume after a
+kill can hang). Here each request is its own unit: a sliding window of `concurrency` workers pulls
+jobs; a retriable failure (429, 5xx, timeout, dropped connection, malformed body) frees its slot
+and is re-queued no earlier than its Retry-After; every outcome is committed to the cache at once.
+The LLM calls themselves are distilabel's (`OpenAILLM.agenerate`, or our distilabel `LLM` for
+local models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.cache import ResponseCache
+
+
+@dataclass
+class Job:
+    key: str
+    messages: list[dict[str, str]]
+    worst_case_cost: float = 0.0
+    tries: int = 0
+
+
+@dataclass
+class RunStats:
+    sent: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    not_run: list[str] = field(default_factory=list)
+    stopped_reason: str | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class FatalTeacherError(RuntimeError):
+    """A failure no retry can fix (bad credentials, unknown model): stop the run."""
+
+
+@dataclass
+class Budget:
+    max_cost: float | None
+    spent: float = 0.0
+    reserved: float = 0.0
+
+    def try_reserve(self, amount: float) -> bool:
+        if self.max_cost is not None and self.spent + self.reserved + amount > self.max_cost:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved -= reserved
+        self.spent += actual
+
+
+def classify_error(exc: BaseException) -> tuple[str, bool, float | None]:
+    """(short code, retriable, retry_after seconds) for an exception from the LLM client."""
+    try:
+        import openai
+    except ImportError:  # pragma: no cover
+        openai = None  # type: ignore[assignment]
+    if openai is not None:
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            return "auth", False, None
+        if isinstance(exc, openai.NotFoundError):
+            return "not_found", False, None
+        if isinstance(exc, openai.RateLimitError):
+            return "rate_limited", True, _retry_after(exc)
+        if isinstance(exc, openai.APITimeoutError):
+            return "timeout", True, None
+        if isinstance(exc, openai.APIConnectionError):
+            return "connection", True, None
+        if isinstance(exc, openai.InternalServerError):
+            return f"http_{exc.status_code}", True, _retry_after(exc)
+        if isinstance(exc, openai.APIResponseValidationError):
+            return "malformed_response", True, None
+        if isinstance(exc, openai.BadRequestError):
+            return "bad_request", False, None
+        if isinstance(exc, openai.APIStatusError):
+            return f"http_{exc.status_code}", exc.status_code >= 500, _retry_after(exc)
+    try:
+        import pydantic
+    except ImportError:  # pragma: no cover
+        pydantic = None  # type: ignore[assignment]
+    if pydantic is not None and isinstance(exc, pydantic.ValidationError):
+        return "client_error", False, None  # our request was rejected locally: retrying cannot help
+    if isinstance(exc, ValueError | KeyError | TypeError):  # e.g. JSON decode of a broken body
+        return "malformed_response", True, None
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | ConnectionError):
+        return "connection", True, None
+    return type(exc).__name__, True, None
+
+
+def _retry_after(exc: Any) -> float | None:
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _backoff(tries: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return retry_after
+    return min(8.0, 0.25 * (2 ** (tries - 1))) * (0.5 + random.random() / 2)
+
+
+async def run_async_jobs(
+    agenerate: Callable[[list[dict[str, str]]], Any],
+    jobs: list[Job],
+    cache: ResponseCache,
+    *,
+    model: str,
+    concurrency: int,
+    max_retries: int,
+    price: Callable[[int, int], float],
+    budget: Budget,
+    on_progress: Callable[[RunStats], None] | None = None,
+    stats: RunStats | None = None,
+) -> RunStats:
+    """Send jobs through `agenerate(messages) -> GenerateOutput`; every outcome lands in the cache."""
+    stats = stats or RunStats()
+    counter = itertools.count()
+    queue: list[tuple[float, int, Job]] = [(0.0, next(counter), j) for j in jobs]
+    heapq.heapify(queue)
+    in_flight = 0
+    fatal: list[BaseException] = []
+    stop_dispatch = False
+    wake = asyncio.Event()
+
+    async def attempt(job: Job, reserved: float) -> None:
+        nonlocal in_flight
+        job.tries += 1
+        stats.sent += 1
+        try:
+            output = await agenerate(job.messages)
+            text = (output.get("generations") or [None])[0]
+            if text is None:
+                raise ValueError("empty generation")
+            stat = output.get("statistics") or {}
+            itok = int((stat.get("input_tokens") or [0])[0] or 0)
+            otok = int((stat.get("output_tokens") or [0])[0] or 0)
+            cost = price(itok, otok)
+            cache.put_ok(job.key, text, itok, otok, cost, model)
+            budget.settle(reserved, cost)
+            stats.completed += 1
+            stats.input_tokens += itok
+            stats.output_tokens += otok
+            stats.cost += cost
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded row state
+            budget.settle(reserved, 0.0)
+            code, retriable, retry_after = classify_error(exc)
+            if retriable and job.tries <= max_retries:
+                stats.retried += 1
+                heapq.heappush(queue, (time.monotonic() + _backoff(job.tries, retry_after), next(counter), job))
+            else:
+                cache.put_error(job.key, f"{code}: {str(exc)[:500]}", model)
+                stats.failed += 1
+                stats.errors[code] = stats.errors.get(code, 0) + 1
+                if code in ("auth", "not_found", "client_error"):
+                    fatal.append(FatalTeacherError(f"{code}: {exc}"))
+        finally:
+            in_flight -= 1
+            if on_progress:
+                on_progress(stats)
+            wake.set()
+
+    tasks: set[asyncio.Task] = set()
+    while (queue and not stop_dispatch) or in_flight:
+        if fatal:
+            stop_dispatch = True
+        if queue and not stop_dispatch and in_flight < concurrency:
+            not_before, _, job = queue[0]
+            delay = not_before - time.monotonic()
+            if delay <= 0:
+                heapq.heappop(queue)
+                if not budget.try_reserve(job.worst_case_cost):
+                    stop_dispatch = True
+                    stats.stopped_reason = (
+                        f"cost cap ${budget.max_cost:.4f} reached (spent ${budget.spent:.4f}, "
+                        f"${budget.reserved:.4f} in flight)"
+                    )
+                    heapq.heappush(queue, (not_before, next(counter), job))
+                    continue
+                in_flight += 1
+                task = asyncio.create_task(attempt(job, job.worst_case_cost))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                continue
+            wake.clear()
+            with _suppress_timeout():
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+            continue
+        wake.clear()
+        if in_flight:
+            await wake.wait()
+    stats.not_run = [job.key for _, _, job in queue]
+    if fatal:
+        raise fatal[0]
+    return stats
+
+
+class _suppress_timeout:  # noqa: N801 - tiny context manager
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, *_: Any) -> bool:
+        return exc_type is asyncio.TimeoutError or exc_type is TimeoutError
+
+
+def run_sync_batches(
+    generate: Callable[[list[list[dict[str, str]]]], list[dict[str, Any]]],
+    jobs: list[Job],
+    cache: ResponseCache,
+    *,
+    model: str,
+    batch_size: int,
+    price: Callable[[int, int], float],
+    budget: Budget,
+    on_progress: Callable[[RunStats], None] | None = None,
+) -> RunStats:
+    """Local models: generate in batches; a failing batch is retried row by row, never dropped."""
+    stats = RunStats()
+    pending = list(jobs)
+    while pending:
+        batch, pending = pending[:batch_size], pending[batch_size:]
+        if not budget.try_reserve(sum(j.worst_case_cost for j in batch)):
+            stats.stopped_reason = f"cost cap ${budget.max_cost:.4f} reached"
+            stats.not_run = [j.key for j in batch + pending]
+            break
+        budget.settle(sum(j.worst_case_cost for j in batch), 0.0)
+        try:
+            outputs = generate([j.messages for j in batch])
+            pairs = list(zip(batch, outputs, strict=True))
+        except Exception:  # noqa: BLE001 - isolate the bad row instead of losing the batch
+            pairs = []
+            for job in batch:
+                try:
+                    pairs.append((job, generate([job.messages])[0]))
+                except Exception as exc:  # noqa: BLE001
+                    cache.put_error(job.key, f"{type(exc).__name__}: {str(exc)[:500]}", model)
+                    stats.failed += 1
+                    stats.errors[type(exc).__name__] = stats.errors.get(type(exc).__name__, 0) + 1
+        for job, output in pairs:
+            stats.sent += 1
+            text = output["generations"][0]
+            stat = output.get("statistics") or {}
+            itok = int((stat.get("input_tokens") or [0])[0] or 0)
+            otok = int((stat.get("output_tokens") or [0])[0] or 0)
+            cost = price(itok, otok)
+            cache.put_ok(job.key, text, itok, otok, cost, model)
+            budget.settle(0.0, cost)
+            stats.completed += 1
+            stats.input_tokens += itok
+            stats.output_tokens += otok
+            stats.cost += cost
+        if on_progress:
+            on_progress(stats)
+    return stats

