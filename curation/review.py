@@ -1,0 +1,440 @@
+"""The review stage: curated train/val rows -> review/{reviewed,rejected}.jsonl + agreement.json.
+
+Two modes (`review.mode`):
+- `auto` (default): `review_auto` accepts every curated train/val row (`review.status =
+  auto_accepted`). This is what `stepwise run` calls.
+- `argilla`: `push` sends rows to Argilla (records keyed by the row id, so a re-push updates them
+  in place and keeps annotators' responses); annotators accept, correct or discard them in the
+  web UI; `pull` writes the outcome:
+    * submitted rows (>= `min_submitted` submitted responses, more submits than discards) with
+      the reviewers' majority answer applied (`review.corrected` when it differs from the
+      teacher's),
+    * discarded rows to `rejected.jsonl` with reason `discarded_by_reviewer`,
+    * pending rows (not reviewed enough yet) kept out of training unless
+      `accept_policy: submitted_or_pending`,
+    * rows not in a sample (`send: sample`) stay `auto_accepted`.
+  `agreement.json` has per-question agreement (percent, Cohen's and Fleiss' kappa) and the
+  teacher's accuracy against the reviewers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curation.review_agreement import canonical, majority, question_agreement, teacher_accuracy
+from stepwise.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from stepwise.recipe import Recipe
+from stepwise.rundir import RunDir
+
+SPLITS = ("train", "val")
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def curated_paths(run: RunDir) -> list[Path]:
+    paths = [run.path / "curate" / f"{s}.jsonl" for s in SPLITS]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: not found; run `stepwise curate` first")
+    return paths
+
+
+def load_curated(run: RunDir) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for split, path in zip(SPLITS, curated_paths(run), strict=True):
+        for row in read_jsonl(path):
+            row.setdefault("split", split)
+            rows.append(row)
+    return rows
+
+
+def _review_dir(run: RunDir) -> Path:
+    return run.stage_dir("review")
+
+
+# -- auto ---------------------------------------------------------------------------------------
+
+
+def review_auto(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+    """Accept every curated train/val row; the default review."""
+    inputs = curated_paths(run)
+    out = _review_dir(run)
+    with run.stage("review", inputs=inputs, params={"mode": "auto"}) as st:
+        rows = load_curated(run)
+        reviewed = [{**r, "review": {"status": "auto_accepted", "responses": [], "corrected": False}} for r in rows]
+        atomic_write_jsonl(out / "reviewed.jsonl", reviewed)
+        atomic_write_jsonl(out / "rejected.jsonl", [])
+        counts = {"rows": len(rows), "auto_accepted": len(rows), "submitted": 0, "discarded": 0, "pending": 0}
+        summary = {"mode": "auto", "counts": counts, "questions": {}, "teacher_accuracy": None}
+        atomic_write_json(out / "agreement.json", summary)
+        st.outputs(out / "reviewed.jsonl", out / "rejected.jsonl", out / "agreement.json")
+        st.counts(**counts)
+    return summary
+
+
+# -- sampling -----------------------------------------------------------------------------------
+
+
+def select_rows(recipe: Recipe, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All rows, or a sample: stratified by teacher label, lowest confidence first in each stratum."""
+    spec = recipe.review
+    if spec.send == "all" or spec.sample_size >= len(rows):
+        return rows
+    rng = random.Random(recipe.curation.seed)
+    strata: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        strata[str(canonical(r.get("label"))) if recipe.task.is_classification else "all"].append(r)
+    for members in strata.values():
+        rng.shuffle(members)
+        if spec.low_confidence_first:
+            members.sort(key=_confidence)
+    # Largest-remainder allocation, at least one per stratum while the budget lasts.
+    total, n = len(rows), spec.sample_size
+    keys = sorted(strata, key=lambda k: (-len(strata[k]), k))
+    quota = {k: min(len(strata[k]), int(n * len(strata[k]) / total)) for k in keys}
+    for k in keys:
+        if sum(quota.values()) >= n:
+            break
+        if quota[k] == 0:
+            quota[k] = 1
+    remainders = sorted(keys, key=lambda k: -((n * len(strata[k]) / total) - int(n * len(strata[k]) / total)))
+    while sum(quota.values()) < n:
+        grew = False
+        for k in remainders:
+            if sum(quota.values()) >= n:
+                break
+            if quota[k] < len(strata[k]):
+                quota[k] += 1
+                grew = True
+        if not grew:
+            break
+    chosen = [r for k in keys for r in strata[k][: quota[k]]]
+    if spec.low_confidence_first:
+        chosen.sort(key=_confidence)
+    return chosen
+
+
+def _confidence(row: dict[str, Any]) -> tuple[int, float]:
+    parsed_ok = 0 if row.get("parse_status", "ok") != "ok" else 1
+    agreement = row.get("agreement")
+    return parsed_ok, float(agreement) if isinstance(agreement, int | float) else 1.0
+
+
+# -- push ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PushReport:
+    dataset: str
+    workspace: str
+    url: str
+    selected: int = 0
+    sent: int = 0
+    created: int = 0
+    updated: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    dataset_created: bool = False
+    wall_s: float = 0.0
+
+
+def push(recipe: Recipe, run: RunDir, *, batch_size: int = 200, log=print) -> PushReport:
+    """Create (or update) the review dataset and send the selected rows; bad rows are reported
+    in `review/push_errors.jsonl` and do not stop the others."""
+    import argilla as rg
+
+    from curation.review_argilla import (
+        build_record,
+        build_settings,
+        check_compatible,
+        client_for,
+        dataset_name,
+        resolve_connection,
+        validate_row,
+    )
+
+    started = time.time()
+    conn = resolve_connection(recipe)
+    client = client_for(conn)
+    name, ws_name = dataset_name(recipe), recipe.review.workspace
+    report = PushReport(dataset=name, workspace=ws_name, url=conn.url)
+
+    workspace = client.workspaces(ws_name)
+    if workspace is None:
+        workspace = rg.Workspace(name=ws_name, client=client).create()
+        log(f"created workspace '{ws_name}'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SDK warns when the dataset does not exist yet
+        dataset = client.datasets(name, workspace=ws_name)
+    if dataset is None:
+        dataset = rg.Dataset(name=name, workspace=ws_name, settings=build_settings(recipe), client=client).create()
+        report.dataset_created = True
+        log(f"created dataset '{name}' in workspace '{ws_name}'")
+    else:
+        check_compatible(dataset, recipe)
+        if dataset.settings.distribution.min_submitted != recipe.review.min_submitted:
+            dataset.settings.distribution = rg.TaskDistribution(min_submitted=recipe.review.min_submitted)
+            dataset.update()
+
+    rows = load_curated(run)
+    selected = select_rows(recipe, rows)
+    report.selected = len(selected)
+    existing = _existing_ids(client, dataset)
+    good: list[tuple[dict[str, Any], Any]] = []
+    for row in selected:
+        problem = validate_row(recipe, row)
+        if problem:
+            report.errors.append({"id": row.get("id"), "error": problem})
+            continue
+        good.append((row, build_record(recipe, row)))
+
+    for i in range(0, len(good), batch_size):
+        _send(dataset, good[i : i + batch_size], report, log)
+    sent_ids = {str(r["id"]) for r, _ in good} - {str(e["id"]) for e in report.errors}
+    report.sent = len(sent_ids)
+    report.updated = len(sent_ids & existing)
+    report.created = report.sent - report.updated
+    report.wall_s = round(time.time() - started, 3)
+
+    out = _review_dir(run)
+    atomic_write_jsonl(out / "push_errors.jsonl", report.errors)
+    previous = _read_json(out / "push.json") or {}
+    same = previous.get("dataset") == name
+    pushed = sorted(set(previous.get("pushed_ids", []) if same else []) | sent_ids)
+    failed = {str(e["id"]): e["error"] for e in report.errors}
+    if same:
+        failed = {k: v for k, v in (previous.get("failed") or {}).items() if k not in sent_ids} | failed
+    atomic_write_json(out / "push.json", {
+        "dataset": name, "workspace": ws_name, "url": conn.url, "dataset_id": str(dataset.id),
+        "send": recipe.review.send, "selected": report.selected, "sent": report.sent, "created": report.created,
+        "updated": report.updated, "errors": len(report.errors), "pushed_ids": pushed, "failed": failed,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    for err in report.errors[:20]:
+        log(f"error: row {err['id']}: {err['error']}")
+    if len(report.errors) > 20:
+        log(f"... {len(report.errors) - 20} more in {out / 'push_errors.jsonl'}")
+    return report
+
+
+def _send(dataset: Any, batch: list[tuple[dict[str, Any], Any]], report: PushReport, log) -> None:
+    """Log a batch; when the server refuses it, split it to find and report the bad records."""
+    try:
+        dataset.records.log([rec for _, rec in batch], batch_size=len(batch))
+    except Exception as exc:  # noqa: BLE001 - the server's message goes into the report
+        if len(batch) == 1:
+            row = batch[0][0]
+            report.errors.append({"id": row.get("id"), "error": f"server refused the record: {_short(exc)}"})
+            return
+        mid = len(batch) // 2
+        _send(dataset, batch[:mid], report, log)
+        _send(dataset, batch[mid:], report, log)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text[:500]
+
+
+def _existing_ids(client: Any, dataset: Any) -> set[str]:
+    return {str(m.external_id) for m in _all_record_models(client, dataset, with_responses=False)}
+
+
+def _all_record_models(client: Any, dataset: Any, *, with_responses: bool = True, page: int = 1000) -> list[Any]:
+    out: list[Any] = []
+    offset = 0
+    while True:
+        models = client.api.records.list(
+            dataset_id=dataset.id, offset=offset, limit=page, with_suggestions=with_responses,
+            with_responses=with_responses,
+        )
+        out.extend(models)
+        if len(models) < page:
+            return out
+        offset += page
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# -- pull ---------------------------------------------------------------------------------------
+
+
+def pull(recipe: Recipe, run: RunDir, *, log=print) -> dict[str, Any]:
+    """Read the reviewers' responses and write the review stage's outputs."""
+    if recipe.review.mode == "auto":
+        return review_auto(recipe, run)
+    from curation.review_argilla import ReviewError, client_for, dataset_name, resolve_connection
+
+    inputs = curated_paths(run)
+    out = _review_dir(run)
+    conn = resolve_connection(recipe)
+    client = client_for(conn)
+    name = dataset_name(recipe)
+    params = {"mode": "argilla", "dataset": name, "workspace": recipe.review.workspace,
+              "min_submitted": recipe.review.min_submitted, "accept_policy": recipe.review.accept_policy}
+    with run.stage("review", inputs=inputs, params=params) as st:
+        dataset = client.datasets(name, workspace=recipe.review.workspace)
+        if dataset is None:
+            raise ReviewError(f"no dataset '{name}' in workspace '{recipe.review.workspace}': run `stepwise review push` first")
+        users = {str(u.id): u.username for u in client.users}
+        models = {str(m.external_id): m for m in _all_record_models(client, dataset)}
+        push_info = _read_json(out / "push.json") or {}
+        pushed = set(push_info.get("pushed_ids") or models)
+        rows = load_curated(run)
+        result = decide(recipe, rows, models, pushed, users, failed=push_info.get("failed") or {})
+        atomic_write_jsonl(out / "reviewed.jsonl", result["reviewed"])
+        atomic_write_jsonl(out / "rejected.jsonl", result["rejected"])
+        summary = result["summary"]
+        summary.update(dataset=name, workspace=recipe.review.workspace, url=conn.url)
+        atomic_write_json(out / "agreement.json", summary)
+        st.outputs(out / "reviewed.jsonl", out / "rejected.jsonl", out / "agreement.json")
+        st.counts(**summary["counts"])
+    c = summary["counts"]
+    log(f"review: {c['submitted']} submitted ({c['corrected']} corrected), {c['discarded']} discarded, "
+        f"{c['pending']} pending, {c['auto_accepted']} not sampled; {c['reviewed_rows']} rows -> reviewed.jsonl")
+    return summary
+
+
+def _answers(model: Any, question: str, users: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for resp in model.responses or []:
+        if str(resp.status.value if hasattr(resp.status, "value") else resp.status) != "submitted":
+            continue
+        value = (resp.values or {}).get(question, {}).get("value")
+        if value is not None:
+            out[users.get(str(resp.user_id), str(resp.user_id))] = value
+    return out
+
+
+def decide(
+    recipe: Recipe, rows: list[dict[str, Any]], models: dict[str, Any], pushed: set[str], users: dict[str, str],
+    failed: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Apply the review outcome to each curated row (pure: no I/O, testable without a server).
+
+    `pushed`: ids sent to Argilla; `failed`: ids that could not be sent (id -> error), rejected
+    with reason `invalid_for_review`; other rows were not in the sample and stay auto-accepted."""
+    failed = failed or {}
+    from curation.review_argilla import ANSWER_Q, LABEL_Q, NOTE_Q, QUALITY_Q
+
+    spec = recipe.review
+    answer_q = LABEL_Q if recipe.task.is_classification else ANSWER_Q
+    reviewed, rejected = [], []
+    counts = dict.fromkeys(
+        ("rows", "pushed", "submitted", "discarded", "pending", "auto_accepted", "corrected", "invalid_correction",
+         "invalid_for_review",
+         "reviewed_rows", "missing_in_argilla"), 0,
+    )
+    ratings: dict[str, list[dict[str, Any]]] = {answer_q: [], QUALITY_Q: []}
+    teacher_pairs: list[tuple[Any, Any]] = []
+    for row in rows:
+        counts["rows"] += 1
+        rid = str(row.get("id"))
+        if rid in failed and rid not in pushed:
+            counts["invalid_for_review"] += 1
+            rejected.append({**row, "reason": "invalid_for_review", "step": "review", "detail": failed[rid],
+                             "collided_with": None})
+            continue
+        if rid not in pushed:
+            reviewed.append({**row, "review": {"status": "auto_accepted", "responses": [], "corrected": False,
+                                               "sampled": False}})
+            counts["auto_accepted"] += 1
+            continue
+        counts["pushed"] += 1
+        model = models.get(rid)
+        if model is None:
+            counts["missing_in_argilla"] += 1
+        responses = [_response_dict(r, users) for r in (model.responses if model is not None else [])]
+        submitted = [r for r in responses if r["status"] == "submitted"]
+        discarded = [r for r in responses if r["status"] == "discarded"]
+        answers = _answers(model, answer_q, users) if model is not None else {}
+        quality = _answers(model, QUALITY_Q, users) if model is not None else {}
+        if answers:
+            ratings[answer_q].append({u: canonical(_parse_answer(recipe, v)) for u, v in answers.items()})
+        if quality:
+            ratings[QUALITY_Q].append(quality)
+        notes = [r["values"].get(NOTE_Q) for r in responses if r["values"].get(NOTE_Q)]
+        base_review = {"responses": responses, "teacher_label": row.get("label")}
+        if quality:
+            base_review["rationale_quality"] = round(sum(quality.values()) / len(quality), 3)
+        if notes:
+            base_review["notes"] = notes
+
+        if discarded and len(discarded) > len(submitted):
+            counts["discarded"] += 1
+            rejected.append({**row, "reason": "discarded_by_reviewer", "step": "review",
+                             "detail": "; ".join(notes) or f"discarded by {', '.join(r['user'] for r in discarded)}",
+                             "collided_with": None, "review": {**base_review, "status": "discarded", "corrected": False}})
+            continue
+        if len(submitted) >= spec.min_submitted and submitted:
+            parsed = {u: _parse_answer(recipe, v) for u, v in answers.items()}
+            invalid = [u for u, v in parsed.items() if v is _INVALID]
+            valid = {u: v for u, v in parsed.items() if v is not _INVALID}
+            if not valid:
+                if invalid:
+                    counts["invalid_correction"] += 1
+                    rejected.append({**row, "reason": "invalid_correction", "step": "review",
+                                     "detail": f"answer from {', '.join(invalid)} is not valid JSON", "collided_with": None,
+                                     "review": {**base_review, "status": "submitted", "corrected": False}})
+                    continue
+                final = row.get("label")  # submitted without an answer: accept the teacher's
+            else:
+                winner = majority([canonical(v) for v in valid.values()], prefer=canonical(row.get("label")))
+                final = next(v for v in valid.values() if canonical(v) == winner)
+            corrected = canonical(final) != canonical(row.get("label"))
+            teacher_pairs.append((canonical(row.get("label")), canonical(final)))
+            counts["submitted"] += 1
+            counts["corrected"] += int(corrected)
+            new_row = {**row, "label": final}
+            if corrected and not recipe.task.is_classification:
+                new_row["answer_text"] = json.dumps(final, ensure_ascii=False)
+            reviewed.append({**new_row, "review": {**base_review, "status": "submitted", "corrected": corrected}})
+            continue
+        counts["pending"] += 1
+        if spec.accept_policy == "submitted_or_pending":
+            reviewed.append({**row, "review": {**base_review, "status": "pending", "corrected": False}})
+    counts["reviewed_rows"] = len(reviewed)
+    summary = {
+        "mode": "argilla",
+        "counts": counts,
+        "questions": {q: question_agreement(items) for q, items in ratings.items()},
+        "teacher_accuracy": teacher_accuracy(teacher_pairs),
+        "accept_policy": spec.accept_policy,
+        "min_submitted": spec.min_submitted,
+    }
+    return {"reviewed": reviewed, "rejected": rejected, "summary": summary}
+
+
+_INVALID = object()
+
+
+def _parse_answer(recipe: Recipe, value: Any) -> Any:
+    if recipe.task.is_classification or not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _INVALID
+
+
+def _response_dict(resp: Any, users: dict[str, str]) -> dict[str, Any]:
+    status = resp.status.value if hasattr(resp.status, "value") else str(resp.status)
+    return {
+        "user": users.get(str(resp.user_id), str(resp.user_id)),
+        "status": status,
+        "values": {q: v.get("value") for q, v in (resp.values or {}).items()},
+    }
