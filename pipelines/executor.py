@@ -29,6 +29,7 @@ class Job:
     messages: list[dict[str, str]]
     worst_case_cost: float = 0.0
     tries: int = 0
+    row_input: Any = None  # the source row's input fields (distilabel tasks render from these)
 
 
 @dataclass

@@ -164,23 +164,26 @@ def _api_key(recipe: Recipe) -> str:
     raise GenerateError(f"teacher.api_key_env: environment variable {t.api_key_env} is not set (needed for {t.model})")
 
 
-def build_openai_llm(recipe: Recipe):
+def build_openai_llm(recipe: Recipe, load: bool = True, client_retries: int = 0):
+    """distilabel's OpenAILLM; retries are ours (executor) unless `client_retries` hands them to the SDK."""
     from distilabel.models.llms import OpenAILLM
 
     t = recipe.teacher
     llm = OpenAILLM(model=t.model, base_url=t.base_url or "https://api.openai.com/v1", api_key=_api_key(recipe),
-                    max_retries=0, timeout=int(max(1, t.timeout_s)))
-    llm.load()
+                    max_retries=client_retries, timeout=int(max(1, t.timeout_s)))
+    if load:  # pipelines (Ray) copy the LLM to workers and load it there
+        llm.load()
     return llm
 
 
-def build_local_llm(recipe: Recipe):
+def build_local_llm(recipe: Recipe, load: bool = True):
     from pipelines.local_llm import LocalTransformersLLM
 
     t = recipe.teacher
     regex = dss_regex(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
     llm = LocalTransformersLLM(model=t.model, device=t.device, seed=t.seed, regex=regex)
-    llm.load()
+    if load:
+        llm.load()
     return llm
 
 
@@ -250,14 +253,14 @@ def _pending_jobs(recipe: Recipe, plan: Plan, cached: dict[str, CacheEntry]) -> 
     price = price_fn(recipe)
     jobs: list[Job] = []
     seen: set[str] = set()
-    for msgs, keys in zip(plan.messages, plan.keys, strict=True):
+    for row, msgs, keys in zip(plan.rows, plan.messages, plan.keys, strict=True):
         worst = price(approx_tokens(msgs), t.max_new_tokens)
         for key in keys:
             entry = cached.get(key)
             if key in seen or (entry and (entry.status == "ok" or entry.attempts >= t.max_attempts)):
                 continue
             seen.add(key)
-            jobs.append(Job(key=key, messages=msgs, worst_case_cost=worst))
+            jobs.append(Job(key=key, messages=msgs, worst_case_cost=worst, row_input=row.input))
     return jobs
 
 

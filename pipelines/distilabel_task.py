@@ -1,0 +1,127 @@
+"""The DSS prompt task as a distilabel `Task`, for runs inside distilabel pipelines (e.g. on Ray).
+
+`format_input` renders the DSS prompt (system instructions + format, task instructions, few-shot
+turns, the input) with `pipelines.prompts`; `format_output` parses with `pipelines.parsing` into
+rationale / label / parse_status. `process` is overridden so that, row by row, a cached response is
+reused, a new one is committed to our SQLite cache as soon as it arrives, and a failure stays that
+row's error: distilabel's default `process` hands the whole batch to `generate_outputs`, where a
+single failure turns every row of the batch into None.
+"""
+
+
+import asyncio
+from typing import Any
+
+from distilabel.steps import StepInput
+from distilabel.steps.tasks import Task
+from pydantic import PrivateAttr
+
+from pipelines.cache import ResponseCache
+from pipelines.parsing import parse_answer
+from pipelines.prompts import build_messages
+from stepwise.recipe import TaskSpec
+
+
+class DSSTask(Task):
+    """Rows carry `input` (the task's input fields) and `cache_key`; outputs are parsed DSS fields."""
+
+    task_spec: dict[str, Any]
+    teacher_format: str = "dss"
+    cache_path: str | None = None
+    generation_kwargs: dict[str, Any] = {}
+    price_per_1k: tuple[float, float] = (0.0, 0.0)
+
+    _spec: TaskSpec | None = PrivateAttr(None)
+    _cache: ResponseCache | None = PrivateAttr(None)
+
+    def load(self) -> None:
+        super().load()
+        self._spec = TaskSpec.model_validate(self.task_spec)
+        if self.cache_path:
+            self._cache = ResponseCache(self.cache_path)
+
+    def unload(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        super().unload()
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["input", "cache_key"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["rationale", "label", "parse_status", "raw", "model_name"]
+
+    def format_input(self, input: dict[str, Any]) -> list[dict[str, str]]:
+        assert self._spec is not None
+        return build_messages(self._spec, input["input"], self.teacher_format)
+
+    def format_output(self, output: str | None, input: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self._spec is not None
+        parsed = parse_answer(output, self._spec, self.teacher_format)
+        return {"rationale": parsed.rationale, "label": parsed.label, "parse_status": parsed.parse_status, "raw": output}
+
+    def process(self, inputs: StepInput):  # type: ignore[override]
+        if _is_async(self.llm):  # the LLM's own loop: its HTTP client is bound to it
+            results = self.llm.event_loop.run_until_complete(self._process_rows(inputs))
+        else:
+            results = self._process_sync(inputs)
+        yield [{**row, **out, "model_name": self.llm.model_name} for row, out in zip(inputs, results, strict=True)]
+
+    def _price(self, itok: int, otok: int) -> float:
+        return (itok * self.price_per_1k[0] + otok * self.price_per_1k[1]) / 1000.0
+
+    def _cached(self, key: str) -> str | None:
+        entry = self._cache.get(key) if self._cache else None
+        return entry.text if entry and entry.status == "ok" else None
+
+    def _commit(self, key: str, output: dict[str, Any]) -> str:
+        text = output["generations"][0]
+        stats = output.get("statistics") or {}
+        itok = int((stats.get("input_tokens") or [0])[0] or 0)
+        otok = int((stats.get("output_tokens") or [0])[0] or 0)
+        if self._cache is not None and text is not None:
+            self._cache.put_ok(key, text, itok, otok, self._price(itok, otok), self.llm.model_name)
+        return text
+
+    def _fail(self, key: str, exc: BaseException) -> dict[str, Any]:
+        if self._cache is not None:
+            self._cache.put_error(key, f"{type(exc).__name__}: {str(exc)[:500]}", self.llm.model_name)
+        return {"rationale": None, "label": None, "parse_status": "error", "raw": None}
+
+    async def _process_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async def one(row: dict[str, Any]) -> dict[str, Any]:
+            key = row["cache_key"]
+            hit = self._cached(key)
+            if hit is not None:
+                return self.format_output(hit, row)
+            try:
+                output = await self.llm.agenerate(input=self.format_input(row), num_generations=1,
+                                                  **self.generation_kwargs)
+                return self.format_output(self._commit(key, output), row)
+            except Exception as exc:  # noqa: BLE001 - this row's failure only
+                return self._fail(key, exc)
+
+        return list(await asyncio.gather(*(one(r) for r in rows)))
+
+    def _process_sync(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            key = row["cache_key"]
+            hit = self._cached(key)
+            if hit is not None:
+                out.append(self.format_output(hit, row))
+                continue
+            try:
+                output = self.llm.generate(inputs=[self.format_input(row)], num_generations=1, **self.generation_kwargs)[0]
+                out.append(self.format_output(self._commit(key, output), row))
+            except Exception as exc:  # noqa: BLE001
+                out.append(self._fail(key, exc))
+        return out
+
+
+def _is_async(llm: Any) -> bool:
+    from distilabel.models.llms.base import AsyncLLM
+
+    return isinstance(llm, AsyncLLM)
