@@ -476,12 +476,12 @@ def exact_jaccard(shingles: ShingleBatch, pairs: np.ndarray) -> np.ndarray:
         p = pairs[s : s + step]
         la = off[p[:, 0] + 1] - off[p[:, 0]]
         lb = off[p[:, 1] + 1] - off[p[:, 1]]
-        pid = np.concatenate([np.repeat(np.arange(len(p)), la), np.repeat(np.arange(len(p)), lb)])
+        pid = np.concatenate([np.repeat(np.arange(len(p), dtype=np.uint64), la),
+                              np.repeat(np.arange(len(p), dtype=np.uint64), lb)])
         vals = np.concatenate([_gather(shingles.hashes, off[p[:, 0]], la), _gather(shingles.hashes, off[p[:, 1]], lb)])
-        order = np.lexsort((vals, pid))
-        pid, vals = pid[order], vals[order]
-        same = (pid[1:] == pid[:-1]) & (vals[1:] == vals[:-1])
-        inter = np.bincount(pid[1:][same], minlength=len(p))
+        key = np.sort((pid << _U64(32)) | vals.astype(_U64))  # each doc is a set: equal keys = shared
+        dup = key[1:] == key[:-1]
+        inter = np.bincount((key[1:][dup] >> _U64(32)).astype(np.int64), minlength=len(p))
         union = la + lb - inter
         out[s : s + step] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
     return out
