@@ -175,3 +175,56 @@ def test_semantic_skipped_without_model(monkeypatch):
     monkeypatch.setattr(sem, "model_dir", lambda name: None)
     out = semantic_step(_rows(TEXTS[:3]), _recipe(semantic={"enabled": True}))
     assert len(out.kept) == 3 and out.info["skipped"]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    pytest.importorskip("redis")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.skip("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0", client
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_redis_lsh_index_gives_same_pairs_and_is_cleaned_up(redis_url):
+    url, client = redis_url
+    texts, truth = _corpus(120, seed=3)
+    pairs, _ = near_duplicate_pairs(texts, 0.8, backend="datasketch", redis_url=url)
+    assert {tuple(p) for p in pairs.tolist()} == truth
+    assert client.dbsize() == 0  # the temporary index is removed afterwards
+
+
+def test_redis_index_lives_in_redis(redis_url):
+    from curation.minhash import datasketch_index, drop_redis_index
+
+    url, client = redis_url
+    hasher = MinHasher(64, 3)
+    sig, _ = hasher.signatures(TEXTS)
+    lsh = datasketch_index(hasher, sig, 8, 8, redis_url=url, basename="stepwise_test")
+    assert client.dbsize() > 0
+    assert 0 in lsh.query(hasher.datasketch_minhash(sig[1]))
+    drop_redis_index(lsh)
+    assert client.dbsize() == 0
