@@ -145,7 +145,7 @@ class PushReport:
     wall_s: float = 0.0
 
 
-def push(recipe: Recipe, run: RunDir, *, batch_size: int = 200, log=print) -> PushReport:
+def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> PushReport:
     """Create (or update) the review dataset and send the selected rows; bad rows are reported
     in `review/push_errors.jsonl` and do not stop the others."""
     import argilla as rg
@@ -186,7 +186,7 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 200, log=print) -> Pu
     rows = load_curated(run)
     selected = select_rows(recipe, rows)
     report.selected = len(selected)
-    existing = _existing_ids(client, dataset)
+    existing = _existing_ids(client, dataset)  # the server's bulk reply does not say which were updated
     good: list[tuple[dict[str, Any], Any]] = []
     for row in selected:
         problem = validate_row(recipe, row)
@@ -196,9 +196,8 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 200, log=print) -> Pu
         good.append((row, build_record(recipe, row)))
 
     for i in range(0, len(good), batch_size):
-        _send(dataset, good[i : i + batch_size], report, log)
+        _send(client, dataset, good[i : i + batch_size], report)
     sent_ids = {str(r["id"]) for r, _ in good} - {str(e["id"]) for e in report.errors}
-    report.sent = len(sent_ids)
     report.updated = len(sent_ids & existing)
     report.created = report.sent - report.updated
     report.wall_s = round(time.time() - started, 3)
@@ -224,18 +223,25 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 200, log=print) -> Pu
     return report
 
 
-def _send(dataset: Any, batch: list[tuple[dict[str, Any], Any]], report: PushReport, log) -> None:
-    """Log a batch; when the server refuses it, split it to find and report the bad records."""
+def _send(client: Any, dataset: Any, batch: list[tuple[dict[str, Any], Any]], report: PushReport) -> None:
+    """Upsert a batch (by external id = row id); when the server refuses it, split it to find and
+    report the bad records. Uses the SDK's API layer: `records.log` re-parses the returned records
+    and the 2.8 SDK fails on a discarded response without values."""
     try:
-        dataset.records.log([rec for _, rec in batch], batch_size=len(batch))
+        models = []
+        for _, rec in batch:
+            rec.dataset = dataset
+            models.append(rec.api_model())
+        client.api.records.bulk_upsert(dataset_id=dataset.id, records=models)
+        report.sent += len(batch)
     except Exception as exc:  # noqa: BLE001 - the server's message goes into the report
         if len(batch) == 1:
             row = batch[0][0]
             report.errors.append({"id": row.get("id"), "error": f"server refused the record: {_short(exc)}"})
             return
         mid = len(batch) // 2
-        _send(dataset, batch[:mid], report, log)
-        _send(dataset, batch[mid:], report, log)
+        _send(client, dataset, batch[:mid], report)
+        _send(client, dataset, batch[mid:], report)
 
 
 def _short(exc: Exception) -> str:
