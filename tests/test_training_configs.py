@@ -1,0 +1,228 @@
+"""Config generation, Axolotl's loader on every generated config, our strict checks, committed examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.training_fixtures import make_run
+from training.bundled import bundled_configs
+from training.checks import check_config
+from training.configgen import apply_cpu_profile, epochs_for, generate_configs, sweep_points, write_configs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _generate(tmp_path: Path, extra: str = "", **kw):
+    recipe, run_dir = make_run(tmp_path, extra, **kw)
+    configs = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)
+    paths = write_configs(configs, tmp_path / "axolotl_configs" / recipe.name)
+    return recipe, run_dir, configs, paths
+
+
+def test_auto_writes_every_modality_with_seed_defaults(tmp_path):
+    _, _, configs, paths = _generate(tmp_path, "micro_batch_size: 2\ngradient_accumulation_steps: 2\n")
+    assert [p.name for p in paths] == ["tiny-train-full.yaml", "tiny-train-lora.yaml", "tiny-train-qlora.yaml"]
+    full, lora, qlora = (c.config for c in configs)
+    assert "adapter" not in full and full["learning_rate"] == 2e-5 and full["weight_decay"] == 0.01
+    assert lora["adapter"] == "lora" and lora["lora_r"] == 16 and lora["lora_alpha"] == 64
+    assert lora["lora_target_linear"] is True and lora["learning_rate"] == 2e-4 and lora["lora_dropout"] == 0.05
+    assert qlora["adapter"] == "qlora" and qlora["load_in_4bit"] is True
+    assert qlora["bnb_config_kwargs"] == {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    assert qlora["optimizer"] == "paged_adamw_8bit"
+    for cfg in (full, lora, qlora):
+        assert cfg["lr_scheduler"] == "cosine" and cfg["warmup_ratio"] == 0.1
+        assert cfg["num_epochs"] == 3  # 12 rows < 1,000
+        assert cfg["gradient_checkpointing"] is True
+        assert cfg["datasets"][0]["type"] == "chat_template"
+        assert cfg["datasets"][0]["path"] == "runs/tiny-train/r1/export/train.chat.jsonl"
+        assert cfg["test_datasets"][0]["path"] == "runs/tiny-train/r1/export/val.chat.jsonl"
+        assert cfg["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # launchable on a GPU box
+        assert cfg["bf16"] == "auto" and cfg["attn_implementation"] == "flash_attention_2"
+        assert 256 <= cfg["sequence_len"] <= 512  # from the data: longest example, rounded up to 256
+    # the header: how to launch, data hashes, planner estimate, auto pick
+    text = paths[1].read_text()
+    assert "stepwise train" in text and "accelerate launch" in text
+    train_sha = __import__("hashlib").sha256((tmp_path / "runs/tiny-train/r1/export/train.chat.jsonl").read_bytes())
+    assert f"sha256 {train_sha.hexdigest()}" in text
+    assert "Planner: peak ~" in text and "modality auto picks full" in text
+    assert configs[0].auto_pick == "full"
+
+
+def test_every_generated_config_passes_axolotl_and_our_checks(tmp_path):
+    _, _, _, paths = _generate(tmp_path, "micro_batch_size: 2\ngradient_accumulation_steps: 2\n")
+    for path in paths:
+        report = check_config(path, base_dir=tmp_path)
+        assert report.ok, report.messages()
+        assert report.axolotl_validated and report.axolotl_normalized
+        assert report.train_rows == 12
+
+
+@pytest.mark.parametrize(("extra", "gpus"), [
+    ("num_gpus: 2\ndeepspeed: zero2\nmodality: full\n", 2),
+    ("num_gpus: 4\ndeepspeed: zero3\nmodality: lora\n", 4),
+    ("num_gpus: 2\nfsdp: true\nmodality: full\n", 2),
+])
+def test_multi_gpu_variants_pass_axolotl(tmp_path, extra, gpus):
+    _, _, configs, paths = _generate(tmp_path, extra + "micro_batch_size: 1\ngradient_accumulation_steps: 1\n")
+    assert len(paths) == 1
+    cfg = configs[0].config
+    if "deepspeed" in extra:
+        assert cfg["deepspeed"]["zero_optimization"]["stage"] == (3 if "zero3" in extra else 2)
+    else:
+        assert cfg["fsdp_version"] == 2 and cfg["fsdp_config"]["transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    report = check_config(paths[0], base_dir=tmp_path, num_gpus=gpus)
+    assert report.ok, report.messages()
+    assert report.axolotl_validated
+
+
+def test_sweep_expands_with_stable_names(tmp_path):
+    extra = """\
+    modality: lora
+    micro_batch_size: 1
+    gradient_accumulation_steps: 1
+    sweep:
+      lora_r: [8, 16]
+      alpha_ratio: [2, 4]
+      learning_rate: [0.0001, 0.0002]
+      modality: [full, lora]
+    """
+    recipe, _, configs, paths = _generate(tmp_path, extra)
+    names = [p.stem for p in paths]
+    assert names[:2] == ["tiny-train-full-lr1e-4", "tiny-train-full-lr2e-4"]  # full ignores rank/alpha
+    assert "tiny-train-lora-r8-a2-lr1e-4" in names and "tiny-train-lora-r16-a4-lr2e-4" in names
+    assert len(names) == 2 + 8 and len(set(names)) == len(names)
+    by = {c.name: c.config for c in configs}
+    assert by["tiny-train-lora-r8-a2-lr1e-4"]["lora_alpha"] == 16
+    assert by["tiny-train-lora-r16-a4-lr2e-4"]["lora_alpha"] == 64
+    assert [p.tags for p in sweep_points(recipe.training)] == [p.tags for p in sweep_points(recipe.training)]
+    for path in paths[:3]:
+        assert check_config(path, base_dir=tmp_path).ok
+
+
+def test_epochs_by_data_size():
+    assert epochs_for(None) == 3 and epochs_for(999) == 3 and epochs_for(5000) == 2 and epochs_for(20000) == 1
+
+
+def test_cpu_profile_overrides(tmp_path):
+    _, _, configs, _ = _generate(tmp_path)
+    cpu = apply_cpu_profile(configs[2].config, "/models/local")
+    assert cpu["bf16"] is False and cpu["fp16"] is False and cpu["tf32"] is False
+    assert cpu["attn_implementation"] == "sdpa" and cpu["sample_packing"] is False
+    assert cpu["lora_mlp_kernel"] is False and cpu["optimizer"] == "adamw_torch"
+    assert cpu["base_model"] == "/models/local" and cpu["load_in_4bit"] is True
+    # and the GPU config is untouched
+    assert configs[2].config["bf16"] == "auto"
+
+
+def test_recipe_profile_cpu_generates_cpu_configs(tmp_path):
+    _, _, configs, paths = _generate(tmp_path, "profile: cpu\nmodality: qlora\nmicro_batch_size: 2\n"
+                                               "gradient_accumulation_steps: 2\n")
+    assert configs[0].config["bf16"] is False
+    report = check_config(paths[0], base_dir=tmp_path)
+    assert report.ok, report.messages()
+
+
+def _cfg(tmp_path: Path, **changes) -> dict:
+    _, _, configs, _ = _generate(tmp_path, "micro_batch_size: 2\ngradient_accumulation_steps: 2\n")
+    cfg = json.loads(json.dumps(configs[1].config))  # lora
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+BAD_CONFIGS = [
+    ({"lora_rr": 8}, "lora_rr: unknown key: Axolotl would silently ignore it (did you mean 'lora_r'?)"),
+    ({"adapter": "qlora"}, "adapter: qlora needs load_in_4bit: true"),
+    ({"load_in_4bit": True}, "load_in_4bit with adapter: lora; a 4-bit base is QLoRA"),
+    ({"adapter": None}, "lora_r without `adapter`: full fine-tuning ignores it"),
+    ({"load_in_8bit": True, "load_in_4bit": True, "adapter": "qlora"}, "load_in_4bit and load_in_8bit are both set"),
+    ({"lora_target_linear": None}, "LoRA without targets"),
+    ({"gradient_accumulation_steps": 16, "sample_packing": False},
+     "micro_batch_size 2 x gradient_accumulation_steps 16 x 1 GPU = 32 examples per optimizer step, "
+     "but the training data has 12 rows"),
+    ({"sequence_len": 100000}, "sequence_len: 100000 exceeds the model's 8192 positions"),
+    ({"learning_rate": 0.01}, "0.01 is outside the seeds' 0.0001-0.0005 for LoRA/QLoRA"),
+    ({"lora_alpha": 16}, "lora_alpha/lora_r = 1; the DSS paper found 4:1 best"),
+]
+
+
+@pytest.mark.parametrize(("changes", "expected"), BAD_CONFIGS)
+def test_bad_configs_get_clear_messages(tmp_path, changes, expected):
+    cfg = _cfg(tmp_path, **changes)
+    report = check_config(cfg, base_dir=tmp_path, run_axolotl=False)
+    assert any(expected in m for m in report.messages()), report.messages()
+
+
+def test_bad_dataset_files(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg["datasets"][0]["path"] = "runs/missing.jsonl"
+    msgs = check_config(cfg, base_dir=tmp_path, run_axolotl=False).messages()
+    assert any("datasets[0].path: file not found: runs/missing.jsonl" in m for m in msgs)
+    (tmp_path / "alpaca.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    cfg["datasets"][0]["path"] = "alpaca.jsonl"
+    msgs = check_config(cfg, base_dir=tmp_path, run_axolotl=False).messages()
+    assert any("alpaca.jsonl:1: no `messages` list: not a chat_template row" in m for m in msgs)
+    (tmp_path / "roles.jsonl").write_text('{"messages": [{"role": "human", "content": "x"}]}\n')
+    cfg["datasets"][0]["path"] = "roles.jsonl"
+    msgs = check_config(cfg, base_dir=tmp_path, run_axolotl=False).messages()
+    assert any("lacks a valid `role`" in m for m in msgs)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    cfg["datasets"][0]["path"] = "data.csv"
+    msgs = check_config(cfg, base_dir=tmp_path, run_axolotl=False).messages()
+    assert any("ds_type json does not match 'data.csv'" in m for m in msgs)
+
+
+def test_cpu_check_flags_gpu_only_settings(tmp_path):
+    cfg = _cfg(tmp_path)
+    msgs = check_config(cfg, base_dir=tmp_path, profile="cpu", run_axolotl=False).messages()
+    for key in ("bf16", "tf32", "attn_implementation", "sample_packing"):
+        assert any(f"{key}: " in m and "cannot run on CPU" in m for m in msgs), (key, msgs)
+    assert any("lora_mlp_kernel unset" in m for m in msgs)
+
+
+def test_axolotl_schema_errors_are_reported(tmp_path):
+    report = check_config(_cfg(tmp_path, micro_batch_size="many"), base_dir=tmp_path)
+    assert not report.ok
+    assert any("micro_batch_size" in m and "axolotl" in m for m in report.messages())
+
+
+def test_check_cli_on_hand_edited_file(tmp_path):
+    _, _, _, paths = _generate(tmp_path, "micro_batch_size: 2\ngradient_accumulation_steps: 2\n")
+    text = paths[1].read_text().replace("lora_dropout: 0.05", "lora_dropout: 0.05\nlora_dropuot: 0.1")
+    bad = tmp_path / "edited.yaml"
+    bad.write_text(text)
+    cmd = [sys.executable, "-c", "from stepwise.cli import app; app()", "configs", "--check"]
+    proc = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = text.splitlines().index("lora_dropuot: 0.1") + 1
+    assert f"edited.yaml:{line} lora_dropuot: unknown key" in proc.stderr
+    assert "did you mean 'lora_dropout'" in proc.stderr
+    ok = subprocess.run([*cmd, str(paths[1])], capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "ok" in ok.stderr
+
+
+def test_committed_example_configs_are_current_and_valid():
+    """Regenerate the bundled examples' configs; fail if they differ from the committed files."""
+    generated = bundled_configs(REPO)
+    assert len(generated) == 6
+    committed = sorted(p.relative_to(REPO) for p in (REPO / "axolotl_configs").glob("*/*.yaml"))
+    assert committed == sorted(generated), "stale or extra files in axolotl_configs/: run python -m training.bundled"
+    for rel, text in generated.items():
+        assert (REPO / rel).read_text(encoding="utf-8") == text, f"{rel} is stale: run python -m training.bundled"
+    for rel in generated:
+        report = check_config(REPO / rel, base_dir=REPO, allow_missing_data=True)
+        assert report.ok, report.messages()
+        assert report.axolotl_validated and report.axolotl_normalized
+        cfg = yaml.safe_load((REPO / rel).read_text())
+        assert "not yet generated" in (REPO / rel).read_text()
+        assert cfg["datasets"][0]["path"].startswith("examples/") and "/latest/export/" in cfg["datasets"][0]["path"]

@@ -1,0 +1,186 @@
+"""`stepwise configs`, `stepwise plan`, `stepwise train` (registered by stepwise.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+EXIT_STAGE_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _print_report(report, quiet_ok: bool = False) -> None:
+    for p in report.problems:
+        color = "red" if p.level == "error" else "yellow"
+        console.print(f"[{color}]{p.level}[/{color}] {p.format(report.label)}", highlight=False, soft_wrap=True)
+    if report.ok and not quiet_ok:
+        how = "Axolotl schema + normalize" if report.axolotl_normalized else (
+            "Axolotl schema" if report.axolotl_validated else "our checks")
+        console.print(f"[green]ok[/green] {report.label} ({how})", highlight=False)
+
+
+def configs_cmd(
+    recipe: Path | None = typer.Argument(None, help="Recipe YAML"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run whose export/ data the configs train on"),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default axolotl_configs/<recipe>/)"),
+    check: list[Path] = typer.Option([], "--check", help="Check a (hand-edited) Axolotl config instead"),
+    cpu: bool = typer.Option(False, "--cpu", help="With --check: check against the CPU profile"),
+    no_data: bool = typer.Option(False, "--no-data", help="Do not read the exported data (stable templates)"),
+    allow_missing_data: bool = typer.Option(False, "--allow-missing-data", help="Missing data files warn only"),
+    num_gpus: int | None = typer.Option(None, "--num-gpus", help="With --check: GPUs the config runs on"),
+) -> None:
+    """Write ready-to-launch Axolotl configs from the recipe's `training` section, each checked by
+    Axolotl's own schema and our strict checks; or `--check` existing configs."""
+    from training.checks import check_config
+
+    if check:
+        failed = False
+        for path in check:
+            report = check_config(path, profile="cpu" if cpu else None, num_gpus=num_gpus,
+                                  allow_missing_data=allow_missing_data)
+            _print_report(report)
+            failed |= not report.ok
+        raise typer.Exit(EXIT_BAD_INPUT if failed else 0)
+    if recipe is None:
+        console.print("[red]error[/red] give a recipe, or --check <config.yaml>")
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+    from stepwise.cli import load_or_exit
+    from training.configgen import generate_configs, write_configs
+
+    r = load_or_exit(recipe)
+    run = None
+    if run_dir is not None:
+        from stepwise.rundir import resolve_run
+
+        run = resolve_run(r, run_dir, create=False)
+    configs = generate_configs(r, run_dir=run.path if run else None, use_data=not no_data, relative_to=Path.cwd())
+    out_dir = out or Path("axolotl_configs") / r.name
+    paths = write_configs(configs, out_dir)
+    table = Table("config", "modality", "peak GB", "fits", "checks")
+    failed = False
+    for gc, path in zip(configs, paths, strict=True):
+        report = check_config(path, profile=r.training.profile, num_gpus=r.training.num_gpus,
+                              allow_missing_data=allow_missing_data or no_data)
+        _print_report(report, quiet_ok=True)
+        failed |= not report.ok
+        est = gc.estimate
+        pick = " (auto)" if gc.auto_pick == gc.modality else ""
+        table.add_row(str(path), gc.modality + pick, f"{est.total_gb:.2f}" if est else "?",
+                      ("yes" if est.fits(r.training.gpu_memory_gb) else "no") if est else "?",
+                      "[green]ok[/green]" if report.ok else "[red]failed[/red]")
+    Console(stderr=True).print(table)
+    if run is not None:
+        with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
+            st.outputs(*paths)
+            st.counts(configs=len(paths))
+    if failed:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def plan_cmd(
+    model: str | None = typer.Option(None, "--model", help="Known name, HF dir, config.json, or llama-7b/13b/34b/70b..."),
+    gpu_memory: float = typer.Option(24.0, "--gpu-memory", help="GB per GPU"),
+    num_gpus: int = typer.Option(1, "--num-gpus"),
+    zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage (3 = also FSDP full shard)"),
+    seq: int = typer.Option(2048, "--seq", help="Sequence length"),
+    micro_batch: int = typer.Option(1, "--micro-batch"),
+    lora_r: int = typer.Option(16, "--lora-r"),
+    target: str = typer.Option("linear", "--target", help="linear, attention, qv"),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="Default: adamw_torch (full/LoRA), paged_adamw_8bit (QLoRA)"),
+    no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing"),
+    seeds_table: bool = typer.Option(False, "--seeds-table", help="Reproduce the seeds' VRAM table"),
+) -> None:
+    """Which modality fits the GPU, and how much memory each needs (before renting one)."""
+    from training.shapes import resolve_shape
+    from training.vram import SEED_TOLERANCE, PlanInput, choose_modality, compare_with_seed_table, estimate
+
+    out = Console()
+    if seeds_table:
+        table = Table("model", "modality", "seeds GB", "planner GB", "diff", "agrees", "note")
+        for row in compare_with_seed_table():
+            table.add_row(row.model, row.modality, f"{row.table_gb:g}", f"{row.planner_gb:.1f}", f"{row.rel_diff:+.1%}",
+                          f"yes (±{SEED_TOLERANCE[row.modality]:.0%})" if row.within else "[yellow]no[/yellow]", row.note)
+        out.print(table)
+        return
+    if model is None:
+        console.print("[red]error[/red] --model is required (or --seeds-table)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        shape = resolve_shape(model)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    out.print(shape.describe())
+    default_opt = {"full": "adamw_torch", "lora": "adamw_torch", "qlora": "paged_adamw_8bit"}
+    estimates = {}
+    table = Table("modality", "peak GB/GPU", "fits", "trainable", "weights", "grads+optim", "activations+logits", "notes")
+    for m in ("full", "lora", "qlora"):
+        plan = PlanInput(modality=m, lora_r=lora_r, lora_target=target, optimizer=optimizer or default_opt[m],
+                         sequence_len=seq, micro_batch_size=micro_batch, gradient_checkpointing=not no_checkpointing,
+                         zero_stage=zero, num_gpus=num_gpus)  # type: ignore[arg-type]
+        est = estimate(shape, plan)
+        estimates[m] = est
+        p = est.parts
+        table.add_row(m, f"{est.total_gb:.2f}", "[green]yes[/green]" if est.fits(gpu_memory) else "[red]no[/red]",
+                      f"{est.trainable_params / 1e6:,.1f}M", f"{(p['weights'] + p['adapters']) / 1e9:.2f}",
+                      f"{(p['gradients'] + p['optimizer']) / 1e9:.2f}", f"{(p['activations'] + p['logits']) / 1e9:.2f}",
+                      "; ".join(est.notes))
+    out.print(table)
+    pick, why = choose_modality(estimates, gpu_memory)
+    gpus = f"{num_gpus} x {gpu_memory:g} GB" if num_gpus > 1 else f"{gpu_memory:g} GB"
+    out.print(f"On {gpus} (seq {seq}, micro batch {micro_batch}): [bold]{pick}[/bold]: {why}")
+
+
+def train_cmd(
+    config: Path = typer.Argument(..., help="Axolotl config (from `stepwise configs`)"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: from the data paths)"),
+    cpu: bool = typer.Option(False, "--cpu", help="Apply the CPU profile (no bf16/flash/packing, local model)"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps"),
+    merge: bool = typer.Option(False, "--merge", help="LoRA/QLoRA: merge the adapter into the base afterwards"),
+    skip_checks: bool = typer.Option(False, "--skip-checks", help="Launch even if our checks fail"),
+) -> None:
+    """Run Axolotl preprocess + train with progress; logs and loss.csv land in <run>/train/<config>/."""
+    from training.checks import check_config
+    from training.launcher import TrainError, merge_lora, train
+
+    report = check_config(config, profile="cpu" if cpu else None)
+    if cpu:  # the CPU profile is applied at launch: drop the GPU-only complaints it fixes
+        from training.configgen import CPU_OVERRIDES
+
+        fixed = set(CPU_OVERRIDES) | {"flash_attention", "optimizer", "deepspeed", "fsdp_config"}
+        report.problems = [p for p in report.problems if p.key not in fixed and "axolotl" not in p.message]
+    _print_report(report, quiet_ok=True)
+    if not report.ok and not skip_checks:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+    def on_event(kind: str, payload) -> None:
+        if kind == "phase":
+            console.print(f"[bold]{payload}[/bold] ...")
+        elif kind == "loss":
+            if payload["kind"] == "train":
+                console.print(f"  step {payload['step']:>5}  loss {payload['loss']:.4f}  lr {payload['learning_rate']}"
+                              f"  epoch {payload['epoch']}", highlight=False)
+            else:
+                console.print(f"  eval       eval_loss {payload['eval_loss']}", highlight=False)
+
+    try:
+        result = train(config, run_dir=run_dir, cpu=cpu, max_steps=max_steps, on_event=on_event)
+        if merge:
+            merged = merge_lora(result.config_path)
+            console.print(f"merged model: {merged}")
+    except TrainError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    console.print(f"[green]done[/green] {result.name}: {len(result.train_losses)} steps in {result.wall_s:.0f}s; "
+                  f"logs and loss.csv in {result.out_dir}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("configs")(configs_cmd)
+    app.command("plan")(plan_cmd)
+    app.command("train")(train_cmd)
