@@ -182,6 +182,10 @@ class OpenAIStub:
         outcome = self._decide(user)
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
+            if _client_gone(handler.connection):  # the client died while we "generated"
+                self._record(user, "aborted", key)
+                handler.close_connection = True
+                return
         if outcome == "429":
             self._record(user, outcome, key)
             handler._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},

@@ -1,0 +1,225 @@
+"""Generation throughput and loss under faults: plain distilabel pipeline vs `stepwise generate`.
+
+Both sides send the same DSS chat messages to the same OpenAI-compatible stub (own process,
+127.0.0.1, fixed latency, seeded fault injection) with the same concurrency, retries and timeout.
+Printed side by side: throughput (rows/s) against the ideal concurrency/latency, requests sent,
+rows lost or None, and, after a SIGKILL at 50% of completions and a restart, how many already
+completed rows were requested (and paid) again.
+
+    .venv/bin/python benchmarks/bench_generate.py --rows 2000 --concurrency 32 --latency 0.1 --fault-rate 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+RECIPE = """\
+name: bench
+task:
+  name: tickets
+  classes: data/labels.json
+  instructions: Classify the customer's message into one intent.
+data:
+  inputs: inputs.jsonl
+  id_field: id
+teacher:
+  provider: openai
+  model: stub-teacher
+  base_url: {base_url}
+  concurrency: {concurrency}
+  max_retries: {retries}
+  timeout_s: 10
+  constrained_decoding: false
+  max_new_tokens: 128
+runs_dir: runs
+"""
+
+DISTILABEL_SCRIPT = """
+import json, sys
+from distilabel.pipeline import Pipeline
+from distilabel.steps import LoadDataFromDicts
+from distilabel.steps.tasks import ChatGeneration
+from distilabel.models.llms import OpenAILLM
+rows = [json.loads(l) for l in open(sys.argv[1])]
+base_url, conc, retries, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+with Pipeline(name="bench-plain", cache_dir=sys.argv[6]) as p:
+    load = LoadDataFromDicts(data=rows, batch_size=conc)
+    gen = ChatGeneration(llm=OpenAILLM(model="stub-teacher", base_url=base_url, api_key="x", max_retries=retries,
+                                       timeout=10, generation_kwargs={"max_new_tokens": 128}),
+                         input_batch_size=conc)
+    load >> gen
+ds = p.run(use_cache=sys.argv[7] == "1")
+data = ds["default"]["train"]
+with open(out, "w") as fh:
+    for r in data:
+        fh.write(json.dumps({"id": r["id"], "generation": r["generation"]}) + "\\n")
+"""
+
+
+def start_stub(latency: float, fault_rate: float, log: Path, seed: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [PY, "-m", "stepwise.testing.openai_stub", "--latency", str(latency), "--fault-rate", str(fault_rate),
+         "--seed", str(seed), "--log", str(log)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    line = proc.stdout.readline()
+    return proc, line.strip().rsplit(" ", 1)[-1]
+
+
+def completed_log(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e["outcome"] in ("ok", "garbage", "wrong_label", "length"):
+            out.append(e)
+    return out
+
+
+def wait_for(log: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(completed_log(log)) >= n:
+            return
+        time.sleep(0.05)
+
+
+def setup_workdir(work: Path, rows: int, base_url: str, concurrency: int, retries: int) -> tuple[Path, list[dict]]:
+    sys.path.insert(0, str(REPO))
+    from pipelines.prompts import build_messages
+    from stepwise.recipe import load_recipe
+
+    src = REPO.parent / "shared" / "data" / "banking77" / "train.jsonl"
+    if not src.exists():
+        src = REPO / "examples" / "support-tickets" / "data" / "tickets.jsonl"
+    texts = [json.loads(x)["text"] for x in src.read_text().splitlines()]
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    labels = json.loads((REPO / "examples/support-tickets/data/labels.json").read_text())
+    (work / "data" / "labels.json").write_text(json.dumps(labels))
+    inputs = [{"id": f"q{i:05d}", "text": f"[{i}] {texts[i % len(texts)]}"} for i in range(rows)]
+    (work / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs))
+    recipe_path = work / "recipe.yaml"
+    recipe_path.write_text(RECIPE.format(base_url=base_url, concurrency=concurrency, retries=retries))
+    recipe = load_recipe(recipe_path)
+    chat_rows = [{"id": r["id"], "messages": build_messages(recipe.task, {"text": r["text"]}, "dss")} for r in inputs]
+    return recipe_path, chat_rows
+
+
+def run_stepwise(recipe: Path, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "stepwise", "generate", str(recipe), "--run-dir", str(run_dir), "--no-progress"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_distilabel(work: Path, rows_file: Path, base_url: str, conc: int, retries: int, out: Path,
+                   use_cache: bool) -> subprocess.Popen:
+    script = work / "plain_distilabel.py"
+    script.write_text(DISTILABEL_SCRIPT)
+    return subprocess.Popen([PY, str(script), str(rows_file), base_url, str(conc), str(retries), str(out),
+                             str(work / "distilabel-cache"), "1" if use_cache else "0"],
+                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def scenario(name: str, args, kill: bool) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-gen-{name}-"))
+    log = work / "stub.log"
+    stub, base_url = start_stub(args.latency, args.fault_rate, log, args.seed)
+    try:
+        recipe, chat_rows = setup_workdir(work, args.rows, base_url, args.concurrency, args.retries)
+        rows_file = work / "chat_rows.jsonl"
+        rows_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+        out = work / "out.jsonl"
+
+        def launch(use_cache: bool = False) -> subprocess.Popen:
+            if name == "stepwise":
+                return run_stepwise(recipe, work / "run")
+            return run_distilabel(work, rows_file, base_url, args.concurrency, args.retries, out, use_cache)
+
+        result: dict = {"side": name, "kill_at_50%": kill}
+        t0 = time.time()
+        proc = launch()
+        if kill:
+            wait_for(log, args.rows // 2, proc)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            first = Counter(e["input"] for e in completed_log(log))
+            t1 = time.time()
+            proc = launch(use_cache=True)
+            try:
+                proc.wait(timeout=args.resume_timeout)
+                result["resume"] = f"finished in {time.time() - t1:.1f}s"
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                result["resume"] = f"HUNG (killed after {args.resume_timeout}s)"
+            after = Counter(e["input"] for e in completed_log(log))
+            result["re-requested completed rows"] = sum(1 for k in first if after[k] > first[k])
+        else:
+            proc.wait()
+            wall = time.time() - t0
+            entries = [json.loads(x) for x in log.read_text().splitlines()]
+            served = entries[-1]["t"] - entries[0]["t"]  # first request to last response: no start-up
+            result["wall_s (incl. start-up)"] = round(wall, 2)
+            result["rows/s"] = round(args.rows / served, 1)
+        entries = [json.loads(x) for x in log.read_text().splitlines()]
+        result["requests sent"] = len(entries)
+        done = Counter(e["input"] for e in completed_log(log))
+        result["completed rows"] = len(done)
+        result["aborted in flight (client killed)"] = sum(1 for e in entries if e["outcome"] == "aborted")
+        result["rows completed twice"] = sum(1 for v in done.values() if v > 1)
+        if name == "stepwise":
+            rows = [json.loads(x) for x in (work / "run" / "generate" / "responses.jsonl").read_text().splitlines()]
+            result["rows lost or None"] = args.rows - sum(1 for r in rows if r["parse_status"] not in ("error", "not_run"))
+        else:
+            got = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+            result["rows lost or None"] = args.rows - sum(1 for r in got if r.get("generation"))
+        return result
+    finally:
+        stub.send_signal(signal.SIGINT)
+        stub.wait(timeout=10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--latency", type=float, default=0.1)
+    ap.add_argument("--fault-rate", type=float, default=0.05)
+    ap.add_argument("--retries", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--resume-timeout", type=float, default=180)
+    args = ap.parse_args()
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    ideal = args.concurrency / args.latency
+    print(f"# {args.rows} prompts, concurrency {args.concurrency}, latency {args.latency}s, "
+          f"{args.fault_rate:.0%} faults (429/500/503/drop); ideal = {ideal:.0f} rows/s; goal >= {0.9 * ideal:.0f}")
+    results = []
+    for name in ("distilabel", "stepwise"):
+        for kill in (False, True):
+            r = scenario(name, args, kill)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    full = {r["side"]: r for r in results if not r["kill_at_50%"]}
+    if "rows/s" in full.get("stepwise", {}) and "rows/s" in full.get("distilabel", {}):
+        s, d = full["stepwise"]["rows/s"], full["distilabel"]["rows/s"]
+        print(f"throughput: stepwise {s} rows/s = {s / ideal:.2f} x ideal; distilabel {d} rows/s = {d / ideal:.2f} x ideal; "
+              f"stepwise/distilabel = {s / d:.2f}")
+
+
+if __name__ == "__main__":
+    main()

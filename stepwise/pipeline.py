@@ -1,0 +1,279 @@
+"""`stepwise run`: the stages in sequence, each the same function its own command runs.
+
+A stage is skipped when its fingerprint (the recipe sections it reads + the sha256 of its input
+files + the run options it depends on) equals the one recorded when it last finished, and its
+outputs are still there. Any upstream change changes the downstream inputs, so it cascades.
+Each stage has its own exit code so a pipeline step can tell which one failed.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepwise.io import canonical_json, sha256_file, sha256_text
+from stepwise.recipe import Recipe
+from stepwise.rundir import STAGES, RunDir
+
+# exit codes: 0 ok, 2 bad input, 3 stopped by a limit / waiting for reviewers, 4 forgetting gate,
+# 10 + stage number for a stage that failed (generate=11 ... report=18)
+STAGE_EXIT = {name: 11 + i for i, name in enumerate(STAGES)}
+
+
+class StageStopped(Exception):
+    """A stage ended early on purpose (cost cap, reviewers still working): exit 3, resumable."""
+
+
+class GateFailed(Exception):
+    """The forgetting gate failed: exit 4 (after the report is written)."""
+
+
+@dataclass
+class RunOptions:
+    offline: bool = False
+    review: str | None = None  # override recipe.review.mode
+    cpu: bool = False
+    max_steps: int | None = None
+    from_stage: str | None = None
+    until_stage: str | None = None
+    force: bool = False
+    progress: bool = True
+    max_cost: float | None = None
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # done | skipped | failed | stopped | not_run | gate_failed
+    wall_s: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class RunSummary:
+    run: RunDir
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    exit_code: int = 0
+
+
+@dataclass
+class Stage:
+    name: str
+    sections: tuple[str, ...]
+    inputs: Callable[[Recipe, RunDir], list[Path]]
+    run: Callable[[Recipe, RunDir, RunOptions], str]
+    options: Callable[[RunOptions], Any] = lambda o: None
+
+
+# -- stage bodies ------------------------------------------------------------------------------
+
+
+def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from pipelines.generate import run_generate
+
+    res = run_generate(recipe, run, offline=opts.offline, max_cost=opts.max_cost, progress=opts.progress)
+    if res.stopped_reason:
+        raise StageStopped(res.stopped_reason)
+    return ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items()))
+
+
+def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from curation.curate import run_curate
+
+    funnel = run_curate(recipe, run)
+    kept = funnel.get("kept") or {}
+    return ", ".join(f"{k} {v}" for k, v in kept.items()) + f", rejected {funnel.get('rejected', 0)}"
+
+
+def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    mode = opts.review or recipe.review.mode
+    if mode == "auto":
+        from curation.review import review_auto
+
+        summary = review_auto(recipe, run)
+        return f"auto-accepted {summary['counts']['auto_accepted']} rows"
+    from curation import review as rv
+
+    pushed = run.path / "review" / "push.json"
+    if not pushed.exists():
+        report = rv.push(recipe, run)
+        raise StageStopped(f"pushed {getattr(report, 'sent', '?')} records to Argilla for review; when reviewers are "
+                           f"done run `stepwise run {recipe.source_path} --from review` to pull")
+    summary = rv.pull(recipe, run)
+    return f"pulled: {summary.get('counts')}"
+
+
+def _export(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from curation.export import run_export
+
+    summary = run_export(recipe, run)
+    return ", ".join(f"{k} {v}" for k, v in (summary.get("counts") or summary).items() if isinstance(v, int | float))
+
+
+def _configs(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from training.checks import check_config
+    from training.configgen import generate_configs, write_configs
+
+    configs = generate_configs(recipe, run_dir=run.path, relative_to=Path.cwd())
+    out_dir = run.stage_dir("configs")
+    with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
+        paths = write_configs(configs, out_dir)
+        problems = []
+        for path in paths:
+            report = check_config(path, profile=recipe.training.profile, num_gpus=recipe.training.num_gpus)
+            problems += [p.format(report.label) for p in report.problems if p.level == "error"]
+        if problems:
+            raise ValueError("generated config failed checks:\n" + "\n".join(problems))
+        st.outputs(*paths)
+        picked = [gc.name for gc in configs if gc.auto_pick == gc.modality] or [configs[0].name]
+        st.counts(configs=len(paths))
+        st.extra(train_config=picked[0], auto_pick=configs[0].auto_pick)
+    return f"{len(paths)} configs, training {picked[0]}"
+
+
+def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from training.launcher import train
+
+    info = run.stage_info("configs") or {}
+    name = info.get("train_config")
+    if not name:
+        raise ValueError("no config recorded by the configs stage")
+    config = run.path / "configs" / f"{name}.yaml"
+    result = train(config, run_dir=run.path, cpu=opts.cpu, max_steps=opts.max_steps, base_dir=Path.cwd())
+    losses = getattr(result, "train_losses", None) or []
+    last = f", last loss {losses[-1]['loss']:.4f}" if losses else ""
+    return f"{name}: {len(losses)} steps in {result.wall_s:.0f}s{last}"
+
+
+def _eval(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from evals.runner import run_eval
+
+    outcome = run_eval(recipe, run, log=lambda *a, **k: None)
+    parts = []
+    if outcome.task:
+        head = outcome.task.get("headline") or {}
+        parts.append(", ".join(f"{k} {v['value']:.3f}" if isinstance(v, dict) and "value" in v else f"{k} {v}"
+                               for k, v in head.items()))
+    if outcome.forgetting:
+        parts.append("forgetting gate " + ("passed" if outcome.gate_passed else "FAILED"))
+    detail = "; ".join(p for p in parts if p) or "done"
+    if not outcome.gate_passed:
+        raise GateFailed(detail)
+    return detail
+
+
+def _report(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from stepwise.report import write_report
+
+    path = write_report(recipe, run)
+    return str(path)
+
+
+def _files(*rel: str) -> Callable[[Recipe, RunDir], list[Path]]:
+    return lambda recipe, run: [run.path / r for r in rel if (run.path / r).exists()]
+
+
+def _generate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
+    return [p for p in (recipe.resolve(f) for f in recipe.data.input_files) if p is not None]
+
+
+def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
+    paths = [run.path / "generate" / "responses.jsonl"]
+    for extra in (recipe.data.test_file, recipe.curation.general_mix.file if recipe.curation.general_mix else None):
+        p = recipe.resolve(extra)
+        if p is not None:
+            paths.append(p)
+    return paths
+
+
+PIPELINE: list[Stage] = [
+    Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate, lambda o: o.offline),
+    Stage("curate", ("task", "data", "curation"), _curate_inputs, _curate),
+    Stage("review", ("review",), _files("curate/train.jsonl", "curate/val.jsonl"), _review, lambda o: o.review),
+    Stage("export", ("task", "training"), _files("review/reviewed.jsonl", "curate/train.jsonl", "curate/val.jsonl"),
+          _export),
+    Stage("configs", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl"), _configs),
+    Stage("train", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl"), _train,
+          lambda o: (o.cpu, o.max_steps)),
+    Stage("eval", ("eval", "training"), _files("curate/test.jsonl", "train"), _eval),
+    Stage("report", (), lambda r, run: [], _report),
+]
+
+
+def fingerprint(stage: Stage, recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    dump = recipe.model_dump(mode="json")
+    parts = {
+        "sections": {s: dump.get(s) for s in stage.sections},
+        "inputs": {str(p.relative_to(run.path)) if p.is_relative_to(run.path) else str(p):
+                   _hash_path(p) for p in stage.inputs(recipe, run)},
+        "options": stage.options(opts),
+    }
+    return sha256_text(canonical_json(parts))[:20]
+
+
+def _hash_path(p: Path) -> str:
+    if p.is_dir():  # trained models: hash the file list and sizes, not gigabytes of weights
+        return sha256_text(canonical_json(sorted((str(f.relative_to(p)), f.stat().st_size)
+                                                 for f in p.rglob("*") if f.is_file())))
+    return sha256_file(p)
+
+
+def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
+                 on_stage: Callable[[StageOutcome], None] | None = None) -> RunSummary:
+    names = [s.name for s in PIPELINE]
+    start = names.index(opts.from_stage) if opts.from_stage else 0
+    stop = names.index(opts.until_stage) if opts.until_stage else len(names) - 1
+    summary = RunSummary(run)
+    manifest = run.read_manifest()
+    recorded = manifest.get("run_fingerprints", {})
+    gate_failed: str | None = None
+    for i, stage in enumerate(PIPELINE):
+        if i < start or i > stop:
+            summary.outcomes.append(StageOutcome(stage.name, "not_run"))
+            continue
+        fp = fingerprint(stage, recipe, run, opts)
+        info = run.stage_info(stage.name) or {}
+        forced = opts.force or stage.name == "report" or (opts.from_stage == stage.name)
+        if not forced and recorded.get(stage.name) == fp and info.get("status") == "done":
+            outcome = StageOutcome(stage.name, "skipped", 0.0, "inputs unchanged")
+            summary.outcomes.append(outcome)
+            if on_stage:
+                on_stage(outcome)
+            continue
+        t0 = time.time()
+        try:
+            detail = stage.run(recipe, run, opts)
+            outcome = StageOutcome(stage.name, "done", time.time() - t0, detail)
+            _record_fingerprint(run, stage.name, fingerprint(stage, recipe, run, opts) if stage.name != "report" else fp)
+        except StageStopped as exc:
+            outcome = StageOutcome(stage.name, "stopped", time.time() - t0, str(exc))
+            summary.exit_code = 3
+        except GateFailed as exc:
+            outcome = StageOutcome(stage.name, "gate_failed", time.time() - t0, str(exc))
+            _record_fingerprint(run, stage.name, fingerprint(stage, recipe, run, opts))
+            gate_failed = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported with the stage's own exit code
+            outcome = StageOutcome(stage.name, "failed", time.time() - t0, f"{type(exc).__name__}: {exc}")
+            (run.path / f"{stage.name}.error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            summary.exit_code = STAGE_EXIT[stage.name]
+        summary.outcomes.append(outcome)
+        if on_stage:
+            on_stage(outcome)
+        if outcome.status in ("stopped", "failed"):
+            for rest in PIPELINE[i + 1:]:
+                summary.outcomes.append(StageOutcome(rest.name, "not_run"))
+            break
+    if gate_failed and summary.exit_code == 0:
+        summary.exit_code = 4
+    return summary
+
+
+def _record_fingerprint(run: RunDir, stage: str, fp: str) -> None:
+    def put(m: dict[str, Any]) -> None:
+        m.setdefault("run_fingerprints", {})[stage] = fp
+
+    run.update_manifest(put)
