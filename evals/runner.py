@@ -45,25 +45,32 @@ def pick_models(recipe: Recipe, run: RunDir, model: str | None, base: str | None
 
 
 def in_domain_benchmarks(recipe: Recipe, run: RunDir) -> set[str]:
-    """Benchmarks whose training split was mixed in as general data (GSM8K via general_mix)."""
-    hints: list[str] = []
-    if recipe.curation.general_mix is not None:
-        hints.append(str(recipe.curation.general_mix.file))
-    for name in ("curate/train.jsonl", "export/train.lineage.jsonl"):
-        p = run.path / name
-        if not p.exists():
-            continue
-        for _, row in iter_jsonl(p):
-            kind = row.get("kind") or row.get("provenance") or row.get("origin")
-            if isinstance(kind, dict):
-                kind = kind.get("kind")
-            if kind == "general" or row.get("general"):
-                hints.append(str(row.get("source") or row.get("general_source") or "general"))
-    text = " ".join(hints).lower()
-    found = {b for b in ("gsm8k", "mmlu", "hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1") if b in text}
-    if "arc" in text and "arc_" not in text:
-        found.add("arc_easy")
+    """Benchmarks whose training data was mixed in as general data (GSM8K via general_mix): from
+    the curate stage's manifest entry, else from the provenance of `general` rows in curate/train."""
+    found: set[str] = set()
+    curate = run.stage_info("curate") or {}
+    mix = curate.get("general_mix") or {}
+    found.update(mix.get("in_domain_benchmarks") or [])
+    files: set[str] = set()
+    train = run.path / "curate" / "train.jsonl"
+    if train.exists():
+        for _, row in iter_jsonl(train):
+            general = row.get("general")
+            if general:
+                files.add(str(general.get("file", "")) if isinstance(general, dict) else str(general))
+    if recipe.curation.general_mix is not None and (files or mix):
+        files.add(str(recipe.curation.general_mix.file))
+    for f in files:
+        found.update(_pool_benchmarks(f))
     return found
+
+
+def _pool_benchmarks(path: str) -> set[str]:
+    try:
+        from curation.mixing import in_domain_benchmarks as curation_in_domain
+    except ImportError:
+        return {b for b in ("gsm8k", "mmlu", "hellaswag", "arc_easy", "arc_challenge") if b in path.lower()}
+    return set(curation_in_domain(Path(path)))
 
 
 def run_eval(

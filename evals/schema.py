@@ -69,11 +69,27 @@ def find_curation_validator() -> tuple[SchemaValidator, str] | None:
     return None
 
 
+def opensearch_validator() -> tuple[SchemaValidator, str] | None:
+    """curation.dsl_schema.validate_search_body; a bare query (no search-body key) is validated as a
+    QueryContainer, as the NL-to-DSL data has both forms."""
+    try:
+        from curation.dsl_schema import validate_search_body
+    except ImportError:
+        return None
+    from evals.structured import SEARCH_BODY_KEYS
+
+    def validator(obj: Any) -> list[str]:
+        bare = isinstance(obj, dict) and bool(obj) and not (set(obj) & SEARCH_BODY_KEYS)
+        return adapt(lambda o: validate_search_body(o, bare_query=bare))(obj)
+
+    return validator, "curation.dsl_schema.validate_search_body"
+
+
 def validator_for(task_validator: str) -> tuple[SchemaValidator | None, str]:
     """The validator for a recipe's `task.validator`, and a note on where it came from."""
     if task_validator == "json":
         return None, "json (no schema)"
-    found = find_curation_validator()
+    found = opensearch_validator() or find_curation_validator()
     if found is None:
         return None, f"{task_validator}: no validator in curation/ yet; schema validity not reported"
     return found

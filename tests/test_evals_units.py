@@ -135,6 +135,9 @@ class _Stub(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"]
         label = "billing" if "charged" in text else "technical"
+        if "OpenSearch" in body["messages"][0]["content"]:
+            label = '{"query": {"term": {"status": "pending"}}}' if "pending" in text else '{"query": {"bogus": 1}}'
+            label = label if "broken" not in text else "{not json"
         resp = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": f"<answer>{label}"}}],
@@ -207,3 +210,53 @@ def test_compare_synthetic_runs(tmp_path):
     assert compare_svg(result).startswith("<svg")
     paths = write_compare(result, tmp_path / "out")
     assert all(p.exists() for p in paths)
+
+
+def test_structured_task_eval_with_opensearch_schema(tmp_path):
+    """nl2dsl through the stub endpoint: JSON validity, schema validity (curation's validator),
+    exact match after DSL canonicalisation, partial credit."""
+    from evals.task_eval import evaluate_task
+    from stepwise.recipe import load_recipe
+    from tests.conftest import REPO
+
+    recipe = load_recipe(REPO / "examples" / "nl2dsl" / "recipe.yaml")
+    recipe.eval.task.bootstrap = 50
+    mapping = {"properties": {"status": {"type": "keyword"}}}
+    rows = [
+        {"id": "1", "input": {"question": "pending ones", "mapping": mapping},
+         "gold": {"query": {"term": {"status": {"value": "pending"}}}}},
+        {"id": "2", "input": {"question": "active ones", "mapping": mapping},
+         "gold": {"query": {"term": {"status": "active"}}}},
+        {"id": "3", "input": {"question": "broken", "mapping": mapping}, "gold": {"query": {"match_all": {}}}},
+    ]
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report, preds = evaluate_task(recipe, resolve_model(f"openai:s@http://127.0.0.1:{server.server_port}/v1"), rows)
+    finally:
+        server.shutdown()
+    m = report["metrics"]
+    assert report["task_type"] == "structured" and report["canonicalisation"] == "dsl"
+    assert m["json_valid"]["value"] == pytest.approx(2 / 3)
+    if report["schema_validator"].startswith("curation."):
+        assert m["schema_valid"]["value"] == pytest.approx(1 / 3)
+        assert preds[1]["schema_errors"] and "bogus" in preds[1]["schema_errors"][0]
+    assert m["exact_match"]["value"] == pytest.approx(1 / 3)  # shorthand term == long-form term
+    assert preds[2]["parse_status"] == "invalid_json" and preds[2]["partial_f1"] == 0.0
+
+
+def test_in_domain_from_general_rows(write_recipe, tmp_path):
+    from evals.runner import in_domain_benchmarks
+    from stepwise.recipe import load_recipe
+    from stepwise.rundir import create_run
+
+    recipe = load_recipe(write_recipe())
+    run = create_run(recipe, tmp_path / "run")
+    (run.path / "curate").mkdir()
+    rows = [{"id": "a", "input": {"text": "x"}, "split": "train"},
+            {"id": "general:gsm8k_train/train.jsonl:3", "input": None, "split": "train",
+             "general": {"file": "/data/general/gsm8k_train/train.jsonl", "line": 3}}]
+    (run.path / "curate" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert in_domain_benchmarks(recipe, run) == {"gsm8k"}
+    (run.path / "curate" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert in_domain_benchmarks(recipe, run) == set()

@@ -1,0 +1,132 @@
+"""Benchmark: the forgetting eval on SmolLM2-135M-Instruct, `stepwise eval` vs lm-eval's own CLI.
+
+For each MMLU subset size (default 100 and 500 questions, the bundled deterministic subset), runs
+  (a) `lm_eval --model hf --include_path <rendered tasks> --tasks stepwise_mmlu ...` (the harness CLI),
+  (b) `stepwise eval <recipe> --run-dir <run> --model smollm2-135m-instruct --skip-task` (ours;
+      the base model is both "before" and "after", so the second pass is served from the cache),
+each in a fresh process with the same model, task YAML, batch size and device, alternating the
+order across repeats; reports wall time and accuracy of both (they must agree: same harness).
+Extra `--accuracy-benchmarks` are run once through stepwise for SmolLM2-135M's measured scores.
+
+Usage: .venv/bin/python benchmarks/bench_eval.py [--sizes 100 500] [--repeats 1] [--out bench_eval.json]
+Not a test: it takes minutes on CPU. Results go into BENCHMARKS.md (## Evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def _recipe(root: Path, benchmarks: list[str], n: int, batch_size: int, device: str) -> Path:
+    raw = yaml.safe_load((REPO / "examples" / "support-tickets" / "recipe.yaml").read_text())
+    raw["data"]["inputs"] = str(REPO / "examples" / "support-tickets" / "data" / "tickets.jsonl")
+    raw["data"]["test_file"] = str(REPO / "examples" / "support-tickets" / "data" / "test.jsonl")
+    raw["task"]["classes"] = str(REPO / "examples" / "support-tickets" / "data" / "labels.json")
+    raw["eval"] = {"forgetting": {"benchmarks": benchmarks, "subset_size": n, "batch_size": batch_size,
+                                  "device": device}}
+    path = root / f"recipe-{'-'.join(benchmarks)}-{n}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_stepwise(root: Path, benchmarks: list[str], n: int, batch_size: int, device: str, tag: str) -> dict:
+    recipe = _recipe(root, benchmarks, n, batch_size, device)
+    run_dir = root / "runs" / f"{tag}"
+    started = time.time()
+    proc = subprocess.run([str(BIN / "stepwise"), "eval", str(recipe), "--run-dir", str(run_dir), "--model",
+                           "smollm2-135m-instruct", "--skip-task"], env=ENV, capture_output=True, text=True)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"stepwise eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rep = json.loads((run_dir / "eval" / "forgetting.json").read_text())
+    return {"wall_s": round(wall, 2), "accuracy": {b: r["before"]["value"] for b, r in rep["benchmarks"].items()},
+            "ci": {b: [r["before"]["ci_low"], r["before"]["ci_high"]] for b, r in rep["benchmarks"].items()},
+            "lm_eval_wall_s": {b: r["before_wall_s"] for b, r in rep["lm_eval"]["runs"].items()},
+            "task_dir": rep["lm_eval"]["task_dir"]}
+
+
+def run_cli(task_dir: str, n: int, batch_size: int, device: str, out: Path) -> dict:
+    from stepwise.models import resolve_model_dir
+
+    model = resolve_model_dir("smollm2-135m-instruct")
+    cmd = [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model},dtype=auto",
+           "--tasks", "stepwise_mmlu", "--include_path", task_dir, "--batch_size", str(batch_size),
+           "--device", device, "--output_path", str(out)]
+    started = time.time()
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"lm_eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    results = sorted(out.rglob("results_*.json"))[-1]
+    acc = json.loads(results.read_text())["results"]["stepwise_mmlu"]["acc,none"]
+    return {"wall_s": round(wall, 2), "accuracy": {"mmlu": acc}, "cmd": " ".join(cmd)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--accuracy-benchmarks", nargs="*", default=["arc_easy", "arc_challenge", "hellaswag",
+                                                                  "truthfulqa_mc1"])
+    ap.add_argument("--accuracy-size", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "bench_eval.json")
+    args = ap.parse_args()
+    import torch
+
+    meta = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg_start": os.getloadavg(), "device": args.device, "batch_size": args.batch_size}
+    results: dict = {"meta": meta, "mmlu": [], "accuracy": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        root = Path(tmp)
+        for n in args.sizes:
+            for rep in range(args.repeats):
+                order = ["cli", "stepwise"] if (rep + n) % 2 == 0 else ["stepwise", "cli"]
+                row: dict = {"n": n, "repeat": rep, "order": order}
+                task_dir = None
+                for who in order:
+                    if who == "stepwise":
+                        row["stepwise"] = run_stepwise(root, ["mmlu"], n, args.batch_size, args.device, f"mmlu-{n}-{rep}")
+                        task_dir = row["stepwise"]["task_dir"]
+                    else:
+                        if task_dir is None:  # render the same task YAML + subset without running a model
+                            from evals.benchmarks import prepare_tasks
+
+                            prep_dir = root / f"prep-{n}-{rep}"
+                            prepare_tasks(["mmlu"], n, 0, prep_dir)
+                            task_dir = str(prep_dir / "tasks")
+                        row["cli"] = run_cli(task_dir, n, args.batch_size, args.device, root / f"cli-{n}-{rep}")
+                row["loadavg"] = os.getloadavg()
+                print(json.dumps(row), flush=True)
+                results["mmlu"].append(row)
+        if args.accuracy_benchmarks:
+            acc = run_stepwise(root, args.accuracy_benchmarks, args.accuracy_size, args.batch_size, args.device, "acc")
+            results["accuracy"] = {"n": args.accuracy_size, **acc}
+            print(json.dumps(results["accuracy"]), flush=True)
+    meta["loadavg_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Real-model evals test: SmolLM2-135M-Instruct before and after a few LoRA steps (made here with
+peft, no Axolotl), real lm-eval runs on two bundled benchmarks, `stepwise eval` end to end, the
+gate's exit-code contract on a constructed drop, the contamination refusal, and `stepwise compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = REPO / "examples" / "support-tickets"
+N_QUESTIONS = 25
+N_TEST = 8
+
+
+def _app() -> typer.Typer:
+    from evals.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps typer in multi-command mode
+        pass
+
+    return app
+
+
+def _train_adapter(base_dir: Path, out: Path, task, rows: list[dict], steps: int = 3) -> None:
+    """A few LoRA steps on chat examples (the student format), saved as an adapter dir."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.student import training_examples
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    texts = []
+    for r in rows:
+        for _, messages in training_examples(task, r["input"], None, r["gold"], "multitask"):
+            texts.append(tok.apply_chat_template(messages, tokenize=False))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for step in range(steps):
+        batch = tok(texts[step * 2:(step + 1) * 2] or texts[:2], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id, resolved offline
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A run of the support-tickets example with curated splits and a trained adapter."""
+    from stepwise.models import resolve_model_dir
+    from stepwise.recipe import load_recipe
+    from stepwise.rundir import create_run
+
+    root = tmp_path_factory.mktemp("evals_real")
+    shutil.copytree(EXAMPLE / "data", root / "data")
+    raw = yaml.safe_load((EXAMPLE / "recipe.yaml").read_text())
+    raw["eval"] = {
+        "task": {"max_new_tokens": 12, "batch_size": 8, "bootstrap": 200, "limit": N_TEST, "device": "cpu"},
+        "forgetting": {"benchmarks": ["mmlu", "arc_easy"], "subset_size": N_QUESTIONS, "max_drop": 1.0,
+                       "batch_size": 8, "device": "cpu"},
+    }
+    recipe_path = root / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    recipe = load_recipe(recipe_path)
+    run = create_run(recipe, root / "runs" / "a")
+    test = [json.loads(line) for line in (root / "data" / "test.jsonl").read_text().splitlines() if line.strip()]
+    train = [json.loads(line) for line in (root / "data" / "tickets.jsonl").read_text().splitlines() if line.strip()]
+    cur = run.path / "curate"
+    cur.mkdir()
+    (cur / "test.jsonl").write_text("".join(
+        json.dumps({"id": r["id"], "input": {"text": r["text"]}, "gold": r["label"]}) + "\n" for r in test))
+    train_rows = [{"id": r["id"], "input": {"text": r["text"]}, "gold": r["label"], "label": r["label"],
+                   "split": "train"} for r in train[:40]]
+    (cur / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    _train_adapter(resolve_model_dir("smollm2-135m-instruct"), run.path / "train" / "lora-r8", recipe.task,
+                   train_rows[:8])
+    return {"root": root, "recipe": recipe_path, "run": run.path}
+
+
+def test_stepwise_eval_real_lm_eval(setup):
+    runner = CliRunner()
+    started = time.time()
+    res = runner.invoke(_app(), ["eval", str(setup["recipe"]), "--run-dir", str(setup["run"])])
+    first_wall = time.time() - started
+    assert res.exit_code == 0, res.output + str(res.exception)
+    ev = setup["run"] / "eval"
+    task = json.loads((ev / "task.json").read_text())
+    assert task["task_type"] == "classification" and task["n"] == N_TEST
+    for k in ("accuracy", "macro_f1", "invalid_rate"):
+        m = task["metrics"][k]
+        assert m["value"] is not None and m["ci_low"] <= m["value"] <= m["ci_high"]
+    assert set(task["per_class"]) == set(json.loads((setup["root"] / "data" / "labels.json").read_text()))
+    assert len(task["confusion"]["matrix"]) == 6 and task["contamination"]["overlaps"] == 0
+    assert task["model_info"]["kind"] == "adapter" and task["model_info"]["parameters"]["trainable"] > 0
+    assert len((ev / "task_predictions.jsonl").read_text().splitlines()) == N_TEST
+
+    forg = json.loads((ev / "forgetting.json").read_text())
+    assert set(forg["benchmarks"]) == {"mmlu", "arc_easy"}
+    for name, r in forg["benchmarks"].items():
+        assert r["n"] == N_QUESTIONS, name
+        assert 0 <= r["before"]["value"] <= 1 and 0 <= r["after"]["value"] <= 1
+        # our per-item means are lm-eval's own aggregate
+        assert r["before"]["value"] == pytest.approx(r["lm_eval_value"]["before"])
+        assert r["after"]["value"] == pytest.approx(r["lm_eval_value"]["after"])
+        assert r["delta"] == pytest.approx(r["after"]["value"] - r["before"]["value"])
+        assert r["delta_ci"][0] <= r["delta"] <= r["delta_ci"][1]
+    assert forg["gate"]["passed"] and forg["base"] == "smollm2-135m-instruct"
+    manifest = json.loads((setup["run"] / "manifest.json").read_text())
+    assert manifest["stages"]["eval"]["status"] == "done"
+    assert {o["path"] for o in manifest["stages"]["eval"]["outputs"]} >= {"eval/task.json", "eval/forgetting.json"}
+
+    # a rerun of the forgetting eval is served from the run's cache
+    started = time.time()
+    res = runner.invoke(_app(), ["eval", str(setup["recipe"]), "--run-dir", str(setup["run"]), "--skip-task"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((ev / "forgetting.json").read_text())
+    assert all(r["before_cached"] and r["after_cached"] for r in again["lm_eval"]["runs"].values())
+    assert time.time() - started < first_wall
+
+
+def test_gate_exit_code_on_constructed_drop(setup):
+    """Doctor the cached "after" scores into a drop: the gate fails, exit 4, mitigations printed."""
+    test_stepwise_eval_real_lm_eval_ran = (setup["run"] / "eval" / "forgetting.json").exists()
+    if not test_stepwise_eval_real_lm_eval_ran:
+        pytest.skip("needs the real run first")
+    cache = setup["run"] / "eval" / "forgetting" / "cache"
+    from evals.modelref import resolve_model
+
+    base_label = resolve_model("smollm2-135m-instruct").label
+    doctored = 0
+    for p in cache.glob("*.json"):
+        data = json.loads(p.read_text())
+        if data["model"] != base_label and data["benchmark"] == "arc_easy":
+            data["items"] = [0.0] * len(data["items"])
+            p.write_text(json.dumps(data))
+            doctored += 1
+    assert doctored == 1
+    strict = setup["root"] / "strict.yaml"
+    raw = yaml.safe_load(setup["recipe"].read_text())
+    raw["eval"]["forgetting"]["max_drop"] = 0.05
+    strict.write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = CliRunner().invoke(_app(), ["eval", str(strict), "--run-dir", str(setup["run"]), "--skip-task"])
+    assert res.exit_code == 4, res.output
+    assert "gate FAILED" in res.output and "general-domain" in res.output and "LoRA" in res.output
+    forg = json.loads((setup["run"] / "eval" / "forgetting.json").read_text())
+    assert forg["gate"]["failed"] == ["arc_easy"] and forg["benchmarks"]["arc_easy"]["after"]["value"] == 0.0
+    from stepwise.cli import EXIT_GATE_FAILED
+
+    assert EXIT_GATE_FAILED == 4
+
+
+def test_contamination_refusal_exit_2(setup, tmp_path):
+    run2 = tmp_path / "contaminated"
+    shutil.copytree(setup["run"], run2, ignore=shutil.ignore_patterns("eval"))
+    test_row = json.loads((run2 / "curate" / "test.jsonl").read_text().splitlines()[0])
+    with (run2 / "curate" / "train.jsonl").open("a") as fh:
+        fh.write(json.dumps({"id": "leak", "input": test_row["input"], "split": "train"}) + "\n")
+    res = CliRunner().invoke(_app(), ["eval", str(setup["recipe"]), "--run-dir", str(run2), "--skip-forgetting"])
+    assert res.exit_code == 2, res.output
+    assert "refusing to report task metrics" in res.output
+    assert not (run2 / "eval" / "task.json").exists()
+
+
+def test_compare_real_runs(setup, tmp_path):
+    ev = setup["run"] / "eval"
+    if not (ev / "task.json").exists():
+        pytest.skip("needs the real run first")
+    other = tmp_path / "b"
+    shutil.copytree(setup["run"], other)
+    res = CliRunner().invoke(_app(), ["compare", str(setup["run"]), str(other), "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert len(data["table"]) == 2 and data["runs"][1]["vs_first"]["delta"] == 0.0
+    assert (tmp_path / "cmp" / "compare.svg").read_text().startswith("<svg")
+    assert "accuracy" in (tmp_path / "cmp" / "compare.md").read_text()
