@@ -160,6 +160,8 @@ def forgetting_report(
             "lost": diff.get("lost"), "gained": diff.get("gained"),
             "significant": bool(diff["delta_ci"][0] is not None and (diff["delta_ci"][0] > 0 or diff["delta_ci"][1] < 0)),
             "drop": drop, "exceeds_max_drop": exceeds, "in_domain": name in in_domain,
+            # aliases read by stepwise.report
+            "abs_change": diff["delta"], "rel_change": diff["relative"], "failed": exceeds,
             "lm_eval_value": {"before": b["value"], "after": a["value"]},
         }
     passed = not failed

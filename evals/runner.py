@@ -12,7 +12,13 @@ from typing import Any
 from evals.benchmarks import prepare_tasks
 from evals.forgetting import default_device, evaluate_model, forgetting_report
 from evals.modelref import ModelRef, count_parameters, newest_trained_model, resolve_model
-from evals.task_eval import check_contamination, evaluate_task, load_test_rows, predictions_path
+from evals.task_eval import (
+    HEADLINE_TASK,
+    check_contamination,
+    evaluate_task,
+    load_test_rows,
+    predictions_path,
+)
 from stepwise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
@@ -105,6 +111,8 @@ def run_eval(
                                               progress=bar.advance if bar else None)
                 if bar:
                     bar.close()
+                report["headline"] = {k: report["metrics"][k] for k in HEADLINE_TASK[report["task_type"]]
+                                      if k in report["metrics"]}
                 report.update(model_info=model_info, contamination=contamination, recipe=recipe.name,
                               run=str(run.path), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 atomic_write_jsonl(predictions_path(eval_dir), preds)
