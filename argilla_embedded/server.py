@@ -9,6 +9,7 @@ Python. Layout of the state dir (default `<repo>/.state/argilla`, or `$STEPWISE_
     logs/            server.log, worker.log, redis.log, admin.log
     server.json      pids, ports, URL and search engine of the running server
     credentials.json the owner's username, password and API key (mode 0600)
+    auth_secret      the key signing UI session tokens (mode 0600)
 
 `serve()` starts whatever is not running (so after a crash it restarts only the dead parts, on
 the same ports) and returns once `/api/v1/status` answers; a second call reuses the running one.
@@ -107,8 +108,11 @@ def pid_alive(pid: int | None, marker: str | None = None) -> bool:
 
 
 class EmbeddedServer:
-    def __init__(self, state_dir: Path | str | None = None):
+    def __init__(self, state_dir: Path | str | None = None, web_workers: int | None = None):
         self.state = Path(state_dir) if state_dir else default_state_dir()
+        # Web worker processes: the server's per-request work is CPU-bound Python (ORM, validation);
+        # two processes use two cores, SQLite (WAL) serialises only the commits.
+        self.web_workers = web_workers or int(os.environ.get("STEPWISE_ARGILLA_WEB_WORKERS", "2"))
         self.home = self.state / "home"
         self.redis_dir = self.state / "redis"
         self.logs = self.state / "logs"
@@ -155,6 +159,16 @@ class EmbeddedServer:
         os.chmod(self.credentials_path, 0o600)
         return creds
 
+    def _secret_key(self) -> str:
+        """The key that signs UI session tokens: one per state dir (0600), so every web worker and
+        every restart accept the same logins."""
+        path = self.state / "auth_secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
     def _env(self, info: ServerInfo, process: str) -> dict[str, str]:
         tmp = self.state / "tmp" / process
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +183,7 @@ class EmbeddedServer:
             HF_HUB_OFFLINE="1",
             STEPWISE_ARGILLA_INDEX=str(self.home / "search-index.sqlite"),
             ARGILLA_DATABASE_SQLITE_TIMEOUT="60",
+            ARGILLA_AUTH_SECRET_KEY=self._secret_key(),
         )
         if info.search_engine == "embedded":
             env["ARGILLA_SEARCH_ENGINE"] = ENGINE_NAME
@@ -286,6 +301,7 @@ class EmbeddedServer:
                 argv = [
                     str(py), "-m", "uvicorn", "argilla_embedded.asgi:app", "--host", info.host, "--port", str(info.port),
                     "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5",
+                    "--workers", str(self.web_workers),
                 ]
                 info.pids["server"] = self._spawn("server", argv, self._env(info, "server"))
             info.started = time.time()

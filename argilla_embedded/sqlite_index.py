@@ -814,6 +814,18 @@ class SqliteIndex:
         out.update({s: n for s, n in rows})
         return out
 
+    def consistency_counts(self, dataset_id: str) -> dict[str, dict[str, int]]:
+        """Records per status and responses per status, to compare with the server's database."""
+        with self._read() as c:
+            self._dataset(c, dataset_id)
+            recs = c.execute(
+                "SELECT COALESCE(status, 'None'), COUNT(*) FROM records WHERE dataset_id = ? GROUP BY status", (dataset_id,)
+            ).fetchall()
+            resps = c.execute(
+                "SELECT COALESCE(status, 'None'), COUNT(*) FROM resp WHERE dataset_id = ? GROUP BY status", (dataset_id,)
+            ).fetchall()
+        return {"records": dict(recs), "responses": dict(resps)}
+
     def count(self, dataset_id: str) -> int:
         with self._read() as c:
             return c.execute("SELECT COUNT(*) FROM records WHERE dataset_id = ?", (dataset_id,)).fetchone()[0]
