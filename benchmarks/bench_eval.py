@@ -50,6 +50,7 @@ def _recipe(root: Path, benchmarks: list[str], n: int, batch_size: int, device: 
 def run_stepwise(root: Path, benchmarks: list[str], n: int, batch_size: int, device: str, tag: str) -> dict:
     recipe = _recipe(root, benchmarks, n, batch_size, device)
     run_dir = root / "runs" / f"{tag}"
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     proc = subprocess.run([str(BIN / "stepwise"), "eval", str(recipe), "--run-dir", str(run_dir), "--model",
                            "smollm2-135m-instruct", "--skip-task"], env=ENV, capture_output=True, text=True)
@@ -116,9 +117,11 @@ def main() -> None:
                             prepare_tasks(["mmlu"], n, 0, prep_dir)
                             task_dir = str(prep_dir / "tasks")
                         row["cli"] = run_cli(task_dir, n, args.batch_size, args.device, root / f"cli-{n}-{rep}")
+                    print(json.dumps({who: row[who]}), flush=True)
                 row["loadavg"] = os.getloadavg()
                 print(json.dumps(row), flush=True)
                 results["mmlu"].append(row)
+                args.out.write_text(json.dumps(results, indent=2))
         if args.accuracy_benchmarks:
             acc = run_stepwise(root, args.accuracy_benchmarks, args.accuracy_size, args.batch_size, args.device, "acc")
             results["accuracy"] = {"n": args.accuracy_size, **acc}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.training_fixtures import make_run
 from training.bundled import bundled_configs
 from training.checks import check_config
 from training.configgen import apply_cpu_profile, epochs_for, generate_configs, sweep_points, write_configs
+from training.testing import make_run
 
 REPO = Path(__file__).resolve().parent.parent
 

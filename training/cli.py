@@ -101,11 +101,14 @@ def plan_cmd(
 
     out = Console()
     if seeds_table:
-        table = Table("model", "modality", "seeds GB", "planner GB", "diff", "agrees", "note")
-        for row in compare_with_seed_table():
+        table = Table("model", "modality", "seeds GB", "planner GB", "diff", "agrees", "#")
+        rows = compare_with_seed_table()
+        for i, row in enumerate(rows, start=1):
             table.add_row(row.model, row.modality, f"{row.table_gb:g}", f"{row.planner_gb:.1f}", f"{row.rel_diff:+.1%}",
-                          f"yes (±{SEED_TOLERANCE[row.modality]:.0%})" if row.within else "[yellow]no[/yellow]", row.note)
+                          f"yes (±{SEED_TOLERANCE[row.modality]:.0%})" if row.within else "[yellow]no[/yellow]", str(i))
         out.print(table)
+        for i, row in enumerate(rows, start=1):
+            out.print(f"{i:>2}. {row.model} {row.modality}: {row.note}", highlight=False, soft_wrap=True)
         return
     if model is None:
         console.print("[red]error[/red] --model is required (or --seeds-table)")
@@ -118,7 +121,7 @@ def plan_cmd(
     out.print(shape.describe())
     default_opt = {"full": "adamw_torch", "lora": "adamw_torch", "qlora": "paged_adamw_8bit"}
     estimates = {}
-    table = Table("modality", "peak GB/GPU", "fits", "trainable", "weights", "grads+optim", "activations+logits", "notes")
+    table = Table("modality", "peak GB/GPU", "fits", "trainable", "weights", "grads+optim", "activations+logits")
     for m in ("full", "lora", "qlora"):
         plan = PlanInput(modality=m, lora_r=lora_r, lora_target=target, optimizer=optimizer or default_opt[m],
                          sequence_len=seq, micro_batch_size=micro_batch, gradient_checkpointing=not no_checkpointing,
@@ -128,12 +131,14 @@ def plan_cmd(
         p = est.parts
         table.add_row(m, f"{est.total_gb:.2f}", "[green]yes[/green]" if est.fits(gpu_memory) else "[red]no[/red]",
                       f"{est.trainable_params / 1e6:,.1f}M", f"{(p['weights'] + p['adapters']) / 1e9:.2f}",
-                      f"{(p['gradients'] + p['optimizer']) / 1e9:.2f}", f"{(p['activations'] + p['logits']) / 1e9:.2f}",
-                      "; ".join(est.notes))
+                      f"{(p['gradients'] + p['optimizer']) / 1e9:.2f}", f"{(p['activations'] + p['logits']) / 1e9:.2f}")
     out.print(table)
+    for m, est in estimates.items():
+        for note in est.notes:
+            out.print(f"{m}: {note}", highlight=False, soft_wrap=True)
     pick, why = choose_modality(estimates, gpu_memory)
     gpus = f"{num_gpus} x {gpu_memory:g} GB" if num_gpus > 1 else f"{gpu_memory:g} GB"
-    out.print(f"On {gpus} (seq {seq}, micro batch {micro_batch}): [bold]{pick}[/bold]: {why}")
+    out.print(f"On {gpus} (seq {seq}, micro batch {micro_batch}): [bold]{pick}[/bold] ({why})")
 
 
 def train_cmd(

@@ -49,6 +49,8 @@ CPU_OVERRIDES: dict[str, Any] = {
     "bf16": False, "fp16": False, "tf32": False, "attn_implementation": "sdpa",
     "sample_packing": False, "eval_sample_packing": False, "pad_to_sequence_len": False,
     "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
+    # Worker processes re-import torch/axolotl (tens of seconds each on a small CPU box) for a few rows.
+    "dataloader_num_workers": 0, "dataloader_pin_memory": False, "dataset_num_proc": 1,
 }
 
 
@@ -120,7 +122,8 @@ def fsdp_settings(shape: ModelShape | None) -> dict[str, Any]:
 
 def apply_cpu_profile(cfg: dict[str, Any], local_model_dir: str | None = None) -> dict[str, Any]:
     """The CPU overrides: no bf16/fp16/tf32, no flash attention or packing, no fused LoRA kernels,
-    no paged/8-bit optimizers (they need CUDA), no DeepSpeed/FSDP, the local model dir (offline)."""
+    no paged/8-bit optimizers (they need CUDA), no DeepSpeed/FSDP, no dataloader/dataset worker
+    processes, the local model dir (offline)."""
     out = dict(cfg)
     out.update(CPU_OVERRIDES)
     out.pop("flash_attention", None)

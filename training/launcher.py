@@ -3,8 +3,8 @@
 The config is checked (training.checks), then a resolved copy is written to
 `<run>/train/<config-name>/axolotl.yaml`: dataset paths made absolute, `output_dir` and
 `dataset_prepared_path` inside the run, the CPU profile applied with `--cpu`, `max_steps` with
-`--max-steps`. Axolotl runs as `python -m axolotl.cli.preprocess` then `python -m axolotl.cli.train`
-(or `accelerate launch --num_processes N -m axolotl.cli.train` when several GPUs are visible), with
+`--max-steps`. Axolotl runs its own entry points, preprocess then train (`axolotl_cmd`), or
+`accelerate launch --num_processes N -m axolotl.cli.train` when several GPUs are visible, with
 the offline environment. Output goes to `preprocess.log` / `train.log`; the loss lines Axolotl's
 trainer prints are parsed into `loss.csv` as they arrive, and the stage is recorded in the run's
 manifest (`train`, inputs: data + config; outputs: loss.csv, the model/adapter files).
@@ -55,6 +55,19 @@ class TrainResult:
     @property
     def train_losses(self) -> list[float]:
         return [r["loss"] for r in self.losses if r["kind"] == "train"]
+
+
+def axolotl_cmd(command: str, config: Path, *args: str) -> list[str]:
+    """`python -m axolotl.cli.<command> <config>`, run as `python -c` with the same entry point.
+
+    Why not `-m`: datasets 4.x saves every prepared split through a `spawn` multiprocessing pool
+    (even with num_proc=1), and a spawned child re-imports the parent's `__main__` module; under
+    `-m axolotl.cli.preprocess` that is all of torch + axolotl again, tens of seconds per split on a
+    small CPU box. A `-c` main has no module to re-import, so the children start in about a second.
+    """
+    module = {"merge-lora": "merge_lora"}.get(command, command)
+    code = f"import fire; from axolotl.cli.{module} import do_cli; fire.Fire(do_cli)"
+    return [sys.executable, "-c", code, str(config), *args]
 
 
 def visible_gpus() -> int:
@@ -175,12 +188,11 @@ def train(
     env.update(OFFLINE_ENV)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     gpus = 0 if cpu else visible_gpus()
-    py = [sys.executable, "-m"]
     if gpus > 1:
-        train_cmd = py + ["accelerate.commands.launch", "--num_processes", str(gpus), "-m", "axolotl.cli.train",
-                          str(resolved_path)]
+        train_cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m",
+                     "axolotl.cli.train", str(resolved_path)]
     else:
-        train_cmd = py + ["axolotl.cli.train", str(resolved_path)]
+        train_cmd = axolotl_cmd("train", resolved_path)
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
 
@@ -194,7 +206,7 @@ def train(
     with run.stage("train", inputs=[*data_files, config_path], params={"config": name, "cpu": cpu,
                                                                        "max_steps": max_steps}) as st:
         emit("phase", "preprocess")
-        rc = _run(py + ["axolotl.cli.preprocess", str(resolved_path)], out_dir / "preprocess.log", env,
+        rc = _run(axolotl_cmd("preprocess", resolved_path), out_dir / "preprocess.log", env,
                   lambda line: emit("log", line))
         if rc != 0:
             raise TrainError(f"axolotl preprocess failed (exit {rc}); see {out_dir / 'preprocess.log'}")
@@ -236,7 +248,7 @@ def merge_lora(resolved_config: Path, *, adapter_dir: Path | None = None, log_pa
     adapter_dir = adapter_dir or out_dir
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
-    cmd = [sys.executable, "-m", "axolotl.cli.merge_lora", str(resolved_config), f"--lora-model-dir={adapter_dir}"]
+    cmd = axolotl_cmd("merge-lora", resolved_config, f"--lora-model-dir={adapter_dir}")
     rc = _run(cmd, log_path or out_dir / "merge.log", env, None)
     merged = out_dir / "merged"
     if rc != 0 or not (merged / "config.json").exists():

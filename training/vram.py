@@ -272,7 +272,9 @@ def compare_with_seed_table() -> list[SeedRow]:
                             f"({weights_gb:.1f} GB for {shape.total_params / 1e9:.1f}B params), so it cannot hold "
                             "under its stated BF16 assumption")
                 else:
-                    fixed = lambda e: sum(e.parts[k] for k in ("weights", "adapters", "gradients", "optimizer")) / GB  # noqa: E731
+                    def fixed(e: Estimate) -> float:
+                        return sum(e.parts[k] for k in ("weights", "adapters", "gradients", "optimizer")) / GB
+
                     room = table_gb - fixed(est)
                     big = max(SEED_TABLE, key=lambda m: SEED_TABLE[m][modality])
                     big_est = estimate(resolve_shape(big), SEED_ASSUMPTIONS[modality])

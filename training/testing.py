@@ -1,4 +1,4 @@
-"""Small exported runs for the training tests: a recipe plus chat JSONL written with the student format."""
+"""Test helpers: a small recipe and an exported run (chat JSONL written with the student format)."""
 
 from __future__ import annotations
 
