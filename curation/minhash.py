@@ -34,7 +34,7 @@ _U64 = np.uint64
 _MIX = _U64(0x9E3779B97F4A7C15)  # golden-ratio odd constant for combining tokens into shingles
 _FM1, _FM2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 _MAX32 = np.uint32(0xFFFFFFFF)
-GROUP_ALL_PAIRS = 64  # buckets larger than this emit star pairs (to the first member) only
+GROUP_ALL_PAIRS = 2048  # buckets larger than this emit star pairs (to the first member) only
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -341,32 +341,35 @@ def recall_bands(threshold: float, num_perm: int, target: float = 0.99) -> tuple
 
 
 def band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Candidate pairs (i < j) sharing at least one band, as an (m, 2) int64 array (numpy banding)."""
+    """Candidate pairs (i < j) sharing at least one band, as an (m, 2) int64 array (numpy banding).
+
+    Every pair inside a bucket is emitted up to GROUP_ALL_PAIRS members; a larger bucket (mass
+    duplication) emits star pairs to its first member, which keeps memory bounded and still
+    connects every member to a representative.
+    """
     n = sig.shape[0]
-    valid = ~(sig == _MAX32).all(axis=1)
-    found: list[np.ndarray] = []
+    idx = np.flatnonzero(~(sig == _MAX32).all(axis=1))
+    codes = np.zeros(0, dtype=np.int64)
     with np.errstate(over="ignore"):
         for k in range(bands):
-            block = sig[:, k * rows : (k + 1) * rows].astype(_U64)
-            h = np.zeros(n, dtype=_U64)
+            block = sig[idx, k * rows : (k + 1) * rows].astype(_U64)
+            h = np.zeros(idx.size, dtype=_U64)
             for c in range(rows):
-                h = (h ^ block[:, c]) * _MIX
+                h ^= block[:, c]
+                h *= _MIX
             h = _fmix64(h)
-            idx = np.flatnonzero(valid)
-            hv = h[idx]
-            order = np.argsort(hv, kind="stable")
-            hs, ids = hv[order], idx[order]
+            order = np.argsort(h, kind="stable")
+            hs, ids = h[order], idx[order]
             if hs.size < 2:
                 continue
             brk = np.flatnonzero(hs[1:] != hs[:-1]) + 1
             starts = np.concatenate([[0], brk])
             sizes = np.diff(np.concatenate([starts, [hs.size]]))
-            found.extend(_group_pairs(ids, starts, sizes))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found).astype(np.int64)
-    code = np.unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([code // n, code % n], axis=1)
+            found = _group_pairs(ids, starts, sizes)
+            if found:
+                pairs = np.concatenate(found).astype(np.int64)
+                codes = np.union1d(codes, pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([codes // n, codes % n], axis=1) if codes.size else np.zeros((0, 2), dtype=np.int64)
 
 
 def _group_pairs(ids: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:

@@ -228,3 +228,16 @@ def test_redis_index_lives_in_redis(redis_url):
     assert 0 in lsh.query(hasher.datasketch_minhash(sig[1]))
     drop_redis_index(lsh)
     assert client.dbsize() == 0
+
+
+def test_big_buckets_all_pairs_then_star(monkeypatch):
+    import curation.minhash as mh
+
+    texts = [TEXTS[0] + f" v{i % 2}" for i in range(30)]  # two groups of 15 identical signatures
+    hasher = MinHasher(64, 3)
+    sig, _ = hasher.signatures(texts)
+    b, r = recall_bands(0.8, 64)
+    assert len(band_pairs(sig, b, r)) == 30 * 29 // 2  # every pair (all 30 share most bands)
+    monkeypatch.setattr(mh, "GROUP_ALL_PAIRS", 8)
+    star = band_pairs(sig, b, r)
+    assert 29 <= len(star) < 30 * 29 // 2 and set(star[:, 0].tolist()) <= {0, 1}
