@@ -153,12 +153,23 @@ def train_cmd(
     from training.checks import check_config
     from training.launcher import TrainError, merge_lora, train
 
-    report = check_config(config, profile="cpu" if cpu else None)
-    if cpu:  # the CPU profile is applied at launch: drop the GPU-only complaints it fixes
-        from training.configgen import CPU_OVERRIDES
+    if cpu:  # check what will run: the config with the CPU profile applied
+        import yaml
 
-        fixed = set(CPU_OVERRIDES) | {"flash_attention", "optimizer", "deepspeed", "fsdp_config"}
-        report.problems = [p for p in report.problems if p.key not in fixed and "axolotl" not in p.message]
+        from training.checks import local_model_config_dir
+        from training.configgen import apply_cpu_profile
+
+        cfg = yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists() else None
+        if not isinstance(cfg, dict):
+            report = check_config(config)
+        else:
+            cfg = apply_cpu_profile(cfg, local_model_config_dir(str(cfg.get("base_model", ""))))
+            if max_steps:
+                cfg["max_steps"] = max_steps
+            report = check_config(cfg, profile="cpu")
+            report.label = f"{config} (cpu profile)"
+    else:
+        report = check_config(config)
     _print_report(report, quiet_ok=True)
     if not report.ok and not skip_checks:
         raise typer.Exit(EXIT_BAD_INPUT)
