@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from training.configgen import generate_configs, write_configs
-from training.launcher import merge_lora, parse_log_line, train
+from training.launcher import merge_lora, parse_log_line, train, train_command, visible_gpus
 from training.testing import make_run
 
 pytestmark = pytest.mark.slow
@@ -115,3 +115,16 @@ def test_parse_log_line():
     assert parse_log_line("{'train_runtime': '7.1', 'train_loss': '3.3'}", state) is None
     assert state["summary"]["train_loss"] == 3.3
     assert parse_log_line("100%|██| 2/2", state) is None
+
+
+def test_launch_commands(monkeypatch, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    one = train_command(cfg, 1)
+    assert one[1] == "-c" and "axolotl.cli.train import do_cli" in one[2] and one[3] == str(cfg)
+    many = train_command(cfg, 4)
+    assert many[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert many[-3:] == ["-m", "axolotl.cli.train", str(cfg)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert visible_gpus() == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == 0

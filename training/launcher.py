@@ -70,6 +70,15 @@ def axolotl_cmd(command: str, config: Path, *args: str) -> list[str]:
     return [sys.executable, "-c", code, str(config), *args]
 
 
+def train_command(config: Path, gpus: int) -> list[str]:
+    """One process, or `accelerate launch` with one process per visible GPU (DeepSpeed/FSDP come
+    from the config's own `deepspeed` / `fsdp_config` keys, which Axolotl hands to accelerate)."""
+    if gpus > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m",
+                "axolotl.cli.train", str(config)]
+    return axolotl_cmd("train", config)
+
+
 def visible_gpus() -> int:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
@@ -188,11 +197,7 @@ def train(
     env.update(OFFLINE_ENV)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     gpus = 0 if cpu else visible_gpus()
-    if gpus > 1:
-        train_cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m",
-                     "axolotl.cli.train", str(resolved_path)]
-    else:
-        train_cmd = axolotl_cmd("train", resolved_path)
+    train_cmd = train_command(resolved_path, gpus)
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
 
