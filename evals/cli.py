@@ -15,6 +15,8 @@ from rich.table import Table
 
 console = Console(stderr=True)
 out = Console()
+if not out.is_terminal:  # logs and pipes: don't squeeze tables into 80 columns
+    out = Console(width=200)
 
 
 def _fmt(v: Any, pct: bool = True) -> str:
@@ -109,7 +111,7 @@ def register(app: typer.Typer) -> None:
         try:
             run = resolve_run(r, run_dir, create=False)
             outcome = run_eval(r, run, model=model, base=base, skip_task=skip_task, skip_forgetting=skip_forgetting,
-                               log=lambda m: console.print(m, highlight=False), progress_factory=_Bar)
+                               log=lambda m: console.print(m, highlight=False, markup=False), progress_factory=_Bar)
         except ContaminationError as exc:
             console.print(f"[red]contamination[/red]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -58,6 +58,24 @@ def load_run(path: Path) -> dict[str, Any]:
     }
 
 
+def _train_dir(model_info: dict[str, Any]) -> Path | None:
+    p = model_info.get("path")
+    if not p:
+        return None
+    d = Path(p)
+    return d.parent if d.name == "merged" else d
+
+
+def _axolotl_facts(train_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(resolved axolotl.yaml, summary.json) that `stepwise train` leaves in the model's dir."""
+    if train_dir is None:
+        return {}, {}
+    cfg_path, summary_path = train_dir / "axolotl.yaml", train_dir / "summary.json"
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    summary = _load_json(summary_path) or {}
+    return cfg if isinstance(cfg, dict) else {}, summary
+
+
 def describe(run: dict[str, Any]) -> dict[str, Any]:
     """The facts of one run the table shows."""
     stages = run["manifest"].get("stages", {})
@@ -65,32 +83,42 @@ def describe(run: dict[str, Any]) -> dict[str, Any]:
     model_info = (run["task"] or run["forgetting"] or {}).get("model_info") or ev.get("model") or {}
     training = (run["recipe"].get("training") or {}) if isinstance(run["recipe"], dict) else {}
     teacher = (run["recipe"].get("teacher") or {}) if isinstance(run["recipe"], dict) else {}
-    modality = (train.get("modality") or (model_info.get("peft_type") and ("qlora" if "qlora" in str(model_info).lower()
-                                                                           else "lora"))
-                or training.get("modality") or ("full" if model_info.get("kind") == "hf" else None))
+    axo, summary = _axolotl_facts(_train_dir(model_info))
+    if axo:
+        modality = axo.get("adapter") or "full"
+        if modality == "lora" and (axo.get("load_in_4bit") or model_info.get("quantized")):
+            modality = "qlora"
+    elif model_info.get("peft_type"):
+        modality = "lora"
+    else:
+        modality = training.get("modality") or ("full" if model_info.get("kind") == "hf" else None)
     params = model_info.get("parameters") or {}
+    peak = _peak_mb(summary) or _peak_mb(train)
     return {
         "run": Path(run["path"]).name,
         "model": model_info.get("label"),
         "modality": modality,
-        "lora_r": model_info.get("r") or training.get("lora_r"),
-        "learning_rate": _find_number(train, "learning_rate") or training.get("learning_rate"),
+        "lora_r": axo.get("lora_r") or model_info.get("r") or training.get("lora_r"),
+        "learning_rate": axo.get("learning_rate") or training.get("learning_rate"),
         "dss_output": (run["task"] or {}).get("dss_output") or training.get("dss_output"),
         "teacher_format": teacher.get("format"),
-        "trainable_params": _find_number(train, "trainable") or params.get("trainable"),
+        "trainable_params": _find_number(summary, "trainable") or _find_number(train, "trainable")
+        or params.get("trainable"),
         "total_params": params.get("total"),
-        "peak_memory_mb": _peak_mb(train),
-        "train_wall_s": train.get("wall_s"),
+        "peak_memory_mb": peak,
+        "train_wall_s": summary.get("wall_s") or train.get("wall_s"),
         "eval_wall_s": ev.get("wall_s"),
     }
 
 
-def _peak_mb(train: dict[str, Any]) -> float | None:
-    mb = _find_number(train, "peak", "mb")
-    if mb is not None:
-        return mb
-    gb = _find_number(train, "peak", "gb") or _find_number(train, "peak", "gib")
-    return gb * 1024 if gb is not None else _find_number(train, "peak")
+def _peak_mb(d: dict[str, Any]) -> float | None:
+    """Peak memory in MB from a summary/manifest dict; 0 (CPU runs report no device memory) is None."""
+    mb = _find_number(d, "peak", "mb")
+    if mb is None:
+        gib = (_find_number(d, "max_allocated") or _find_number(d, "peak", "gb") or _find_number(d, "peak", "gib")
+               or _find_number(d, "max_active"))
+        mb = gib * 1024 if gib is not None else _find_number(d, "peak")
+    return mb or None
 
 
 def _paired_task(first: dict[str, Any], other: dict[str, Any], key: str, n_boot: int = 1000) -> dict[str, Any] | None:
