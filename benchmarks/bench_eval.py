@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,19 @@ sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 PY = sys.executable
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a command; (result, wall seconds, CPU seconds of the child). CPU time is the fairer
+    measure on a machine shared with other jobs."""
+    cpu0, started = _children_cpu(), time.time()
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    return proc, time.time() - started, _children_cpu() - cpu0
 BIN = Path(PY).parent
 
 
@@ -51,14 +65,12 @@ def run_stepwise(root: Path, benchmarks: list[str], n: int, batch_size: int, dev
     recipe = _recipe(root, benchmarks, n, batch_size, device)
     run_dir = root / "runs" / f"{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    proc = subprocess.run([str(BIN / "stepwise"), "eval", str(recipe), "--run-dir", str(run_dir), "--model",
-                           "smollm2-135m-instruct", "--skip-task"], env=ENV, capture_output=True, text=True)
-    wall = time.time() - started
+    proc, wall, cpu = timed([str(BIN / "stepwise"), "eval", str(recipe), "--run-dir", str(run_dir), "--model",
+                             "smollm2-135m-instruct", "--skip-task"])
     if proc.returncode != 0:
         raise RuntimeError(f"stepwise eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rep = json.loads((run_dir / "eval" / "forgetting.json").read_text())
-    return {"wall_s": round(wall, 2), "accuracy": {b: r["before"]["value"] for b, r in rep["benchmarks"].items()},
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "accuracy": {b: r["before"]["value"] for b, r in rep["benchmarks"].items()},
             "ci": {b: [r["before"]["ci_low"], r["before"]["ci_high"]] for b, r in rep["benchmarks"].items()},
             "lm_eval_wall_s": {b: r["before_wall_s"] for b, r in rep["lm_eval"]["runs"].items()},
             "task_dir": rep["lm_eval"]["task_dir"]}
@@ -71,14 +83,12 @@ def run_cli(task_dir: str, n: int, batch_size: int, device: str, out: Path) -> d
     cmd = [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model},dtype=auto",
            "--tasks", "stepwise_mmlu", "--include_path", task_dir, "--batch_size", str(batch_size),
            "--device", device, "--output_path", str(out)]
-    started = time.time()
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    wall = time.time() - started
+    proc, wall, cpu = timed(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"lm_eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     results = sorted(out.rglob("results_*.json"))[-1]
     acc = json.loads(results.read_text())["results"]["stepwise_mmlu"]["acc,none"]
-    return {"wall_s": round(wall, 2), "accuracy": {"mmlu": acc}, "cmd": " ".join(cmd)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "accuracy": {"mmlu": acc}, "cmd": " ".join(cmd)}
 
 
 def main() -> None:
@@ -102,7 +112,7 @@ def main() -> None:
         root = Path(tmp)
         for n in args.sizes:
             for rep in range(args.repeats):
-                order = ["cli", "stepwise"] if (rep + n) % 2 == 0 else ["stepwise", "cli"]
+                order = ["stepwise", "cli"] if (rep + n) % 2 == 0 else ["cli", "stepwise"]
                 row: dict = {"n": n, "repeat": rep, "order": order}
                 task_dir = None
                 for who in order:

@@ -260,3 +260,34 @@ def test_in_domain_from_general_rows(write_recipe, tmp_path):
     assert in_domain_benchmarks(recipe, run) == {"gsm8k"}
     (run.path / "curate" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert in_domain_benchmarks(recipe, run) == set()
+
+
+def test_all_task_yamls_load_in_lm_eval(tmp_path):
+    """Every bundled task builds in lm-eval (no model): docs, prompts, targets and choices."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    prepared = prepare_tasks(list(BENCHMARKS), 3, 0, tmp_path)
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    tasks = get_task_dict([t.benchmark.task for t in prepared], manager)
+    for t in prepared:
+        task = tasks[t.benchmark.task]
+        docs = list(task.eval_docs)
+        assert len(docs) == 3, t.benchmark.name
+        doc = docs[0]
+        assert task.doc_to_text(doc).strip()
+        target = task.doc_to_target(doc)
+        if t.benchmark.generative:
+            assert "####" in str(target)
+        else:
+            choices = task.doc_to_choice(doc)
+            assert len(choices) >= 2 and 0 <= int(target) < len(choices), t.benchmark.name
+
+
+def test_full_benchmark_data_dir(tmp_path):
+    from tests.conftest import SHARED_DATA
+
+    full = SHARED_DATA / "benchmarks"
+    if not full.exists():
+        pytest.skip("shared/data not present")
+    t = prepare_tasks(["arc_challenge"], None, 0, tmp_path, data_dir=full)[0]
+    assert t.n == t.available == 1172
