@@ -36,7 +36,9 @@ class EvalOutcome:
         return self.forgetting is None or self.forgetting["gate"]["passed"]
 
 
-def pick_models(recipe: Recipe, run: RunDir, model: str | None, base: str | None) -> tuple[ModelRef, ModelRef]:
+def pick_models(
+    recipe: Recipe, run: RunDir, model: str | None, base: str | None, *, need_base: bool = True,
+) -> tuple[ModelRef, ModelRef | None]:
     """(student, base): `--model` or the newest model under `<run>/train/`; base = `--base` or
     the recipe's `training.base_model`."""
     if model is None:
@@ -46,7 +48,7 @@ def pick_models(recipe: Recipe, run: RunDir, model: str | None, base: str | None
                 f"{run.path}/train/: no trained model yet; run `stepwise train` or pass `--model <dir|name>`")
         model = str(found)
     student = resolve_model(model, base_override=base)
-    base_ref = resolve_model(base or recipe.training.base_model)
+    base_ref = resolve_model(base or recipe.training.base_model) if need_base else None
     return student, base_ref
 
 
@@ -84,11 +86,13 @@ def run_eval(
     skip_forgetting: bool = False, log=print, progress_factory=None,
 ) -> EvalOutcome:
     eval_dir = run.stage_dir("eval")
-    student, base_ref = pick_models(recipe, run, model, base)
+    fspec = recipe.eval.forgetting
+    need_base = fspec.enabled and not skip_forgetting
+    student, base_ref = pick_models(recipe, run, model, base, need_base=need_base)
     outcome = EvalOutcome()
     test_path = run.path / "curate" / "test.jsonl"
     inputs = [p for p in (test_path,) if p.exists()]
-    params = {"model": student.identity(), "base": base_ref.identity(), "eval": recipe.eval.model_dump(),
+    params = {"model": student.identity(), "base": base_ref.identity() if base_ref else None, "eval": recipe.eval.model_dump(),
               "skip_task": skip_task, "skip_forgetting": skip_forgetting}
     with run.stage("eval", inputs=inputs, params=params) as st:
         model_info = {"label": student.label, "kind": student.kind, "spec": student.spec,
@@ -120,8 +124,7 @@ def run_eval(
                 outcome.task = report
                 outcome.outputs += [eval_dir / "task.json", predictions_path(eval_dir)]
         # -- forgetting --------------------------------------------------------------------------
-        fspec = recipe.eval.forgetting
-        if fspec.enabled and not skip_forgetting:
+        if need_base and base_ref is not None:
             if not student.is_local:
                 outcome.notes.append("forgetting eval skipped: it needs local weights (lm-eval loglikelihood), "
                                      "not an endpoint; pass the model dir with --model")
