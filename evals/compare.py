@@ -130,6 +130,18 @@ def _paired_task(first: dict[str, Any], other: dict[str, Any], key: str, n_boot:
     return paired_diff([a[i] for i in common], [b[i] for i in common], n_boot=n_boot)
 
 
+def _paired_forgetting(first: dict[str, Any], other: dict[str, Any], n_boot: int = 1000) -> dict[str, Any]:
+    """Per benchmark: the two students' "after" scores on the same questions."""
+    def by_bench(run: dict[str, Any]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for row in run["forgetting_items"]:
+            out.setdefault(row["benchmark"], []).append(float(row["after"]))
+        return out
+
+    a, b = by_bench(first), by_bench(other)
+    return {name: paired_diff(a[name], b[name], n_boot=n_boot) for name in a if name in b and len(a[name]) == len(b[name])}
+
+
 def compare_runs(paths: list[Path]) -> dict[str, Any]:
     runs = [load_run(p) for p in paths]
     benchmarks: list[str] = []
@@ -153,6 +165,7 @@ def compare_runs(paths: list[Path]) -> dict[str, Any]:
                                                            "exceeds_max_drop", "in_domain")} for b in forg},
             "gate": (r["forgetting"] or {}).get("gate", {}).get("passed"),
             "vs_first": _paired_task(runs[0], r, item_key) if i and r["predictions"] and runs[0]["predictions"] else None,
+            "forgetting_vs_first": _paired_forgetting(runs[0], r) if i else None,
         }
         entries.append(entry)
     columns = ["run", "model", "modality", "dss", main, second, *[f"Δ{b} (pts)" for b in benchmarks], "gate",
