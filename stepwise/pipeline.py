@@ -191,13 +191,14 @@ def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
 
 
 PIPELINE: list[Stage] = [
-    Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate, lambda o: o.offline),
+    # --offline only forbids new requests; it never changes outputs, so it is not in the fingerprint
+    Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate),
     Stage("curate", ("task", "data", "curation"), _curate_inputs, _curate),
     Stage("review", ("review",), _files("curate/train.jsonl", "curate/val.jsonl"), _review, lambda o: o.review),
     Stage("export", ("task", "training"), _files("review/reviewed.jsonl", "curate/train.jsonl", "curate/val.jsonl"),
           _export),
     Stage("configs", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl"), _configs),
-    Stage("train", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl"), _train,
+    Stage("train", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl", "configs"), _train,
           lambda o: (o.cpu, o.max_steps)),
     Stage("eval", ("eval", "training"), _files("curate/test.jsonl", "train"), _eval),
     Stage("report", (), lambda r, run: [], _report),
@@ -240,6 +241,9 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
         forced = opts.force or stage.name == "report" or (opts.from_stage == stage.name)
         if not forced and recorded.get(stage.name) == fp and info.get("status") == "done":
             outcome = StageOutcome(stage.name, "skipped", 0.0, "inputs unchanged")
+            if stage.name == "eval" and not _gate_passed(run):
+                outcome.detail = "inputs unchanged; forgetting gate FAILED"
+                gate_failed = outcome.detail
             summary.outcomes.append(outcome)
             if on_stage:
                 on_stage(outcome)
@@ -270,6 +274,15 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
     if gate_failed and summary.exit_code == 0:
         summary.exit_code = 4
     return summary
+
+
+def _gate_passed(run: RunDir) -> bool:
+    import json
+
+    path = run.path / "eval" / "forgetting.json"
+    if not path.exists():
+        return True
+    return bool(json.loads(path.read_text(encoding="utf-8")).get("gate", {}).get("passed", True))
 
 
 def _record_fingerprint(run: RunDir, stage: str, fp: str) -> None:
