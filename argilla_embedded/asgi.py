@@ -7,5 +7,8 @@ Run inside `.venv-argilla`: `uvicorn argilla_embedded.asgi:app`, with
 
 import argilla_embedded.search_engine  # noqa: F401  (registers the engine)
 from argilla_server import app
+from argilla_embedded import patches
+
+patches.apply()
 
 __all__ = ["app"]

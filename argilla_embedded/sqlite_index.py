@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_ds_ins ON records (dataset_id, inserted_at, rid);
 CREATE INDEX IF NOT EXISTS records_ds_status ON records (dataset_id, status);
 CREATE INDEX IF NOT EXISTS records_ds_ext ON records (dataset_id, external_id);
+CREATE INDEX IF NOT EXISTS records_ds_rnd ON records (dataset_id, rnd);
+CREATE INDEX IF NOT EXISTS records_ds_status_rnd ON records (dataset_id, status, rnd);
 CREATE TABLE IF NOT EXISTS meta (
   rid INTEGER NOT NULL, dataset_id TEXT NOT NULL, name TEXT NOT NULL, term TEXT, num REAL
 );
@@ -87,6 +89,7 @@ CREATE TABLE IF NOT EXISTS sugg (
 );
 CREATE INDEX IF NOT EXISTS sugg_q ON sugg (dataset_id, question, term, rid);
 CREATE INDEX IF NOT EXISTS sugg_rid ON sugg (rid, question);
+CREATE INDEX IF NOT EXISTS sugg_score ON sugg (dataset_id, question, score, rid);
 CREATE TABLE IF NOT EXISTS resp (
   id TEXT PRIMARY KEY, rid INTEGER NOT NULL, dataset_id TEXT NOT NULL, user_id TEXT, status TEXT
 );
@@ -576,14 +579,49 @@ class SqliteIndex:
         with self._read() as c:
             fts, fields = self._dataset(c, dataset_id)
             where, params, score_sql, joins = self._where(c, dataset_id, fts, fields, text, text_field, filter)
-            order_sql, order_params = self._order(sort, score_sql, user_id)
-            base = f"FROM records r {joins} WHERE {where}"
-            total = c.execute(f"SELECT COUNT(*) {base}", params).fetchone()[0]
-            rows = c.execute(
-                f"SELECT r.id, {score_sql or 'NULL'} {base} ORDER BY {order_sql} LIMIT ? OFFSET ?",
-                [*params, *order_params, limit, offset],
-            ).fetchall()
+            source = f"{joins} records r ON r.rid = t.rid" if joins else "records r"
+            total = self._count(c, dataset_id, fts, fields, text, text_field, filter, source, where, params)
+            if user_id and not sort and not score_sql:
+                # Each annotator walks the dataset's random order from their own starting point, so
+                # several annotators rarely get the same next record (Elasticsearch seeds a random
+                # score with the user id for the same reason). Two index range scans, no sort.
+                pivot = rand_key(str(user_id))
+                rows = c.execute(
+                    f"SELECT r.id, NULL FROM {source} WHERE {where} AND r.rnd >= ? ORDER BY r.rnd, r.rid LIMIT ? OFFSET ?",
+                    [*params, pivot, limit, offset],
+                ).fetchall()
+                if len(rows) < limit:
+                    first = c.execute(f"SELECT COUNT(*) FROM {source} WHERE {where} AND r.rnd >= ?", [*params, pivot]).fetchone()[0]
+                    rows += c.execute(
+                        f"SELECT r.id, NULL FROM {source} WHERE {where} AND r.rnd < ? ORDER BY r.rnd, r.rid LIMIT ? OFFSET ?",
+                        [*params, pivot, limit - len(rows), max(0, offset - first)],
+                    ).fetchall()
+            else:
+                order_sql, order_params = self._order(sort, score_sql, user_id)
+                rows = c.execute(
+                    f"SELECT r.id, {score_sql or 'NULL'} FROM {source} WHERE {where} ORDER BY {order_sql} LIMIT ? OFFSET ?",
+                    [*params, *order_params, limit, offset],
+                ).fetchall()
         return Hits(items=[Hit(id=r[0], score=r[1] if r[1] is not None else 1.0) for r in rows], total=total)
+
+    def _count(
+        self, c: sqlite3.Connection, dataset_id: str, fts: str, fields: list[str], text: str | None,
+        text_field: str | None, filter: Filter | None, source: str, where: str, params: list[Any],
+    ) -> int:
+        """COUNT(*) of a search. The annotation queue's "no response from me yet" filter is counted
+        as (rows without it) - (rows I answered): both index-driven, instead of a probe per row."""
+        mine = _pending_for_user(filter)
+        if mine is not None and not (text and text.strip()):
+            user, rest = mine
+            w, p, _, _ = self._where(c, dataset_id, fts, fields, None, None, rest)
+            everyone = c.execute(f"SELECT COUNT(*) FROM records r WHERE {w}", p).fetchone()[0]
+            answered = c.execute(
+                f"SELECT COUNT(DISTINCT x.rid) FROM resp x CROSS JOIN records r ON r.rid = x.rid "
+                f"WHERE x.dataset_id = ? AND x.user_id = ? AND {w}",
+                [dataset_id, user, *p],
+            ).fetchone()[0]
+            return everyone - answered
+        return c.execute(f"SELECT COUNT(*) FROM {source} WHERE {where}", params).fetchone()[0]
 
     def _where(
         self, c: sqlite3.Connection, dataset_id: str, fts: str, fields: list[str],
@@ -601,7 +639,8 @@ class SqliteIndex:
                 else:
                     prefix = "{" + _fts_cols(len(fields))[fields.index(text_field)] + "} : "
             if positive is not None:
-                joins = f"JOIN (SELECT rowid AS rid, -bm25({fts}) AS score FROM {fts} WHERE {fts} MATCH ?) t ON t.rid = r.rid"
+                # The full-text matches drive the query (CROSS JOIN keeps them the outer loop).
+                joins = f"(SELECT rowid AS rid, -bm25({fts}) AS score FROM {fts} WHERE {fts} MATCH ?) t CROSS JOIN"
                 params.insert(0, prefix + "(" + positive + ")")
                 score_sql = "t.score"
             if negative is not None:
@@ -610,27 +649,39 @@ class SqliteIndex:
             if positive is None and negative is None:
                 clauses.append("0")
         if filter is not None:
-            sql, fparams = self._filter_sql(filter)
+            sql, fparams = self._filter_sql(filter, dataset_id)
             clauses.append(sql)
             params.extend(fparams)
         return " AND ".join(clauses), params, score_sql, joins
 
-    def _filter_sql(self, f: Filter) -> tuple[str, list[Any]]:
+    def _filter_sql(self, f: Filter, dataset_id: str, drive: bool = True) -> tuple[str, list[Any]]:
+        """SQL for a filter. At most one metadata/suggestion filter becomes an `r.rid IN (...)`
+        list that can drive the query (the first terms filter: usually the most selective); the
+        others are probed per candidate row, so no large list is materialised."""
         kind = f[0]
         if kind == "and":
-            parts = [self._filter_sql(sub) for sub in f[1]]
+            children = list(f[1])
+            driver = next((i for i, sub in enumerate(children) if drive and sub[0] == "terms"
+                           and sub[1].get("kind") in ("metadata", "suggestion")), None)
+            parts = [self._filter_sql(sub, dataset_id, drive=i == driver) for i, sub in enumerate(children)]
             if not parts:
                 return "1", []
             return "(" + " AND ".join(p[0] for p in parts) + ")", [x for p in parts for x in p[1]]
         if kind not in ("terms", "range"):
             raise IndexError_(f"unknown filter {kind!r}")
         scope: Scope = f[1]
+        drive = drive and kind == "terms"
         sk = scope.get("kind")
         if sk == "record":
             return self._record_filter(f, scope["property"])
         if sk == "metadata":
             cond, p = self._value_cond(f, "m.term", "m.num")
-            return (f"EXISTS (SELECT 1 FROM meta m WHERE m.rid = r.rid AND m.name = ? AND {cond})", [scope["name"], *p])
+            if not drive:
+                return f"EXISTS (SELECT 1 FROM meta m WHERE m.rid = r.rid AND m.name = ? AND {cond})", [scope["name"], *p]
+            return (
+                f"r.rid IN (SELECT m.rid FROM meta m WHERE m.dataset_id = ? AND m.name = ? AND {cond})",
+                [dataset_id, scope["name"], *p],
+            )
         if sk == "suggestion":
             prop = scope.get("property") or "value"
             if prop in ("None", "value"):
@@ -641,7 +692,13 @@ class SqliteIndex:
                 cond, p = self._value_cond(f, f"s.{prop}", "NULL")
             else:
                 raise IndexError_(f"cannot filter suggestions by {prop!r}")
-            return (f"EXISTS (SELECT 1 FROM sugg s WHERE s.rid = r.rid AND s.question = ? AND {cond})", [scope["question"], *p])
+            if not drive:
+                return (f"EXISTS (SELECT 1 FROM sugg s WHERE s.rid = r.rid AND s.question = ? AND {cond})",
+                        [scope["question"], *p])
+            return (
+                f"r.rid IN (SELECT s.rid FROM sugg s WHERE s.dataset_id = ? AND s.question = ? AND {cond})",
+                [dataset_id, scope["question"], *p],
+            )
         if sk == "response":
             return self._response_filter(f, scope)
         raise IndexError_(f"unknown filter scope {scope!r}")
@@ -875,8 +932,9 @@ class SqliteIndex:
                 if exclude_id is not None:
                     where += " AND r.id != ?"
                     params.append(exclude_id)
+                source = f"{joins} records r ON r.rid = t.rid" if joins else "records r"
                 allowed = np.fromiter(
-                    (row[0] for row in c.execute(f"SELECT r.rid FROM records r {joins} WHERE {where}", params)),
+                    (row[0] for row in c.execute(f"SELECT r.rid FROM {source} WHERE {where}", params)),
                     dtype=np.int64,
                 )
             mask = np.isin(cache.rids, allowed)
@@ -935,6 +993,22 @@ class SqliteIndex:
                     cache.rids = np.concatenate([cache.rids, np.asarray(new_rids, dtype=np.int64)])
             cache.gen, cache.del_gen = gen, del_gen
             return cache
+
+
+def _pending_for_user(filter: Filter | None) -> tuple[str, Filter] | None:
+    """(user, the other filters) when `filter` is an AND with a response-status filter that is
+    exactly `pending` for one user (the annotation queue)."""
+    if filter is None:
+        return None
+    children = list(filter[1]) if filter[0] == "and" else [filter]
+    for i, f in enumerate(children):
+        if f[0] != "terms":
+            continue
+        scope = f[1]
+        if (scope.get("kind") == "response" and scope.get("property") == "status" and not scope.get("question")
+                and scope.get("user_id") and [str(v) for v in f[2]] == ["pending"]):
+            return str(scope["user_id"]), ("and", children[:i] + children[i + 1 :])
+    return None
 
 
 @dataclass

@@ -10,6 +10,9 @@ import argilla_embedded.search_engine  # noqa: F401  (registers the engine)
 
 
 def main() -> None:
+    from argilla_embedded import patches
+
+    patches.apply()
     from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION
     from rq import SimpleWorker
 

@@ -59,7 +59,11 @@ def resolve_connection(recipe: Recipe) -> Connection:
 def client_for(conn: Connection):
     import argilla as rg
 
-    return rg.Argilla(api_url=conn.url, api_key=conn.api_key, timeout=120)
+    client = rg.Argilla(api_url=conn.url, api_key=conn.api_key, timeout=120)
+    if conn.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        # On loopback, compressing multi-MB bulk replies costs the server more than it saves.
+        client.api.http_client.headers["Accept-Encoding"] = "identity"
+    return client
 
 
 def dataset_name(recipe: Recipe) -> str:
