@@ -144,3 +144,20 @@ def test_mean_ci_and_paired():
 def test_mcnemar_symmetry():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(3, 5) == mcnemar_exact(5, 3)
+
+
+def test_macro_f1_bootstrap_matches_slow_path():
+    import random
+
+    from evals.classification import macro_f1_ci
+    from evals.stats import statistic_ci
+
+    rnd = random.Random(0)
+    classes = [f"c{i}" for i in range(7)]
+    gold = [rnd.choice(classes) for _ in range(80)]
+    pred = [g if rnd.random() < 0.6 else rnd.choice(classes + [None]) for g in gold]
+    fast = macro_f1_ci(gold, pred, classes, n_boot=300, seed=5)
+    slow = statistic_ci(list(zip(gold, pred, strict=True)),
+                        lambda ps: macro_f1([g for g, _ in ps], [p for _, p in ps], classes), n_boot=300, seed=5)
+    assert fast["value"] == pytest.approx(slow["value"])
+    assert fast["ci_low"] == pytest.approx(slow["ci_low"]) and fast["ci_high"] == pytest.approx(slow["ci_high"])
