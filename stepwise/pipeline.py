@@ -144,8 +144,8 @@ def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
         raise ValueError("no config recorded by the configs stage")
     config = run.path / "configs" / f"{name}.yaml"
     result = train(config, run_dir=run.path, cpu=opts.cpu, max_steps=opts.max_steps, base_dir=Path.cwd())
-    losses = getattr(result, "train_losses", None) or []
-    last = f", last loss {losses[-1]['loss']:.4f}" if losses else ""
+    losses = result.train_losses  # floats, one per optimizer step
+    last = f", last loss {losses[-1]:.4f}" if losses else ""
     return f"{name}: {len(losses)} steps in {result.wall_s:.0f}s{last}"
 
 

@@ -1,0 +1,121 @@
+"""End to end: both example recipes through every stage, offline, small sizes.
+
+The teacher is the OpenAI-compatible stub on 127.0.0.1 (the real SmolLM2 teacher is covered in
+test_generate); everything after it is the real thing: curation, auto review, export, Axolotl
+configs checked by Axolotl, a real CPU training step, task + lm-eval forgetting evals, report.html
+(rendered in headless Chromium when it is installed, as `make setup` does).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stepwise.io import read_jsonl
+from stepwise.pipeline import RunOptions, run_pipeline
+from stepwise.recipe import load_recipe
+from stepwise.rundir import create_run
+from stepwise.testing.openai_stub import OpenAIStub
+from tests.conftest import REPO
+
+SECTIONS = ["Stages", "Teacher", "Curation funnel", "Label distribution", "Deduplication", "Review", "Training",
+            "Task metrics", "Forgetting", "Artifacts"]
+
+
+def small_copy(example: str, tmp_path: Path, base_url: str, limit: int) -> Path:
+    src = REPO / "examples" / example
+    dst = tmp_path / example
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "*.sqlite", "*.sqlite-*"))
+    recipe = yaml.safe_load((dst / "recipe.yaml").read_text())
+    recipe["teacher"] = {"provider": "openai", "model": "stub-teacher", "base_url": base_url, "concurrency": 4,
+                         "format": recipe["teacher"].get("format", "dss")}
+    recipe["data"]["limit"] = limit
+    recipe.setdefault("training", {}).update(micro_batch_size=2, gradient_accumulation_steps=1, sequence_len=512)
+    recipe["eval"] = {"task": {"max_new_tokens": 48, "batch_size": 8, "bootstrap": 200, "limit": 8},
+                      "forgetting": {"benchmarks": ["arc_easy"], "subset_size": 4, "max_drop": 0.05}}
+    (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return dst / "recipe.yaml"
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example,limit", [("support-tickets", 36), ("nl2dsl", 30)])
+def test_example_end_to_end(tmp_path, example, limit):
+    with OpenAIStub() as stub:
+        recipe_path = small_copy(example, tmp_path, stub.base_url, limit)
+        recipe = load_recipe(recipe_path)
+        run = create_run(recipe)
+        summary = run_pipeline(recipe, run, RunOptions(cpu=True, max_steps=1, progress=False))
+    statuses = {o.stage: o.status for o in summary.outcomes}
+    details = {o.stage: o.detail for o in summary.outcomes}
+    errors = {f.name: f.read_text()[-3000:] for f in run.path.glob("*.error.txt")}
+    assert summary.exit_code in (0, 4), (statuses, details, errors)
+    assert all(s == "done" for k, s in statuses.items() if k != "eval"), (statuses, details)
+    assert statuses["eval"] in ("done", "gate_failed"), details["eval"]
+
+    p = run.path
+    for rel in ["generate/responses.jsonl", "curate/funnel.json", "curate/train.jsonl", "curate/test.jsonl",
+                "review/reviewed.jsonl", "export/train.chat.jsonl", "eval/task.json", "eval/forgetting.json",
+                "report.html", "manifest.json"]:
+        assert (p / rel).exists(), rel
+    assert list((p / "configs").glob("*.yaml")) and list((p / "train").glob("*/loss.csv"))
+
+    # lineage: every training example -> a curated row -> a teacher response -> an input file line
+    responses = {r["id"]: r for r in read_jsonl(p / "generate" / "responses.jsonl")}
+    curated = {r["id"]: r for split in ("train", "val") for r in read_jsonl(p / "curate" / f"{split}.jsonl")}
+    lineage = read_jsonl(p / "export" / "train.lineage.jsonl")
+    chat = read_jsonl(p / "export" / "train.chat.jsonl")
+    assert len(lineage) == len(chat) > 0
+    data_lines = {}
+    for rel in {r["source"]["file"] for r in responses.values()}:
+        data_lines[rel] = (recipe.resolve(rel)).read_text().splitlines()
+    for entry in lineage:
+        if entry.get("kind") == "general":
+            continue
+        row = curated[entry["id"]]
+        resp = responses[entry["id"]]
+        assert resp["parse_status"] in ("ok", "missing_rationale") and resp["raw"]
+        assert row["input"] == resp["input"]
+        src_line = data_lines[resp["source"]["file"]][resp["source"]["line"] - 1]
+        assert all(str(v)[:20] in src_line or isinstance(v, dict) for v in resp["input"].values())
+    test_ids = {r["id"] for r in read_jsonl(p / "curate" / "test.jsonl")}
+    assert not test_ids & {e["id"] for e in lineage}, "test rows leaked into training"
+
+    manifest = run.read_manifest()
+    for stage in ["generate", "curate", "review", "export", "configs", "train", "eval", "report"]:
+        assert stage in manifest["stages"], stage
+    assert manifest["stages"]["generate"]["cache"]["requests_sent"] == limit
+
+    html = (p / "report.html").read_text()
+    for title in SECTIONS:
+        assert f"<h2>{title}</h2>" in html, title
+    assert "has not run yet" not in html.split("<h2>Task metrics</h2>")[0].split("<h2>Label distribution</h2>")[0]
+    assert html.count("<svg") >= 3 and "could not render" not in html
+
+    browser = chromium()
+    if browser:
+        shot = REPO / "test-artifacts" / f"report-{example}.png"
+        shot.parent.mkdir(exist_ok=True)
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,2400",
+                        f"--screenshot={shot}", (p / "report.html").as_uri()],
+                       check=True, timeout=120, capture_output=True)
+        assert shot.exists() and shot.stat().st_size > 20_000  # a blank page is a few KB
+
+    # a second run skips every stage whose inputs did not change
+    again = run_pipeline(load_recipe(recipe_path), run, RunOptions(cpu=True, max_steps=1, progress=False,
+                                                                    offline=True))
+    assert {o.stage: o.status for o in again.outcomes if o.stage not in ("report",)} == {
+        k: "skipped" for k in statuses if k != "report"}
