@@ -44,14 +44,15 @@ def _record(i: int, dim: int, rnd: random.Random):
     words = rnd.choices(WORDS, k=12)
     center = i % 16
     vec = [rnd.gauss(0, 0.1) for _ in range(dim)]
-    vec[center] += 1.0
+    if dim:
+        vec[center % dim] += 1.0
     return rg.Record(
         id=f"b{i}",
         fields={"text": f"ticket {i}: " + " ".join(words), "rationale": "The customer mentions " + words[0] + "."},
         metadata={"split": "val" if i % 10 == 0 else "train", "cluster_size": 1 + i % 7,
                   "agreement": round(rnd.random(), 3)},
         suggestions=[rg.Suggestion("label", LABELS[i % 5], score=round(rnd.random(), 3), agent="teacher")],
-        vectors={"emb": vec},
+        vectors={"emb": vec} if dim else {},
     )
 
 
@@ -64,7 +65,7 @@ def _pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--dim", type=int, default=384, help="vector size (0: no vectors)")
     ap.add_argument("--queries", type=int, default=40, help="timed calls per kind")
     ap.add_argument("--batch", type=int, default=500, help="records per bulk request (server max 500)")
     ap.add_argument("--senders", type=int, default=2, help="concurrent bulk senders")
@@ -89,7 +90,7 @@ def main() -> None:
             questions=[rg.LabelQuestion(name="label", labels=LABELS)],
             metadata=[rg.TermsMetadataProperty(name="split"), rg.IntegerMetadataProperty(name="cluster_size"),
                       rg.FloatMetadataProperty(name="agreement")],
-            vectors=[rg.VectorField(name="emb", dimensions=args.dim)],
+            vectors=[rg.VectorField(name="emb", dimensions=args.dim)] if args.dim else [],
         )
         ds = rg.Dataset(name=f"bench-{uuid.uuid4().hex[:6]}", workspace=creds.workspace, settings=settings,
                         client=client).create()
@@ -152,6 +153,8 @@ def main() -> None:
                                                                                       rnd).vectors["emb"]}}},
                                    {"limit": 10}),
         }
+        if not args.dim:
+            kinds.pop("similarity")
         results = {}
         for kind, make in kinds.items():
             body, params = make()
