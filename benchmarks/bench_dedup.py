@@ -100,12 +100,12 @@ def build_corpus(n: int, seed: int = 0) -> list[str]:
 
 def shingle_strings(texts: list[str], batch: int = 20000) -> list[list[str]]:
     """Every method's shingles: normalised words (stepwise's batch tokenizer, the same for all), 5-grams."""
-    from curation.minhash import _word_tokens
+    from curation.minhash import word_tokens
 
     out: list[list[str]] = []
     for s in range(0, len(texts), batch):
         doc: list[str] = []
-        for tok in _word_tokens(texts[s : s + batch]):
+        for tok in word_tokens(texts[s : s + batch]):
             if tok != "\x00":
                 doc.append(tok)
                 continue

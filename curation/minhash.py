@@ -19,7 +19,6 @@ sets otherwise. So reported pairs have a known Jaccard, not just a shared bucket
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import re
 import unicodedata
@@ -67,18 +66,20 @@ def _fmix64_int(h: int) -> int:
     return h ^ (h >> 33)
 
 
-_TOKEN_CACHE: dict[str, int] = {}
+_P = 0x100000001B3  # odd multiplier of the token polynomial hash
+_Q = pow(_P, -1, 1 << 64)  # its inverse mod 2^64 (P is odd)
 
 
 def token_hash64(token: str) -> int:
-    """Stable 64-bit hash of a word (blake2b-64): the same in every process and run."""
-    h = _TOKEN_CACHE.get(token)
-    if h is None:
-        h = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
-        if len(_TOKEN_CACHE) > 2_000_000:
-            _TOKEN_CACHE.clear()
-        _TOKEN_CACHE[token] = h
-    return h
+    """Stable 64-bit hash of a word: polynomial over its UTF-8 bytes (+1) mod 2^64, then fmix64.
+
+    The vectorised tokenizer computes the same value for every token of a batch at once from
+    prefix sums (see `_token_hashes`); this scalar form is the reference.
+    """
+    h = 0
+    for byte in token.encode("utf-8"):
+        h = (h * _P + byte + 1) & _M64
+    return _fmix64_int(h)
 
 
 def _combine(codes: Sequence[int]) -> int:
@@ -138,39 +139,51 @@ _ASCII_TABLE = bytes(
 )
 
 
-def _word_tokens(texts: Sequence[str]) -> list[str]:
+def word_tokens(texts: Sequence[str]) -> list[str]:
     """All texts' `words`, each text followed by a separator token; non-ASCII texts take `normalize`."""
     parts = (t.replace(_SEP, " ") if t.isascii() else normalize(t) for t in texts)
     big = " \x00 ".join(parts) + " \x00"
     return big.encode("utf-8").translate(_ASCII_TABLE).decode("utf-8").split()
 
 
-class _Vocab:
-    """Word -> id, with each id's stable 64-bit hash in a numpy array (id 0 is the separator)."""
-
-    def __init__(self) -> None:
-        self.ids: dict[str, int] = {_SEP: 0}
-        self.hashes = np.zeros(1024, dtype=_U64)
-
-    def encode(self, tokens: list[str]) -> np.ndarray:
-        new = set(tokens).difference(self.ids)
-        if new:
-            if len(self.ids) + len(new) > 4_000_000:  # bound memory on huge corpora
-                self.__init__()
-                new = set(tokens).difference(self.ids)
-            start = len(self.ids)
-            need = start + len(new)
-            if need > self.hashes.size:
-                grown = np.zeros(max(need, 2 * self.hashes.size), dtype=_U64)
-                grown[: self.hashes.size] = self.hashes
-                self.hashes = grown
-            for k, w in enumerate(new):
-                self.ids[w] = start + k
-                self.hashes[start + k] = token_hash64(w)
-        return np.fromiter(map(self.ids.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+_POW: dict[str, np.ndarray] = {}
 
 
-_VOCAB = _Vocab()
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^i and Q^i mod 2^64 for i < n (cached, grown on demand)."""
+    if "p" not in _POW or _POW["p"].size < n:
+        size = max(n, 1 << 16)
+        with np.errstate(over="ignore"):
+            p = np.full(size, _P, dtype=_U64)
+            p[0] = 1
+            q = np.full(size, _Q, dtype=_U64)
+            q[0] = 1
+            _POW["p"], _POW["q"] = np.cumprod(p, dtype=_U64), np.cumprod(q, dtype=_U64)
+    return _POW["p"], _POW["q"]
+
+
+def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(token hashes, tokens per text) for word shingles, without a Python step per token.
+
+    Normalised bytes are split at spaces with numpy; each token's polynomial hash is
+    (C[end] - C[start]) * P^(end-1) with C the prefix sums of (byte + 1) * Q^i, Q = P^-1.
+    """
+    parts = (t.replace(_SEP, " ") if t.isascii() else normalize(t) for t in texts)
+    data = (" \x00 ".join(parts) + " \x00 ").encode("utf-8").translate(_ASCII_TABLE)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    is_tok = buf != 32
+    edge = np.diff(np.concatenate([[False], is_tok, [False]]).astype(np.int8))
+    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    pw, qw = _powers(buf.size + 1)
+    with np.errstate(over="ignore"):
+        c = np.zeros(buf.size + 1, dtype=_U64)
+        np.cumsum((buf.astype(_U64) + _U64(1)) * qw[: buf.size], out=c[1:])
+        h = (c[ends] - c[starts]) * pw[ends - 1]
+    h = _fmix64(h)
+    sep = (buf[starts] == 0) & (ends - starts == 1)
+    seps = np.flatnonzero(sep)
+    lens = np.diff(np.concatenate([[-1], seps])) - 1
+    return h[~sep], lens.astype(np.int64)
 
 
 def _codes_and_lengths(texts: Sequence[str], shingle: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,12 +192,9 @@ def _codes_and_lengths(texts: Sequence[str], shingle: str) -> tuple[np.ndarray, 
         cps = np.frombuffer(big.encode("utf-32-le"), dtype=np.uint32)
         seps = np.flatnonzero(cps == 0)
         codes = cps[cps != 0].astype(_U64)
-    else:
-        ids = _VOCAB.encode(_word_tokens(texts))
-        seps = np.flatnonzero(ids == 0)
-        codes = _VOCAB.hashes[ids[ids != 0]]
-    lens = np.diff(np.concatenate([[-1], seps])) - 1
-    return codes, lens.astype(np.int64)
+        lens = np.diff(np.concatenate([[-1], seps])) - 1
+        return codes, lens.astype(np.int64)
+    return _token_hashes(texts)
 
 
 def shingle_batch(texts: Sequence[str], ngram: int, shingle: str = "word") -> ShingleBatch:
@@ -349,7 +359,7 @@ def band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """
     n = sig.shape[0]
     idx = np.flatnonzero(~(sig == _MAX32).all(axis=1))
-    codes = np.zeros(0, dtype=np.int64)
+    chunks: list[np.ndarray] = []
     with np.errstate(over="ignore"):
         for k in range(bands):
             block = sig[idx, k * rows : (k + 1) * rows].astype(_U64)
@@ -368,18 +378,29 @@ def band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             found = _group_pairs(ids, starts, sizes)
             if found:
                 pairs = np.concatenate(found).astype(np.int64)
-                codes = np.union1d(codes, pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([codes // n, codes % n], axis=1) if codes.size else np.zeros((0, 2), dtype=np.int64)
+                chunks.append(pairs[:, 0] * n + pairs[:, 1])
+            if sum(c.size for c in chunks) > 50_000_000:  # bound memory on huge corpora
+                chunks = [np.unique(np.concatenate(chunks))]
+    if not chunks:
+        return np.zeros((0, 2), dtype=np.int64)
+    codes = np.unique(np.concatenate(chunks))
+    return np.stack([codes // n, codes % n], axis=1)
 
 
 def _group_pairs(ids: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
     """All pairs inside each bucket of equal band hashes, vectorised per bucket size."""
     out: list[np.ndarray] = []
-    for z in np.unique(sizes[sizes > 1]):
-        st = starts[sizes == z]
-        members = ids[st[:, None] + np.arange(z)[None, :]]
+    multi = np.flatnonzero(sizes > 1)
+    if multi.size == 0:
+        return out
+    order = multi[np.argsort(sizes[multi], kind="stable")]
+    sz = sizes[order]
+    bounds = np.flatnonzero(np.diff(sz)) + 1
+    for grp in np.split(order, bounds):
+        z = int(sizes[grp[0]])
+        members = ids[starts[grp][:, None] + np.arange(z)[None, :]]
         if z <= GROUP_ALL_PAIRS:
-            a, b = np.triu_indices(int(z), 1)
+            a, b = np.triu_indices(z, 1)
             left, right = members[:, a].ravel(), members[:, b].ravel()
         else:
             left = np.repeat(members.min(axis=1), z)
@@ -479,12 +500,15 @@ def exact_jaccard(shingles: ShingleBatch, pairs: np.ndarray) -> np.ndarray:
         p = pairs[s : s + step]
         la = off[p[:, 0] + 1] - off[p[:, 0]]
         lb = off[p[:, 1] + 1] - off[p[:, 1]]
-        pid = np.concatenate([np.repeat(np.arange(len(p), dtype=np.uint64), la),
-                              np.repeat(np.arange(len(p), dtype=np.uint64), lb)])
-        vals = np.concatenate([_gather(shingles.hashes, off[p[:, 0]], la), _gather(shingles.hashes, off[p[:, 1]], lb)])
-        key = np.sort((pid << _U64(32)) | vals.astype(_U64))  # each doc is a set: equal keys = shared
-        dup = key[1:] == key[:-1]
-        inter = np.bincount((key[1:][dup] >> _U64(32)).astype(np.int64), minlength=len(p))
+        # (pair << 32 | hash) is already sorted per side: pairs ascend and each doc's hashes are sorted
+        ka = (np.repeat(np.arange(len(p), dtype=_U64), la) << _U64(32)) | _gather(shingles.hashes, off[p[:, 0]], la).astype(_U64)
+        kb = (np.repeat(np.arange(len(p), dtype=_U64), lb) << _U64(32)) | _gather(shingles.hashes, off[p[:, 1]], lb).astype(_U64)
+        if kb.size:
+            pos = np.minimum(np.searchsorted(kb, ka), kb.size - 1)
+            shared = kb[pos] == ka
+        else:
+            shared = np.zeros(ka.size, dtype=bool)
+        inter = np.bincount((ka[shared] >> _U64(32)).astype(np.int64), minlength=len(p))
         union = la + lb - inter
         out[s : s + step] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
     return out
@@ -498,15 +522,19 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarra
 
 
 def verify_pairs(
-    sig: np.ndarray, shingles: ShingleBatch | None, pairs: np.ndarray, threshold: float, margin: float = 0.15
+    sig: np.ndarray, shingles: ShingleBatch | None, pairs: np.ndarray, threshold: float, margin: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs with Jaccard >= threshold and their Jaccard.
 
-    Pairs whose signature estimate is more than `margin` (about 4 standard errors at 128
-    permutations) from the threshold are decided by the estimate; the rest by exact Jaccard.
+    Pairs whose signature estimate is more than `margin` from the threshold are decided by the
+    estimate; the rest by exact Jaccard. The default margin is 3.5 standard errors of the
+    estimate at the threshold (0.124 for 0.8 and 128 permutations): a pair on the wrong side of it
+    has odds of about 1 in 4000.
     """
     if len(pairs) == 0:
         return pairs, np.zeros(0)
+    if margin is None:
+        margin = 3.5 * float(np.sqrt(threshold * (1 - threshold) / sig.shape[1]))
     est = estimated_jaccard(sig, pairs)
     sim = est.copy()
     if shingles is not None:
