@@ -122,7 +122,9 @@ class EmbeddedServer:
     # -- files ----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _lock(self):
-        self.state.mkdir(parents=True, exist_ok=True)
+        if not self.state.exists():
+            self.state.mkdir(parents=True)
+            os.chmod(self.state, 0o700)  # databases, Redis data and secrets: the owner only
         with open(self.state / ".serve.lock", "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
