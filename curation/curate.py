@@ -11,6 +11,7 @@ val, test or rejected; `funnel.json` says how many went where and why.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,21 @@ def read_test_file(recipe: Recipe) -> list[dict[str, Any]]:
         rows.append({"id": row_id(recipe, raw, inp), "input": inp, "gold": gold,
                      "source": {"file": str(path), "line": line}, "split": "test"})
     return rows
+
+
+def namespace_test_ids(test_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ids are unique across a run: when the test file reuses ids of the input file (ids numbered
+    per file), every test row becomes `test:<id>` (its own id kept in `source_id`), with a warning."""
+    taken = {str(r["id"]) for r in rows}
+    clash = [r["id"] for r in test_rows if str(r["id"]) in taken]
+    if not clash:
+        return test_rows
+    warnings.warn(f"data.test_file reuses {len(clash)} ids of the input rows (e.g. {clash[0]}); "
+                  "test rows are named test:<id>", stacklevel=2)
+    for r in test_rows:
+        r["source_id"] = r["id"]
+        r["id"] = f"test:{r['id']}"
+    return test_rows
 
 
 def _stratum(recipe: Recipe):
@@ -171,7 +187,7 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     params = recipe.curation.model_dump(mode="json")
     with run.stage("curate", inputs=inputs, params=params) as st:
         rows = read_responses(responses)
-        test_rows = read_test_file(recipe)
+        test_rows = namespace_test_ids(read_test_file(recipe), rows)
         n_in = len(rows)
         splits, funnel = curate_rows(rows, recipe, test_rows)
         out = run.stage_dir("curate")

@@ -41,7 +41,8 @@ def test_support_tickets_curate_and_export(tmp_path):
     rows[0] = response_row(rows[0]["id"], rows[0]["input"], None, None, parse_status="not_run", gold=rows[0]["gold"])
     rows[1]["input"] = dict(rows[2]["input"])  # an exact duplicate
     write_responses(run.path, rows)
-    report = run_curate(recipe, run)
+    with pytest.warns(UserWarning, match="reuses"):
+        report = run_curate(recipe, run)
 
     cur = run.path / "curate"
     train, val, test = (read_jsonl(cur / f"{s}.jsonl") for s in ("train", "val", "test"))
@@ -50,6 +51,8 @@ def test_support_tickets_curate_and_export(tmp_path):
     assert funnel == report
     assert len(train) + len(val) + len(rejected) == len(rows)  # test comes from data.test_file
     assert len(test) == 90 and all(set(r) >= {"id", "input", "gold"} and "rationale" not in r for r in test)
+    # the example's test file numbers its ids like the inputs: they are namespaced, never shared
+    assert test[0]["id"].startswith("test:") and not {r["id"] for r in test} & {r["id"] for r in rows}
     assert {r["reason"] for r in rejected} >= {"not_run", "disagrees_with_gold", "exact_duplicate"}
     assert all(set(r) >= {"reason", "step", "detail", "collided_with"} for r in rejected)
     dup = next(r for r in rejected if r["reason"] == "exact_duplicate")
