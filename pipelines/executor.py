@@ -114,6 +114,24 @@ def _retry_after(exc: Any) -> float | None:
         return None
 
 
+def record_ok(cache: ResponseCache, job: Job, output: dict[str, Any], model: str,
+              price: Callable[[int, int], float], stats: RunStats) -> float:
+    """Commit one completed response (a distilabel GenerateOutput) and count it; return its cost."""
+    text = (output.get("generations") or [None])[0]
+    if text is None:
+        raise ValueError("empty generation")
+    stat = output.get("statistics") or {}
+    itok = int((stat.get("input_tokens") or [0])[0] or 0)
+    otok = int((stat.get("output_tokens") or [0])[0] or 0)
+    cost = price(itok, otok)
+    cache.put_ok(job.key, text, itok, otok, cost, model)
+    stats.completed += 1
+    stats.input_tokens += itok
+    stats.output_tokens += otok
+    stats.cost += cost
+    return cost
+
+
 def _backoff(tries: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return retry_after
@@ -149,19 +167,8 @@ async def run_async_jobs(
         stats.sent += 1
         try:
             output = await agenerate(job.messages)
-            text = (output.get("generations") or [None])[0]
-            if text is None:
-                raise ValueError("empty generation")
-            stat = output.get("statistics") or {}
-            itok = int((stat.get("input_tokens") or [0])[0] or 0)
-            otok = int((stat.get("output_tokens") or [0])[0] or 0)
-            cost = price(itok, otok)
-            cache.put_ok(job.key, text, itok, otok, cost, model)
+            cost = record_ok(cache, job, output, model, price, stats)
             budget.settle(reserved, cost)
-            stats.completed += 1
-            stats.input_tokens += itok
-            stats.output_tokens += otok
-            stats.cost += cost
         except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded row state
             budget.settle(reserved, 0.0)
             code, retriable, retry_after = classify_error(exc)
@@ -258,17 +265,12 @@ def run_sync_batches(
                     stats.errors[type(exc).__name__] = stats.errors.get(type(exc).__name__, 0) + 1
         for job, output in pairs:
             stats.sent += 1
-            text = output["generations"][0]
-            stat = output.get("statistics") or {}
-            itok = int((stat.get("input_tokens") or [0])[0] or 0)
-            otok = int((stat.get("output_tokens") or [0])[0] or 0)
-            cost = price(itok, otok)
-            cache.put_ok(job.key, text, itok, otok, cost, model)
-            budget.settle(0.0, cost)
-            stats.completed += 1
-            stats.input_tokens += itok
-            stats.output_tokens += otok
-            stats.cost += cost
+            try:
+                budget.settle(0.0, record_ok(cache, job, output, model, price, stats))
+            except ValueError as exc:  # an empty generation is that row's error, not the run's
+                cache.put_error(job.key, f"empty_generation: {exc}", model)
+                stats.failed += 1
+                stats.errors["empty_generation"] = stats.errors.get("empty_generation", 0) + 1
         if on_progress:
             on_progress(stats)
     return stats
