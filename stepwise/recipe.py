@@ -249,9 +249,48 @@ class SweepSpec(StrictModel):
     modality: list[Modality] = Field(default_factory=list)
 
 
+class DPOSpec(StrictModel):
+    """Preference tuning on reviewers' corrections: reviewer's answer chosen, teacher's rejected (Axolotl `rl: dpo`)."""
+
+    enabled: bool = Field(False, description="Also write a DPO config that starts from the SFT checkpoint.")
+    beta: float = Field(0.1, gt=0, le=10.0, description="DPO temperature: how far the policy may move from the reference.")
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Default 5e-6 (LoRA/QLoRA), 5e-7 (full).")
+    num_epochs: float = Field(1, gt=0, le=100)
+    sft_checkpoint: str | None = Field(
+        None, description="SFT model or adapter to start from; default: the run's SFT training output."
+    )
+
+
+class OpenAIFineTuneSpec(StrictModel):
+    """Hosted fine-tuning (`training.backend: openai`), seed 004's flow."""
+
+    model: str = Field("gpt-4o-mini-2024-07-18", description="Base model of the fine-tuning job.")
+    base_url: str | None = Field(None, description="API base URL (default the OpenAI API).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the API key.")
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    suffix: str | None = Field(None, max_length=64, description="Appended to the fine-tuned model's name.")
+    training_price_per_1m_tokens: float = Field(3.0, ge=0, description="USD per 1M training tokens, for the estimate.")
+    poll_interval_s: float = Field(10.0, gt=0, description="Seconds between job status polls.")
+
+
+PEFT_ONLY_TRL = ("ia3", "prefix_tuning", "prompt_tuning")
+
+
 class TrainingSpec(StrictModel):
     base_model: str = Field("smollm2-135m-instruct", description="Student: HF dir, hub id or known name.")
-    modality: Literal["auto", "full", "lora", "qlora"] = "auto"
+    backend: Literal["axolotl", "trl", "openai"] = Field(
+        "axolotl", description="`axolotl` (generated configs), `trl` (TRL + peft, for IA3/prefix/prompt tuning) "
+        "or `openai` (hosted fine-tuning job)."
+    )
+    modality: Literal["auto", "full", "lora", "qlora", "ia3", "prefix_tuning", "prompt_tuning"] = Field(
+        "auto", description="`ia3`, `prefix_tuning` and `prompt_tuning` need `backend: trl`."
+    )
+    num_virtual_tokens: int = Field(20, ge=1, le=1024, description="Virtual tokens for prefix/prompt tuning.")
+    unsloth: bool = Field(False, description="Axolotl's Unsloth kernels (LoRA/QLoRA on supported models, GPU only).")
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    openai: OpenAIFineTuneSpec = Field(default_factory=OpenAIFineTuneSpec)
     gpu_memory_gb: float = Field(24.0, gt=0, description="Per-GPU memory for `auto` modality choice.")
     num_gpus: int = Field(1, ge=1, le=1024)
     dss_output: Literal["multitask", "cot", "label_only"] = "multitask"
@@ -280,6 +319,10 @@ class TrainingSpec(StrictModel):
     def _one_sharding(self) -> TrainingSpec:
         if self.deepspeed and self.fsdp:
             raise ValueError("set at most one of `deepspeed` and `fsdp`")
+        if self.modality in PEFT_ONLY_TRL and self.backend != "trl":
+            raise ValueError(f"modality `{self.modality}` is not offered by Axolotl: set `backend: trl`")
+        if self.unsloth and (self.backend != "axolotl" or self.modality not in ("auto", "lora", "qlora")):
+            raise ValueError("`unsloth` applies to Axolotl LoRA/QLoRA only")
         return self
 
     @property
