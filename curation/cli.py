@@ -80,12 +80,18 @@ def register(app: typer.Typer) -> None:
     def export(
         recipe: Path = typer.Argument(..., help="Recipe YAML"),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
+        preferences: bool = typer.Option(False, "--preferences",
+                                         help="Write DPO pairs from reviewers' corrections (export/preferences.jsonl)"),
     ) -> None:
-        """Write the training files: OpenAI chat JSONL (+ line-aligned lineage)."""
+        """Write the training files: OpenAI chat JSONL (+ line-aligned lineage); with --preferences, the
+        DPO preference pairs from rows reviewers corrected."""
         from curation.export import run_export
         from stepwise.io import DataFileError
 
         r, run = _run(recipe, run_dir)
+        if preferences:
+            _export_preferences(r, run)
+            return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -101,3 +107,20 @@ def register(app: typer.Typer) -> None:
             + (f"; {summary['overlong']} over sequence_len listed in export/overlong.jsonl" if summary["overlong"] else ""),
             highlight=False, soft_wrap=True,
         )
+
+
+def _export_preferences(recipe, run) -> None:
+    from curation.preferences import NoCorrections, run_export_preferences
+    from stepwise.io import DataFileError
+
+    try:
+        summary = run_export_preferences(recipe, run)
+    except DataFileError as exc:
+        raise _bad_input(exc) from None
+    except NoCorrections as exc:
+        console.print(f"[yellow]no pairs[/yellow] {exc}", highlight=False, soft_wrap=True)
+        return
+    console.print(f"[green]ok[/green] {run.path / 'export' / 'preferences.jsonl'}: {summary['train']} pairs "
+                  f"({summary['val']} val) from {summary['corrected_rows']} corrected of {summary['reviewed_rows']} "
+                  f"reviewed rows ({summary['dss_output']}, Axolotl `{summary['format']}`)", highlight=False,
+                  soft_wrap=True)

@@ -80,7 +80,7 @@ class CheckReport:
 
 def _known_keys() -> tuple[set[str], set[str], set[str], set[str]]:
     from axolotl.utils.schemas.config import AxolotlConfigWCapabilities, AxolotlInputConfig
-    from axolotl.utils.schemas.datasets import SFTDataset
+    from axolotl.utils.schemas.datasets import DPODataset, SFTDataset
     from axolotl.utils.schemas.fsdp import FSDPConfig
     from axolotl.utils.schemas.model import SpecialTokensConfig
 
@@ -94,7 +94,7 @@ def _known_keys() -> tuple[set[str], set[str], set[str], set[str]]:
                     out.update(c for c in alias.choices if isinstance(c, str))
         return out
 
-    return (names(AxolotlInputConfig) | names(AxolotlConfigWCapabilities), names(SFTDataset),
+    return (names(AxolotlInputConfig) | names(AxolotlConfigWCapabilities), names(SFTDataset) | names(DPODataset),
             names(FSDPConfig), names(SpecialTokensConfig))
 
 
@@ -251,6 +251,68 @@ def check_chat_rows(path: Path, ds: dict[str, Any], key: str, line: int | None) 
     return problems, rows
 
 
+def check_preference_rows(path: Path, ds: dict[str, Any], key: str, line: int | None) -> tuple[list[Problem], int]:
+    """DPO rows for `chat_template.*`: a prompt message list and one assistant message (or string) per side."""
+    fields = {f: ds.get(f"field_{f}") or f for f in ("messages", "chosen", "rejected")}
+    problems: list[Problem] = []
+    rows = 0
+    with path.open(encoding="utf-8") as fh:
+        for line_no, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            rows += 1
+            if len(problems) >= MAX_ROW_ERRORS:
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                problems.append(Problem("error", key, f"{where}: invalid JSON ({exc.msg})", line))
+                continue
+            msgs = row.get(fields["messages"]) if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not msgs or any(
+                    not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str)
+                    for m in msgs):
+                problems.append(Problem("error", key, f"{where}: `{fields['messages']}` must be the prompt as a list "
+                                        "of {role, content} messages", line))
+                continue
+            sides = {side: row.get(fields[side]) for side in ("chosen", "rejected")}
+            bad = [side for side, v in sides.items() if not (isinstance(v, str) or (
+                isinstance(v, dict) and v.get("role") == "assistant" and isinstance(v.get("content"), str)))]
+            if bad:
+                problems.append(Problem("error", key, f"{where}: `{fields[bad[0]]}` must be an assistant message "
+                                        "{role: assistant, content} or a string", line))
+            elif sides["chosen"] == sides["rejected"]:
+                problems.append(Problem("error", key, f"{where}: chosen and rejected are identical: no preference", line))
+    if rows == 0:
+        problems.append(Problem("error", key, f"{path}: no preference pairs (`stepwise export --preferences` found no "
+                                "reviewer corrections)", line))
+    return problems, rows
+
+
+def dpo_problems(cfg: dict[str, Any], line: Any, base_dir: Path) -> list[Problem]:
+    """What Axolotl's DPO path does not check: where the policy starts from."""
+    if not cfg.get("rl"):
+        return []
+    out: list[Problem] = []
+    if cfg.get("adapter") and cfg.get("lora_model_dir"):
+        out.append(Problem("error", "lora_model_dir", "ignored with rl + adapter: Axolotl gives TRL a fresh adapter "
+                           "config (loaders/model.py _load_adapters), so DPO would start from the base; set base_model "
+                           "to the merged SFT model instead (`stepwise train <sft config> --merge`)",
+                           line(("lora_model_dir",))))
+    base = str(cfg.get("base_model") or "")
+    p = Path(base).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if base and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        out.append(Problem("error", "base_model", f"{base} is a LoRA adapter, not a model: merge it into its base "
+                           "first (`stepwise train <sft config> --merge` writes <output_dir>/merged)",
+                           line(("base_model",))))
+    elif base and (base.startswith((".", "/", "~")) or "/train/" in base) and not p.exists():
+        out.append(Problem("warning", "base_model", f"SFT checkpoint {base} does not exist yet: train (and merge) "
+                           "the SFT config first", line(("base_model",))))
+    return out
+
+
 def dataset_problems(cfg: dict[str, Any], line: Any, base_dir: Path, allow_missing: bool) -> tuple[list[Problem], int | None]:
     problems: list[Problem] = []
     train_rows: int | None = None
@@ -284,6 +346,12 @@ def dataset_problems(cfg: dict[str, Any], line: Any, base_dir: Path, allow_missi
                 continue
             if path.is_file() and ds.get("type") == "chat_template" and path.suffix in {".jsonl", ".json"}:
                 found, rows = check_chat_rows(path, ds, key, where)
+                problems.extend(found)
+                if section == "datasets":
+                    train_rows = (train_rows or 0) + rows
+            elif path.is_file() and cfg.get("rl") and str(ds.get("type", "")).startswith("chat_template.") \
+                    and path.suffix in {".jsonl", ".json"}:
+                found, rows = check_preference_rows(path, ds, key, where)
                 problems.extend(found)
                 if section == "datasets":
                     train_rows = (train_rows or 0) + rows
@@ -328,7 +396,7 @@ def combination_problems(cfg: dict[str, Any], line: Any, profile: str) -> list[P
     if cfg.get("deepspeed") and (cfg.get("fsdp") or cfg.get("fsdp_config")):
         out.append(P("error", "deepspeed", "deepspeed and fsdp are both set; pick one", line(("deepspeed",))))
     lr = cfg.get("learning_rate")
-    if isinstance(lr, (int, float)):
+    if isinstance(lr, (int, float)) and not cfg.get("rl"):  # the seeds' ranges are for SFT
         lo, hi = (1e-4, 5e-4) if adapter else (1e-5, 5e-5)
         if not lo <= lr <= hi:
             kind = "LoRA/QLoRA" if adapter else "full fine-tuning"
@@ -437,6 +505,7 @@ def check_config(
     report.problems += data_problems
     report.train_rows = rows
     report.problems += combination_problems(cfg, line, profile)
+    report.problems += dpo_problems(cfg, line, base_dir)
     if rows:
         report.problems += batch_problems(cfg, line, rows, num_gpus)
     report.problems += sequence_problems(cfg, line)

@@ -340,6 +340,10 @@ def generate_configs(
             gc.config = apply_cpu_profile(cfg, local)
             gc.header.append("Profile: cpu (bf16/tf32/flash attention/packing/fused kernels off; local model dir)")
         out.append(gc)
+    if spec.dpo.enabled and spec.backend == "axolotl":
+        from training.dpo import dpo_generated
+
+        out += dpo_generated(recipe, out, run_path, lambda p: _rel(p, base))
     return out
 
 

@@ -109,6 +109,10 @@ def resolve_config(cfg: dict[str, Any], *, base_dir: Path, out_dir: Path, prepar
             p = Path(str(ds.get("path", ""))).expanduser()
             if not p.is_absolute() and (base_dir / p).exists():
                 ds["path"] = str((base_dir / p).resolve())
+    for key in ("base_model", "lora_model_dir"):  # a local checkpoint (DPO's SFT model) named relative to base_dir
+        value = out.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base_dir / value).exists():
+            out[key] = str((base_dir / value).resolve())
     out["output_dir"] = str(out_dir.resolve())
     out["dataset_prepared_path"] = str(prepared.resolve())
     if cpu:
@@ -185,6 +189,13 @@ def train(
     if run_path is None:
         raise TrainError(f"{config_path}: cannot tell which run this config belongs to; pass --run-dir")
     run = RunDir(run_path)
+    stage_name = "train_dpo" if cfg.get("rl") else "train"  # DPO keeps the SFT run's record
+    if cfg.get("rl"):
+        start = Path(str(cfg.get("base_model", ""))).expanduser()
+        start = start if start.is_absolute() else base_dir / start
+        if not (start / "config.json").exists():
+            raise TrainError(f"{config_path}: DPO starts from the SFT checkpoint {cfg.get('base_model')}, which is not a "
+                             "model directory yet: train the SFT config (LoRA/QLoRA: with --merge) first")
     out_dir = run.stage_dir("train") / name
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolve_config(cfg, base_dir=base_dir, out_dir=out_dir, prepared=run.path / "train" / "prepared",
@@ -208,7 +219,7 @@ def train(
     state: dict[str, Any] = {}
     emit = on_event or (lambda kind, payload: None)
     started = time.time()
-    with run.stage("train", inputs=[*data_files, config_path], params={"config": name, "cpu": cpu,
+    with run.stage(stage_name, inputs=[*data_files, config_path], params={"config": name, "cpu": cpu,
                                                                        "max_steps": max_steps}) as st:
         emit("phase", "preprocess")
         rc = _run(axolotl_cmd("preprocess", resolved_path), out_dir / "preprocess.log", env,
