@@ -181,7 +181,7 @@ class RunDir:
             err = f"{type(exc).__name__}: {exc}"
 
             def failed(m: dict[str, Any]) -> None:
-                st = m["stages"][name]
+                st = m.setdefault("stages", {}).setdefault(name, {})
                 st.update(status="failed", finished=_now(), wall_s=round(time.time() - started, 3), error=err[:4000])
                 st.update(counts=rec._counts, **rec._extra)
 
@@ -190,7 +190,7 @@ class RunDir:
         outputs = [file_entry(p, self.path) for p in rec._outputs]
 
         def done(m: dict[str, Any]) -> None:
-            st = m["stages"][name]
+            st = m.setdefault("stages", {}).setdefault(name, {})
             st.update(
                 status=rec.status, finished=_now(), wall_s=round(time.time() - started, 3),
                 outputs=outputs, counts=rec._counts, versions=library_versions(),
@@ -252,7 +252,8 @@ def resolve_run(recipe, run_dir: Path | None, *, create: bool) -> RunDir:
     if run_dir is not None:
         if not Path(run_dir).exists() and not create:
             raise FileNotFoundError(f"{run_dir}: run directory not found")
-        return create_run(recipe, Path(run_dir))
+        # resolved once: a `latest` symlink may move under a long stage when another run starts
+        return create_run(recipe, Path(run_dir).resolve())
     latest = runs_root_for(recipe) / recipe.name / "latest"
     if latest.exists():
         return create_run(recipe, latest.resolve())
