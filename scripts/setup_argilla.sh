@@ -20,7 +20,7 @@ PYEOF
 }
 have_apt_pkgs() { command -v redis-server >/dev/null 2>&1 && [ -x /usr/bin/chromium ]; }
 
-if [ -f "$stamp" ] && have_apt_pkgs && have_pkgs .venv-argilla/bin/python argilla-server pytest \
+if [ -f "$stamp" ] && have_apt_pkgs && have_pkgs .venv-argilla/bin/python argilla-server pytest orjson \
   && { [ ! -x .venv/bin/python ] || have_pkgs .venv/bin/python playwright; }; then
   exit 0
 fi
@@ -36,11 +36,11 @@ if ! have_apt_pkgs; then
   # Debian's package may start a redis service where an init system runs; we run our own.
 fi
 
-if ! have_pkgs .venv-argilla/bin/python argilla-server pytest; then
+if ! have_pkgs .venv-argilla/bin/python argilla-server pytest orjson; then
   echo "[setup-argilla] creating .venv-argilla with $($PY --version)"
   [ -x .venv-argilla/bin/python ] || "$PY" -m venv .venv-argilla
   .venv-argilla/bin/python -m pip install -q --upgrade pip
-  .venv-argilla/bin/pip install -q argilla-server==2.8.0 argilla==2.8.0 "click<8.2" "huggingface-hub<1.0" "datasets<4" \
+  .venv-argilla/bin/pip install -q argilla-server==2.8.0 argilla==2.8.0 "click<8.2" "huggingface-hub<1.0" "datasets<4" "orjson>=3.9" \
     pytest 2>&1 | grep -v "^WARNING: Location" || true
 fi
 
