@@ -40,7 +40,11 @@ def pick_models(
     recipe: Recipe, run: RunDir, model: str | None, base: str | None, *, need_base: bool = True,
 ) -> tuple[ModelRef, ModelRef | None]:
     """(student, base): `--model` or the newest model under `<run>/train/`; base = `--base` or
-    the recipe's `training.base_model`."""
+    the recipe's `training.base_model`. With `training.backend: openai` the student is the run's
+    fine-tuned model (`train/openai_job.json`), asked through the recipe's `training.openai`
+    endpoint and key; `--model openai:<name>` without `@<url>` gets that endpoint too."""
+    if recipe.training.backend == "openai":
+        return _pick_hosted(recipe, run, model, base, need_base=need_base)
     if model is None:
         found = newest_trained_model(run.path)
         if found is None:
@@ -49,6 +53,31 @@ def pick_models(
         model = str(found)
     student = resolve_model(model, base_override=base)
     base_ref = resolve_model(base or recipe.training.base_model) if need_base else None
+    return student, base_ref
+
+
+def _pick_hosted(
+    recipe: Recipe, run: RunDir, model: str | None, base: str | None, *, need_base: bool,
+) -> tuple[ModelRef, ModelRef | None]:
+    from training.openai_ft import fine_tuned_model_of, resolve_base_url
+
+    spec = recipe.training.openai
+    url = resolve_base_url(spec)
+    if model is None:
+        found = fine_tuned_model_of(run.path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{run.path}/train/openai_job.json: no succeeded fine-tuning job yet; run `stepwise train "
+                "RECIPE --backend openai` or pass `--model openai:<model>`")
+        model = f"openai:{found['fine_tuned_model']}"
+        url = found.get("base_url") or url
+    if model.startswith("openai:") and "@" not in model and url:
+        model = f"{model}@{url}"
+    student = resolve_model(model, base_override=base)
+    if student.kind == "openai":
+        student.info["api_key_env"] = spec.api_key_env
+    # forgetting needs local weights; the hosted base model stands in so the report says why it is skipped
+    base_ref = resolve_model(base or f"openai:{spec.model}" + (f"@{url}" if url else "")) if need_base else None
     return student, base_ref
 
 

@@ -112,7 +112,7 @@ def evaluate_task(
     gen: GenerationResult
     if model.kind == "openai":
         gen = generate_openai(model, prompts, max_new_tokens=spec.max_new_tokens, concurrency=spec.concurrency,
-                              api_key_env=spec.api_key_env, progress=progress)
+                              api_key_env=model.info.get("api_key_env") or spec.api_key_env, progress=progress)
     else:
         gen = generate_local(model, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
                              device=device, progress=progress)

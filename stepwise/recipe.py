@@ -272,6 +272,9 @@ class OpenAIFineTuneSpec(StrictModel):
     learning_rate_multiplier: float | Literal["auto"] = "auto"
     suffix: str | None = Field(None, max_length=64, description="Appended to the fine-tuned model's name.")
     training_price_per_1m_tokens: float = Field(3.0, ge=0, description="USD per 1M training tokens, for the estimate.")
+    max_example_tokens: int | None = Field(
+        None, ge=1, description="Token limit per training example; default the model's documented limit (65,536)."
+    )
     poll_interval_s: float = Field(10.0, gt=0, description="Seconds between job status polls.")
 
 

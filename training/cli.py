@@ -142,14 +142,22 @@ def plan_cmd(
 
 
 def train_cmd(
-    config: Path = typer.Argument(..., help="Axolotl config (from `stepwise configs`)"),
+    config: Path = typer.Argument(..., help="Axolotl config (from `stepwise configs`), or the recipe for --backend openai"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: from the data paths)"),
+    backend: str | None = typer.Option(None, "--backend", help="openai: hosted fine-tuning job from the recipe "
+                                       "(default: the recipe's training.backend)"),
+    detach: bool = typer.Option(False, "--detach", help="openai: create/resume the job and return without polling"),
     cpu: bool = typer.Option(False, "--cpu", help="Apply the CPU profile (no bf16/flash/packing, local model)"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps"),
     merge: bool = typer.Option(False, "--merge", help="LoRA/QLoRA: merge the adapter into the base afterwards"),
     skip_checks: bool = typer.Option(False, "--skip-checks", help="Launch even if our checks fail"),
 ) -> None:
-    """Run Axolotl preprocess + train with progress; logs and loss.csv land in <run>/train/<config>/."""
+    """Run Axolotl preprocess + train with progress; logs and loss.csv land in <run>/train/<config>/.
+    With a recipe whose training.backend is openai (or --backend openai): the hosted fine-tuning job."""
+    from training.openai_ft import is_openai_recipe, train_openai_cli
+
+    if backend == "openai" or (backend is None and is_openai_recipe(config)):
+        raise typer.Exit(train_openai_cli(config, run_dir, detach=detach))
     from training.checks import check_config
     from training.launcher import TrainError, merge_lora, train
 
