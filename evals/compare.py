@@ -84,7 +84,9 @@ def describe(run: dict[str, Any]) -> dict[str, Any]:
     training = (run["recipe"].get("training") or {}) if isinstance(run["recipe"], dict) else {}
     teacher = (run["recipe"].get("teacher") or {}) if isinstance(run["recipe"], dict) else {}
     axo, summary = _axolotl_facts(_train_dir(model_info))
-    if axo:
+    if summary.get("backend") == "trl":  # training.trl_backend: lora / ia3 / prefix_tuning / prompt_tuning
+        modality = summary.get("modality")
+    elif axo:
         modality = axo.get("adapter") or "full"
         if modality == "lora" and (axo.get("load_in_4bit") or model_info.get("quantized")):
             modality = "qlora"
@@ -98,8 +100,8 @@ def describe(run: dict[str, Any]) -> dict[str, Any]:
         "run": Path(run["path"]).name,
         "model": model_info.get("label"),
         "modality": modality,
-        "lora_r": axo.get("lora_r") or model_info.get("r") or training.get("lora_r"),
-        "learning_rate": axo.get("learning_rate") or training.get("learning_rate"),
+        "lora_r": axo.get("lora_r") or summary.get("lora_r") or model_info.get("r") or training.get("lora_r"),
+        "learning_rate": axo.get("learning_rate") or summary.get("learning_rate") or training.get("learning_rate"),
         "dss_output": (run["task"] or {}).get("dss_output") or training.get("dss_output"),
         "teacher_format": teacher.get("format"),
         "trainable_params": _find_number(summary, "trainable") or _find_number(train, "trainable")

@@ -54,7 +54,8 @@ def load_local(model: ModelRef, device: str = "cpu", load_in_4bit: bool = False)
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, str(model.path))
-        if not load_in_4bit:
+        # prompt/prefix tuning (virtual tokens) cannot be merged: generate through the PeftModel
+        if not load_in_4bit and not lm.peft_config[lm.active_adapter].is_prompt_learning:
             lm = lm.merge_and_unload()
     if not load_in_4bit:
         lm = lm.to(device)

@@ -58,7 +58,11 @@ def configs_cmd(
         from stepwise.rundir import resolve_run
 
         run = resolve_run(r, run_dir, create=False)
-    configs = generate_configs(r, run_dir=run.path if run else None, use_data=not no_data, relative_to=Path.cwd())
+    try:
+        configs = generate_configs(r, run_dir=run.path if run else None, use_data=not no_data, relative_to=Path.cwd())
+    except ValueError as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     out_dir = out or Path("axolotl_configs") / r.name
     paths = write_configs(configs, out_dir)
     table = Table("config", "modality", "peak GB", "fits", "checks")
@@ -94,6 +98,7 @@ def plan_cmd(
     optimizer: str | None = typer.Option(None, "--optimizer", help="Default: adamw_torch (full/LoRA), paged_adamw_8bit (QLoRA)"),
     no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing"),
     seeds_table: bool = typer.Option(False, "--seeds-table", help="Reproduce the seeds' VRAM table"),
+    unsloth: bool = typer.Option(False, "--unsloth", help="LoRA/QLoRA with Unsloth's offloaded checkpointing + kernels"),
 ) -> None:
     """Which modality fits the GPU, and how much memory each needs (before renting one)."""
     from training.shapes import resolve_shape
@@ -125,7 +130,7 @@ def plan_cmd(
     for m in ("full", "lora", "qlora"):
         plan = PlanInput(modality=m, lora_r=lora_r, lora_target=target, optimizer=optimizer or default_opt[m],
                          sequence_len=seq, micro_batch_size=micro_batch, gradient_checkpointing=not no_checkpointing,
-                         zero_stage=zero, num_gpus=num_gpus)  # type: ignore[arg-type]
+                         zero_stage=zero, num_gpus=num_gpus, unsloth=unsloth)  # type: ignore[arg-type]
         est = estimate(shape, plan)
         estimates[m] = est
         p = est.parts
@@ -160,8 +165,10 @@ def train_cmd(
         raise typer.Exit(train_openai_cli(config, run_dir, detach=detach))
     from training.checks import check_config
     from training.launcher import TrainError, merge_lora, train
+    from training.trl_backend import is_trl_config
 
-    if cpu:  # check what will run: the config with the CPU profile applied
+    trl = is_trl_config(config)  # training.backend: trl: our own config, no Axolotl CPU profile
+    if cpu and not trl:  # check what will run: the config with the CPU profile applied
         import yaml
 
         from training.checks import local_model_config_dir
@@ -194,7 +201,7 @@ def train_cmd(
 
     try:
         result = train(config, run_dir=run_dir, cpu=cpu, max_steps=max_steps, on_event=on_event)
-        if merge:
+        if merge and not trl:
             merged = merge_lora(result.config_path)
             console.print(f"merged model: {merged}")
     except TrainError as exc:

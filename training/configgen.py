@@ -296,6 +296,10 @@ def generate_configs(
 ) -> list[GeneratedConfig]:
     spec = recipe.training
     base = Path(relative_to or Path.cwd())
+    if spec.backend == "trl":
+        from training.trl_backend import generate_trl_configs
+
+        return generate_trl_configs(recipe, run_dir=run_dir, use_data=use_data, relative_to=base)
     run_path = Path(run_dir) if run_dir else recipe.resolve(recipe.runs_dir) / recipe.name / "latest"  # type: ignore[operator]
     train_path, val_path = run_path / "export" / "train.chat.jsonl", run_path / "export" / "val.chat.jsonl"
     data = inspect_data(train_path, val_path, spec.base_model, use_data)

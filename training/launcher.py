@@ -184,6 +184,11 @@ def train(
 ) -> TrainResult:
     base_dir = base_dir or Path.cwd()
     cfg = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    if isinstance(cfg, dict) and cfg.get("backend") == "trl":  # training.backend: trl (IA3, prefix/prompt tuning)
+        from training import trl_backend
+
+        return trl_backend.train(config_path, run_dir=run_dir, cpu=cpu, max_steps=max_steps, base_dir=base_dir,
+                                 on_event=on_event)
     name = config_path.stem
     run_path = Path(run_dir) if run_dir else infer_run_dir(cfg, base_dir)
     if run_path is None:
