@@ -54,6 +54,13 @@ CPU_OVERRIDES: dict[str, Any] = {
 }
 
 
+# `training.unsloth`: Axolotl 0.19 removed the `unsloth_*` keys (its schema rejects them: "use
+# lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel instead"); its Unsloth integration is now the
+# Unsloth-derived fused LoRA kernels below plus `activation_offloading: legacy`, Axolotl's copy of
+# Unsloth's CPU-offloaded gradient checkpointing (monkeypatch/gradient_checkpointing/offload_cpu.py).
+UNSLOTH_KEYS: dict[str, Any] = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
+
+
 class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True
@@ -130,7 +137,7 @@ def apply_cpu_profile(cfg: dict[str, Any], local_model_dir: str | None = None) -
     if "paged" in str(out.get("optimizer", "")) or "8bit" in str(out.get("optimizer", "")) or \
             "fused" in str(out.get("optimizer", "")):
         out["optimizer"] = "adamw_torch"
-    for key in ("deepspeed", "fsdp", "fsdp_config", "fsdp_version"):
+    for key in ("deepspeed", "fsdp", "fsdp_config", "fsdp_version", "activation_offloading"):
         out.pop(key, None)
     if local_model_dir:
         out["base_model"] = local_model_dir
@@ -282,7 +289,7 @@ def plan_input(spec: TrainingSpec, modality: str, r: int, seq: int, optimizer: s
         modality=modality, dtype="bf16", lora_r=r, lora_target=spec.lora_target, lora_dropout=spec.lora_dropout,
         optimizer=optimizer, sequence_len=seq, micro_batch_size=spec.micro_batch_size,
         gradient_checkpointing=spec.gradient_checkpointing, flash_attention=True,
-        zero_stage=zero_stage(spec), num_gpus=spec.num_gpus,  # type: ignore[arg-type]
+        zero_stage=zero_stage(spec), num_gpus=spec.num_gpus, unsloth=spec.unsloth,  # type: ignore[arg-type]
     )
 
 
@@ -337,6 +344,8 @@ def generate_configs(
         header = _header(recipe_label, name, pt.modality, data, base, est, spec, auto_pick, auto_why,
                          seq_why, epochs_why, packing_why, _rel(run_path, base))
         gc = GeneratedConfig(name=name, modality=pt.modality, config=cfg, header=header, estimate=est, auto_pick=auto_pick)
+        if spec.unsloth and pt.modality != "full":
+            gc.header.append(_unsloth_header(shape, est))
         if spec.profile == "cpu":
             from stepwise.models import resolve_model_dir
 
@@ -399,6 +408,10 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
     cfg["tf32"] = True
     cfg["attn_implementation"] = "flash_attention_2"
     cfg["gradient_checkpointing"] = spec.gradient_checkpointing
+    if spec.unsloth and pt.modality != "full":
+        cfg.update(UNSLOTH_KEYS)
+        if spec.gradient_checkpointing:  # Unsloth's offloaded checkpointing needs checkpointing on
+            cfg["activation_offloading"] = "legacy"
     cfg["logging_steps"] = 1
     cfg["evals_per_epoch"] = 4
     cfg["saves_per_epoch"] = 1
@@ -442,6 +455,16 @@ def _header(recipe_label: str, name: str, modality: str, data: DataInfo, base: P
     else:
         lines.append("Planner: model config not available offline; no memory estimate")
     return lines
+
+
+def _unsloth_header(shape: ModelShape | None, est: Estimate | None) -> str:
+    line = ("Unsloth (training.unsloth): fused LoRA kernels (lora_mlp/qkv/o_kernel) + Unsloth's offloaded gradient "
+            "checkpointing (activation_offloading: legacy); GPU only")
+    if shape is not None and est is not None:
+        from training.vram import offloaded_bytes
+
+        line += f"; planner: {offloaded_bytes(shape, est.plan) / 1e9:.2f} GB of layer inputs held in CPU RAM"
+    return line
 
 
 def write_configs(configs: list[GeneratedConfig], out_dir: Path) -> list[Path]:
