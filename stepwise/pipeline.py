@@ -115,6 +115,10 @@ def _export(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _configs(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    if recipe.training.backend == "openai":  # hosted fine-tuning: the API takes the chat JSONL as it is
+        with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
+            st.extra(backend="openai")
+        return "training.backend openai: no configs (hosted fine-tuning)"
     from training.checks import check_config
     from training.configgen import generate_configs, write_configs
 
@@ -136,6 +140,8 @@ def _configs(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    if recipe.training.backend == "openai":
+        return _train_openai(recipe, run)
     from training.launcher import train
 
     info = run.stage_info("configs") or {}
@@ -147,6 +153,18 @@ def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     losses = result.train_losses  # floats, one per optimizer step
     last = f", last loss {losses[-1]:.4f}" if losses else ""
     return f"{name}: {len(losses)} steps in {result.wall_s:.0f}s{last}"
+
+
+def _train_openai(recipe: Recipe, run: RunDir) -> str:
+    """The hosted job (training.openai_ft): resumes a recorded job; Ctrl-C cancels it (exit 3)."""
+    import sys
+
+    from training.openai_ft import FineTuneRun
+
+    out = FineTuneRun(recipe, run, log=lambda m: print(m, file=sys.stderr, flush=True)).execute()
+    if out.status != "succeeded":
+        raise StageStopped(f"fine-tuning job {out.job_id} {out.status}; recorded in {out.state_path}")
+    return f"{out.fine_tuned_model} ({out.trained_tokens or '?'} trained tokens, job {out.job_id})"
 
 
 def _eval(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:

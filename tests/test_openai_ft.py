@@ -298,3 +298,19 @@ def test_detach_leaves_the_job_running(tmp_path, stub_factory):
     stub.release()
     done = _invoke("train", str(recipe.source_path), "--run-dir", str(run_dir))
     assert done.exit_code == 0 and stub.counts["create"] == 1
+
+
+def test_stepwise_run_stages_use_the_hosted_job(tmp_path, stub_factory, monkeypatch):
+    """`stepwise run`'s configs and train stages with training.backend: openai (no Axolotl configs)."""
+    from stepwise.pipeline import RunOptions, _configs, _train
+
+    stub = stub_factory()
+    recipe, run_dir = make_run(tmp_path, _extra(stub))
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    run = RunDir(run_dir)
+    assert "no configs" in _configs(recipe, run, RunOptions())
+    assert not (run_dir / "configs").exists() or not list((run_dir / "configs").iterdir())
+    summary = _train(recipe, run, RunOptions())
+    job = next(iter(stub.jobs.values()))
+    assert summary.startswith(job["fine_tuned_model"]) and stub.counts["create"] == 1
+    assert _manifest(run_dir)["stages"]["train"]["fine_tuned_model"] == job["fine_tuned_model"]
