@@ -208,8 +208,14 @@ def test_dpo_checks_catch_what_axolotl_ignores(tmp_path):
     # missing SFT checkpoint: a warning at configs time (not trained yet)
     report = check_config(gc.config, base_dir=tmp_path, run_axolotl=False)
     assert any("does not exist yet" in m for m in report.messages("warning"))
-    # rows that are not preference pairs
+    # pairs not exported yet: a warning at configs time (`stepwise run` writes configs before any review)
     prefs = run.path / "export" / "preferences.jsonl"
+    saved = prefs.read_text()
+    prefs.unlink()
+    report = check_config(gc.config, base_dir=tmp_path, run_axolotl=False)
+    assert report.ok and any("stepwise export --preferences" in m for m in report.messages("warning"))
+    prefs.write_text(saved)
+    # rows that are not preference pairs
     prefs.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "a"}) + "\n"
                      + json.dumps({"messages": "x", "chosen": "a"}) + "\n")
     msgs = " ".join(check_config(gc.config, base_dir=tmp_path, run_axolotl=False).messages("error"))

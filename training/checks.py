@@ -340,8 +340,10 @@ def dataset_problems(cfg: dict[str, Any], line: Any, base_dir: Path, allow_missi
                                         f"'{path.name}' (expected {', '.join(sorted(allowed))})",
                                         line((section, i, "ds_type"))))
             if not path.exists():
-                level: Level = "warning" if allow_missing else "error"
+                # DPO's pairs come after review (`stepwise export --preferences`); `stepwise train` stops without them
+                level: Level = "warning" if allow_missing or cfg.get("rl") else "error"
                 hint = " (not yet exported: run `stepwise export`)" if allow_missing else ""
+                hint = " (not yet exported: run `stepwise export --preferences`)" if cfg.get("rl") else hint
                 problems.append(Problem(level, key, f"file not found: {raw}{hint}", where))
                 continue
             if path.is_file() and ds.get("type") == "chat_template" and path.suffix in {".jsonl", ".json"}:

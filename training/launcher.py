@@ -201,6 +201,10 @@ def train(
         if not (start / "config.json").exists():
             raise TrainError(f"{config_path}: DPO starts from the SFT checkpoint {cfg.get('base_model')}, which is not a "
                              "model directory yet: train the SFT config (LoRA/QLoRA: with --merge) first")
+        for ds in cfg.get("datasets") or []:
+            p = Path(str(ds.get("path", ""))).expanduser()
+            if not (p if p.is_absolute() else base_dir / p).exists():
+                raise TrainError(f"{config_path}: {ds.get('path')} not found: run `stepwise export --preferences` first")
     out_dir = run.stage_dir("train") / name
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolve_config(cfg, base_dir=base_dir, out_dir=out_dir, prepared=run.path / "train" / "prepared",
