@@ -59,6 +59,25 @@ def print_task(report: dict[str, Any]) -> None:
             pc.add_row(c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"]))
         out.print(pc)
     out.print(f"parse status: {report['parse_status']}", highlight=False)
+    comp = report.get("base_comparison")
+    if comp:
+        print_base_comparison(comp, report["model"])
+
+
+def print_base_comparison(comp: dict[str, Any], student: str) -> None:
+    table = Table(title=f"student vs base: {student} vs {comp['base']} on the same {comp['n_paired']} test rows"
+                        + (" (base cached)" if comp.get("cached") else ""))
+    for col in ("metric", "base %", "student %", "student - base (pts) [95% CI]", "p", "verdict"):
+        table.add_column(col)
+    for name, m in comp["metrics"].items():
+        lo, hi = m["delta_ci"]
+        change = f"{100 * m['delta']:+.1f}" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo is not None else "")
+        p = m.get("mcnemar_p") if m.get("mcnemar_p") is not None else m.get("p_value")
+        table.add_row(name, _fmt(m["base"]), _fmt(m["student"]), change, "-" if p is None else f"{p:.3f}",
+                      m["verdict"])
+    out.print(table)
+    color = "green" if comp.get("learned") else "yellow"
+    out.print(f"[{color}]{comp['summary']}[/{color}]", highlight=False)
 
 
 def print_forgetting(rep: dict[str, Any]) -> None:
@@ -99,6 +118,9 @@ def register(app: typer.Typer) -> None:
         base: str = typer.Option(None, "--base", help="Base model to compare against (default: training.base_model)"),
         skip_task: bool = typer.Option(False, "--skip-task", help="Only the forgetting eval"),
         skip_forgetting: bool = typer.Option(False, "--skip-forgetting", help="Only the task eval"),
+        compare_base: bool = typer.Option(None, "--compare-base/--no-compare-base",
+                                          help="Run the base model on the test items too and report student vs "
+                                               "base (default: eval.task.compare_base)"),
     ) -> None:
         """Did the student learn the task, and did it forget what it knew? Writes eval/task.json and
         eval/forgetting.json; exits 4 when forgetting exceeds eval.forgetting.max_drop."""
@@ -111,7 +133,7 @@ def register(app: typer.Typer) -> None:
         try:
             run = resolve_run(r, run_dir, create=False)
             outcome = run_eval(r, run, model=model, base=base, skip_task=skip_task, skip_forgetting=skip_forgetting,
-                               log=lambda m: console.print(m, highlight=False, markup=False), progress_factory=_Bar)
+                               compare_base=compare_base, log=lambda m: console.print(m, highlight=False, markup=False), progress_factory=_Bar)
         except ContaminationError as exc:
             console.print(f"[red]contamination[/red]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None

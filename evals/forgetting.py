@@ -57,12 +57,59 @@ def cache_key(model: ModelRef, task: PreparedTask, batch_size: int, device: str)
     return sha256_text(json.dumps(ident, sort_keys=True))[:20]
 
 
+class EndpointLogprobsError(RuntimeError):
+    """The OpenAI-compatible endpoint cannot score prompts (no echo + logprobs on /v1/completions)."""
+
+
+def endpoint_lm_eval_args(model: ModelRef, tokenizer: Path, *, concurrency: int = 1) -> str:
+    """`model_args` for lm-eval's `local-completions` model: the endpoint's /v1/completions, prompts
+    sent as token ids of the local tokenizer (lm-eval needs it to split context from continuation)."""
+    url = (model.base_url or "").rstrip("/") + "/completions"
+    return (f"model={model.model_name},base_url={url},tokenizer_backend=huggingface,tokenizer={tokenizer},"
+            f"num_concurrent={concurrency},max_retries=3,tokenized_requests=True")
+
+
+def probe_endpoint_logprobs(model: ModelRef, api_key: str | None = None, timeout: float = 30.0) -> None:
+    """lm-eval's loglikelihood asks /v1/completions for the prompt's own token logprobs
+    (`echo: true, logprobs: 1, max_tokens: 1`). Ask once for a short prompt and raise a clear error
+    when the endpoint does not give them (hosted chat-only APIs; servers without echo support)."""
+    import httpx
+
+    url = (model.base_url or "").rstrip("/") + "/completions"
+    body = {"model": model.model_name, "prompt": "The capital of France is Paris", "max_tokens": 1, "logprobs": 1,
+            "echo": True, "temperature": 0}
+    why = None
+    try:
+        resp = httpx.post(url, json=body, timeout=timeout,
+                          headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+        if resp.status_code != 200:
+            why = f"HTTP {resp.status_code} from {url}: {resp.text[:200]}"
+        else:
+            lp = ((resp.json().get("choices") or [{}])[0].get("logprobs") or {})
+            toks = lp.get("token_logprobs")
+            if not isinstance(toks, list) or len(toks) < 3 or not isinstance(lp.get("top_logprobs"), list):
+                why = f"{url} answered without the prompt's token logprobs (echo + logprobs)"
+    except (httpx.HTTPError, ValueError) as exc:
+        why = f"{url}: {exc}"
+    if why:
+        raise EndpointLogprobsError(
+            f"the endpoint {model.label} cannot give prompt logprobs, which lm-eval's loglikelihood "
+            f"benchmarks need ({why}). Serve the student with vLLM (its /v1/completions supports "
+            "`echo` + `logprobs`), or evaluate forgetting on the local weights: `--model <dir>`.")
+
+
 def evaluate_model(
     model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int = 8, device: str | None = None,
-    cache_dir: Path | None = None, log=print,
+    cache_dir: Path | None = None, log=print, tokenizer: Path | None = None, concurrency: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Per benchmark: {metric, value, n, items: [score per question in file order], wall_s, cached}."""
+    """Per benchmark: {metric, value, n, items: [score per question in file order], wall_s, cached}.
+    An endpoint (`openai:` model) is scored through lm-eval's `local-completions` with `tokenizer`
+    (the base model's), never cached: what it serves can change under the same name."""
     device = device or default_device()
+    if not model.is_local:
+        cache_dir = None
+        if tokenizer is None:
+            raise ValueError("an endpoint's forgetting eval needs a local tokenizer (the base model's dir)")
     results: dict[str, dict[str, Any]] = {}
     todo: list[PreparedTask] = []
     for t in tasks:
@@ -74,7 +121,8 @@ def evaluate_model(
             todo.append(t)
     if todo:
         log(f"lm-eval: {model.label} on {', '.join(f'{t.benchmark.name} ({t.n})' for t in todo)} [{device}]")
-        fresh = _run_lm_eval(model, todo, task_dir, batch_size=batch_size, device=device)
+        fresh = _run_lm_eval(model, todo, task_dir, batch_size=batch_size, device=device, tokenizer=tokenizer,
+                             concurrency=concurrency)
         for t in todo:
             res = fresh[t.benchmark.name]
             res["cached"] = False
@@ -84,7 +132,8 @@ def evaluate_model(
     return {t.benchmark.name: results[t.benchmark.name] for t in tasks}
 
 
-def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int, device: str):
+def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int, device: str,
+                 tokenizer: Path | None = None, concurrency: int = 1):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -95,8 +144,13 @@ def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, 
         logging.getLogger(name).setLevel(logging.WARNING)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False, verbosity="WARNING")
     started = time.time()
+    if model.is_local:
+        lm, args = "hf", model.lm_eval_args()
+    else:
+        assert tokenizer is not None
+        lm, args = "local-completions", endpoint_lm_eval_args(model, tokenizer, concurrency=concurrency)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=model.lm_eval_args(), tasks=[t.benchmark.task for t in tasks],
+        model=lm, model_args=args, tasks=[t.benchmark.task for t in tasks],
         batch_size=batch_size, device=device, task_manager=manager, log_samples=True,
         bootstrap_iters=0, verbosity="WARNING",
     )

@@ -4,13 +4,21 @@ manifest entry, and decide the gate."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.base_compare import BASE_PREDICTIONS, BASE_REPORT, compare_to_base, evaluate_base_task
 from evals.benchmarks import prepare_tasks
-from evals.forgetting import default_device, evaluate_model, forgetting_report
+from evals.forgetting import (
+    EndpointLogprobsError,
+    default_device,
+    evaluate_model,
+    forgetting_report,
+    probe_endpoint_logprobs,
+)
 from evals.modelref import ModelRef, count_parameters, newest_trained_model, resolve_model
 from evals.task_eval import (
     HEADLINE_TASK,
@@ -112,17 +120,25 @@ def _pool_benchmarks(path: str) -> set[str]:
 
 def run_eval(
     recipe: Recipe, run: RunDir, *, model: str | None = None, base: str | None = None, skip_task: bool = False,
-    skip_forgetting: bool = False, log=print, progress_factory=None,
+    skip_forgetting: bool = False, compare_base: bool | None = None, log=print, progress_factory=None,
 ) -> EvalOutcome:
     eval_dir = run.stage_dir("eval")
     fspec = recipe.eval.forgetting
-    need_base = fspec.enabled and not skip_forgetting
-    student, base_ref = pick_models(recipe, run, model, base, need_base=need_base)
+    need_forgetting = fspec.enabled and not skip_forgetting
+    if compare_base is None:
+        compare_base = recipe.eval.task.compare_base
+    compare_base = compare_base and recipe.eval.task.enabled and not skip_task
+    student, base_ref = pick_models(recipe, run, model, base, need_base=need_forgetting)
     outcome = EvalOutcome()
+    if compare_base and base_ref is None:  # only the comparison needs it: a missing base is a note, not an error
+        try:
+            base_ref = resolve_model(base or recipe.training.base_model)
+        except (FileNotFoundError, ValueError) as exc:
+            outcome.notes.append(f"student vs base skipped: {exc}")
     test_path = run.path / "curate" / "test.jsonl"
     inputs = [p for p in (test_path,) if p.exists()]
     params = {"model": student.identity(), "base": base_ref.identity() if base_ref else None, "eval": recipe.eval.model_dump(),
-              "skip_task": skip_task, "skip_forgetting": skip_forgetting}
+              "skip_task": skip_task, "skip_forgetting": skip_forgetting, "compare_base": compare_base}
     with run.stage("eval", inputs=inputs, params=params) as st:
         model_info = {"label": student.label, "kind": student.kind, "spec": student.spec,
                       "path": str(student.path) if student.path else None,
@@ -148,16 +164,29 @@ def run_eval(
                                       if k in report["metrics"]}
                 report.update(model_info=model_info, contamination=contamination, recipe=recipe.name,
                               run=str(run.path), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                if compare_base and base_ref is not None:
+                    report["base_comparison"] = _base_comparison(
+                        recipe, student, base_ref, rows, report, preds, eval_dir, device, outcome, log,
+                        progress_factory)
+                    if report["base_comparison"] is not None:
+                        outcome.outputs += [eval_dir / BASE_REPORT, eval_dir / BASE_PREDICTIONS]
                 atomic_write_jsonl(predictions_path(eval_dir), preds)
                 atomic_write_json(eval_dir / "task.json", report)
                 outcome.task = report
                 outcome.outputs += [eval_dir / "task.json", predictions_path(eval_dir)]
         # -- forgetting --------------------------------------------------------------------------
-        if need_base and base_ref is not None:
+        if need_forgetting and base_ref is not None:
+            endpoint_error = None
             if not student.is_local:
-                outcome.notes.append("forgetting eval skipped: it needs local weights (lm-eval loglikelihood), "
-                                     "not an endpoint; pass the model dir with --model")
-            else:
+                try:
+                    if not base_ref.is_local:
+                        raise EndpointLogprobsError("the base model must be local (its tokenizer splits prompts)")
+                    probe_endpoint_logprobs(student, os.environ.get(recipe.eval.task.api_key_env))
+                except EndpointLogprobsError as exc:
+                    endpoint_error = str(exc)
+                    outcome.notes.append(f"forgetting eval NOT run: {exc}")
+                    st.extra(forgetting_error=endpoint_error)
+            if endpoint_error is None:
                 device = _device(fspec.device)
                 fdir = eval_dir / "forgetting"
                 data_dir = recipe.resolve(fspec.data_dir) if fspec.data_dir else None
@@ -170,7 +199,9 @@ def run_eval(
                 before = evaluate_model(base_ref, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
                                         cache_dir=fdir / "cache", log=log)
                 after = evaluate_model(student, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
-                                       cache_dir=fdir / "cache", log=log)
+                                       cache_dir=fdir / "cache", log=log,
+                                       tokenizer=(base_ref.path or base_ref.base) if not student.is_local else None,
+                                       concurrency=recipe.eval.task.concurrency)
                 rep = forgetting_report(before, after, max_drop=fspec.max_drop, relative=fspec.drop_kind == "relative",
                                         in_domain=in_domain_benchmarks(recipe, run) & set(before),
                                         n_boot=recipe.eval.task.bootstrap)
@@ -195,6 +226,33 @@ def run_eval(
         if outcome.task:
             st.counts(test_rows=outcome.task["n"])
     return outcome
+
+
+def _base_comparison(
+    recipe: Recipe, student: ModelRef, base_ref: ModelRef, rows: list[dict[str, Any]], report: dict[str, Any],
+    preds: list[dict[str, Any]], eval_dir: Path, device: str, outcome: EvalOutcome, log, progress_factory,
+) -> dict[str, Any] | None:
+    """The base model on the same test items, paired with the student (None, with a note, when skipped)."""
+    if student.identity() == base_ref.identity():
+        outcome.notes.append("student vs base skipped: the evaluated model is the base model")
+        return None
+    limit = recipe.eval.task.limit
+    n = len(rows[:limit] if limit else rows)
+    log(f"task eval: base {base_ref.label} on the same {n} test rows [{device}] (eval.task.compare_base)")
+    bar = progress_factory(n, "generating (base)") if progress_factory else None
+    try:
+        base_report, base_preds, cached = evaluate_base_task(recipe, base_ref, rows, eval_dir, device=device,
+                                                             progress=bar.advance if bar else None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        outcome.notes.append(f"student vs base skipped: the base model {base_ref.label} could not be run ({exc})")
+        return None
+    finally:
+        if bar:
+            bar.close()
+    comparison = compare_to_base(report, preds, base_report, base_preds, n_boot=recipe.eval.task.bootstrap,
+                                 labels=list(recipe.task.label_set) if recipe.task.is_classification else None)
+    comparison["cached"] = cached
+    return comparison
 
 
 def _device(setting: str) -> str:

@@ -342,6 +342,10 @@ class TaskEvalSpec(StrictModel):
     device: str = Field("auto", description="`auto` (cuda when present, else cpu), `cpu`, `cuda`, `cuda:1`...")
     concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight for an OpenAI-compatible endpoint.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's API key.")
+    compare_base: bool = Field(
+        True, description="Also run `training.base_model` on the same test items and report student vs base "
+        "(paired, bootstrap 95% CIs); cached in the run. `stepwise eval --no-compare-base` skips it once.",
+    )
 
 
 ForgettingBenchmark = Literal["mmlu", "arc_easy", "arc_challenge", "hellaswag", "gsm8k", "truthfulqa_mc1"]

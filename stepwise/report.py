@@ -255,12 +255,30 @@ def _task(run: RunDir) -> str:
     out = f"<p>Model: <code>{_e(task.get('model', {}).get('label') if isinstance(task.get('model'), dict) else task.get('model'))}</code>, "
     out += f"{_e(task.get('n', task.get('items', '?')))} test items.</p>"
     out += _table(["metric", "value", "95% CI (bootstrap)"], rows)
+    out += _base_comparison(task.get("base_comparison"))
     per_class = (task.get("metrics") or {}).get("per_class") or task.get("per_class")
     if isinstance(per_class, dict):
         out += _table(["class", "precision", "recall", "support"],
                       [[_e(c), _fmt(m.get("precision")), _fmt(m.get("recall")), _e(m.get("support", ""))]
                        for c, m in per_class.items() if isinstance(m, dict)])
     return out
+
+
+def _base_comparison(comp: dict | None) -> str:
+    """Student vs base on the same test items (eval.task.compare_base)."""
+    if not isinstance(comp, dict) or not comp.get("metrics"):
+        return ""
+    rows = []
+    for name, m in comp["metrics"].items():
+        lo, hi = (m.get("delta_ci") or [None, None])[:2]
+        ci = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" if isinstance(lo, float) and isinstance(hi, float) else "-"
+        delta = f"{100 * m['delta']:+.1f}" if isinstance(m.get("delta"), float) else "-"
+        rows.append([_e(name), _fmt(m.get("base")), _fmt(m.get("student")), delta, ci, _e(m.get("verdict", ""))])
+    verdict = '<span class="ok">' if comp.get("learned") else '<span class="bad">'
+    out = (f"<p>Student vs base model <code>{_e(comp.get('base'))}</code> on the same {_e(comp.get('n_paired'))} "
+           f"test items: {verdict}{_e(comp.get('summary', ''))}</span></p>")
+    return out + _table(["metric", "base", "student", "student - base (pts)", "95% CI (paired bootstrap)", "verdict"],
+                        rows)
 
 
 def _forgetting(run: RunDir) -> str:

@@ -126,6 +126,20 @@ def test_stepwise_eval_real_lm_eval(setup):
     assert len(task["confusion"]["matrix"]) == 6 and task["contamination"]["overlaps"] == 0
     assert task["model_info"]["kind"] == "adapter" and task["model_info"]["parameters"]["trainable"] > 0
     assert len((ev / "task_predictions.jsonl").read_text().splitlines()) == N_TEST
+    # student vs base on the same test items (eval.task.compare_base, on by default)
+    comp = task["base_comparison"]
+    base_task = json.loads((ev / "base_task.json").read_text())
+    base_preds = [json.loads(line) for line in (ev / "base_task_predictions.jsonl").read_text().splitlines()]
+    assert comp["base"] == "smollm2-135m-instruct" == base_task["model"] and comp["n_paired"] == N_TEST
+    acc = comp["metrics"]["accuracy"]
+    assert acc["base"] == pytest.approx(base_task["metrics"]["accuracy"]["value"])
+    assert acc["student"] == pytest.approx(task["metrics"]["accuracy"]["value"])
+    assert acc["delta"] == pytest.approx(acc["student"] - acc["base"])
+    assert acc["delta_ci"][0] <= acc["delta"] <= acc["delta_ci"][1]
+    assert acc["gained"] + acc["lost"] <= N_TEST and set(comp["metrics"]) >= {"accuracy", "macro_f1", "invalid_rate"}
+    assert [p["id"] for p in base_preds] == [p["id"] for p in
+                                             map(json.loads, (ev / "task_predictions.jsonl").read_text().splitlines())]
+    assert "student vs base" in res.output and comp["cached"] is False
 
     forg = json.loads((ev / "forgetting.json").read_text())
     assert set(forg["benchmarks"]) == {"mmlu", "arc_easy"}
@@ -206,3 +220,106 @@ def test_compare_real_runs(setup, tmp_path):
     assert len(data["table"]) == 2 and data["runs"][1]["vs_first"]["delta"] == 0.0
     assert (tmp_path / "cmp" / "compare.svg").read_text().startswith("<svg")
     assert "accuracy" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+class _LogprobServer:
+    """A /v1/completions endpoint on 127.0.0.1 that scores prompts with a real local model
+    (`echo` + `logprobs`, as vLLM answers lm-eval's loglikelihood requests)."""
+
+    def __init__(self, model_dir: Path):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.requests = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompts = body["prompt"]
+                if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+                    prompts = [prompts]
+                with lock:
+                    outer.requests += 1
+                    choices = [outer.score(p, i) for i, p in enumerate(prompts)]
+                data = json.dumps({"object": "text_completion", "model": body["model"], "choices": choices}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def score(self, prompt, index: int) -> dict:
+        import torch
+
+        ids = self.tok(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        nxt = int(logp[-1].argmax())
+        token_lp = [None] + [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))] + [float(logp[-1, nxt])]
+        all_ids = ids + [nxt]
+        top = [None] + [{self.tok.decode([int(logp[i - 1].argmax())]): float(logp[i - 1].max())}
+                        for i in range(1, len(all_ids))]
+        return {"index": index, "text": self.tok.decode([nxt]), "finish_reason": "length",
+                "logprobs": {"tokens": [self.tok.decode([t]) for t in all_ids], "token_logprobs": token_lp,
+                             "top_logprobs": top}}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_forgetting_eval_through_endpoint_matches_local(setup, tmp_path):
+    """lm-eval's `local-completions` against an OpenAI-compatible endpoint serving the same weights
+    scores every question as the local `hf` run does; an endpoint without prompt logprobs is named
+    in a clear note and the forgetting eval is not run."""
+    from evals.benchmarks import prepare_tasks
+    from evals.forgetting import EndpointLogprobsError, evaluate_model, probe_endpoint_logprobs
+    from evals.modelref import resolve_model
+    from stepwise.models import resolve_model_dir
+
+    base_dir = resolve_model_dir("smollm2-135m-instruct")
+    tasks = prepare_tasks(["arc_easy"], 4, 0, tmp_path / "f")
+    srv = _LogprobServer(base_dir)
+    try:
+        endpoint = resolve_model(f"openai:smollm2@{srv.base_url}")
+        probe_endpoint_logprobs(endpoint)
+        remote = evaluate_model(endpoint, tasks, tmp_path / "f" / "tasks", batch_size=4, device="cpu",
+                                tokenizer=base_dir, log=lambda m: None)
+        local = evaluate_model(resolve_model("smollm2-135m-instruct"), tasks, tmp_path / "f" / "tasks",
+                               batch_size=4, device="cpu", log=lambda m: None)
+        assert srv.requests > 1
+    finally:
+        srv.stop()
+    assert remote["arc_easy"]["n"] == local["arc_easy"]["n"] == 4
+    assert remote["arc_easy"]["items"] == local["arc_easy"]["items"]
+    assert remote["arc_easy"]["cached"] is False
+
+    from stepwise.testing.openai_stub import OpenAIStub
+
+    with OpenAIStub() as chat_only:  # chat completions only: no prompt logprobs
+        with pytest.raises(EndpointLogprobsError, match="cannot give prompt logprobs"):
+            probe_endpoint_logprobs(resolve_model(f"openai:m@{chat_only.base_url}"))
+        run2 = tmp_path / "endpoint-run"
+        shutil.copytree(setup["run"], run2, ignore=shutil.ignore_patterns("eval"))
+        res = CliRunner().invoke(_app(), ["eval", str(setup["recipe"]), "--run-dir", str(run2), "--skip-task",
+                                          "--model", f"openai:m@{chat_only.base_url}"])
+    assert res.exit_code == 0, res.output
+    assert "forgetting eval NOT run" in res.output and "cannot give prompt logprobs" in res.output

@@ -291,3 +291,32 @@ def test_full_benchmark_data_dir(tmp_path):
         pytest.skip("shared/data not present")
     t = prepare_tasks(["arc_challenge"], None, 0, tmp_path, data_dir=full)[0]
     assert t.n == t.available == 1172
+
+
+def test_compare_to_base_hand_checked():
+    """Student vs base on 4 shared items (a 5th only the student answered is not paired)."""
+    from evals.base_compare import compare_to_base, verdict
+    from evals.classification import macro_f1
+
+    gold = ["a", "a", "b", "b"]
+    base_pred = ["a", None, None, "a"]  # 1/4 correct, 2 invalid
+    student_pred = ["a", "a", "b", "a"]  # 3/4 correct, 0 invalid
+    def rows(preds):
+        return [{"id": i, "gold": g, "pred": p, "correct": float(g == p)} for i, (g, p) in enumerate(zip(gold, preds, strict=True))]
+    student_rows = rows(student_pred) + [{"id": 99, "gold": "a", "pred": "a", "correct": 1.0}]
+    comp = compare_to_base({"task_type": "classification"}, student_rows, {"model": "base", "headline": {}},
+                           rows(base_pred), n_boot=300, labels=["a", "b"])
+    assert comp["n_paired"] == 4 and comp["base"] == "base"
+    acc = comp["metrics"]["accuracy"]
+    assert (acc["base"], acc["student"], acc["delta"]) == (0.25, 0.75, 0.5)
+    assert (acc["gained"], acc["lost"]) == (2, 0) and acc["mcnemar_p"] == 0.5  # exact binomial, 2 discordant
+    inv = comp["metrics"]["invalid_rate"]
+    assert (inv["base"], inv["student"]) == (0.5, 0.0)
+    f1 = comp["metrics"]["macro_f1"]
+    assert f1["delta"] == pytest.approx(macro_f1(gold, student_pred, ["a", "b"]) - macro_f1(gold, base_pred, ["a", "b"]))
+    assert f1["delta_ci"][0] <= f1["delta"] <= f1["delta_ci"][1]
+    assert comp["main_metric"] == "accuracy" and "0.25" not in comp["summary"] and "25.0%" in comp["summary"]
+    # verdicts: a CI excluding 0 decides; lower is better for invalid_rate
+    assert verdict(0.2, [0.05, 0.3]) == "better" and verdict(-0.2, [-0.3, -0.1]) == "worse"
+    assert verdict(0.1, [-0.1, 0.3]) == "no clear difference"
+    assert verdict(-0.5, [-0.8, -0.2], lower_is_better=True) == "better"
