@@ -101,6 +101,7 @@ def probe_endpoint_logprobs(model: ModelRef, api_key: str | None = None, timeout
 def evaluate_model(
     model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int = 8, device: str | None = None,
     cache_dir: Path | None = None, log=print, tokenizer: Path | None = None, concurrency: int = 1,
+    api_key: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per benchmark: {metric, value, n, items: [score per question in file order], wall_s, cached}.
     An endpoint (`openai:` model) is scored through lm-eval's `local-completions` with `tokenizer`
@@ -122,7 +123,7 @@ def evaluate_model(
     if todo:
         log(f"lm-eval: {model.label} on {', '.join(f'{t.benchmark.name} ({t.n})' for t in todo)} [{device}]")
         fresh = _run_lm_eval(model, todo, task_dir, batch_size=batch_size, device=device, tokenizer=tokenizer,
-                             concurrency=concurrency)
+                             concurrency=concurrency, api_key=api_key)
         for t in todo:
             res = fresh[t.benchmark.name]
             res["cached"] = False
@@ -133,7 +134,7 @@ def evaluate_model(
 
 
 def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int, device: str,
-                 tokenizer: Path | None = None, concurrency: int = 1):
+                 tokenizer: Path | None = None, concurrency: int = 1, api_key: str | None = None):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -149,11 +150,22 @@ def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, 
     else:
         assert tokenizer is not None
         lm, args = "local-completions", endpoint_lm_eval_args(model, tokenizer, concurrency=concurrency)
-    out = lm_eval.simple_evaluate(
-        model=lm, model_args=args, tasks=[t.benchmark.task for t in tasks],
-        batch_size=batch_size, device=device, task_manager=manager, log_samples=True,
-        bootstrap_iters=0, verbosity="WARNING",
-    )
+    # lm-eval's API models read the key from OPENAI_API_KEY only: set it for this call when the
+    # recipe names another variable
+    saved = os.environ.get("OPENAI_API_KEY")
+    if api_key and not model.is_local:
+        os.environ["OPENAI_API_KEY"] = api_key
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm, model_args=args, tasks=[t.benchmark.task for t in tasks],
+            batch_size=batch_size, device=device, task_manager=manager, log_samples=True,
+            bootstrap_iters=0, verbosity="WARNING",
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = saved
     wall = time.time() - started
     results: dict[str, dict[str, Any]] = {}
     for t in tasks:

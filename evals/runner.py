@@ -176,12 +176,13 @@ def run_eval(
                 outcome.outputs += [eval_dir / "task.json", predictions_path(eval_dir)]
         # -- forgetting --------------------------------------------------------------------------
         if need_forgetting and base_ref is not None:
-            endpoint_error = None
+            endpoint_error, api_key = None, None
             if not student.is_local:
                 try:
                     if not base_ref.is_local:
                         raise EndpointLogprobsError("the base model must be local (its tokenizer splits prompts)")
-                    probe_endpoint_logprobs(student, os.environ.get(recipe.eval.task.api_key_env))
+                    api_key = os.environ.get(student.info.get("api_key_env") or recipe.eval.task.api_key_env)
+                    probe_endpoint_logprobs(student, api_key)
                 except EndpointLogprobsError as exc:
                     endpoint_error = str(exc)
                     outcome.notes.append(f"forgetting eval NOT run: {exc}")
@@ -201,7 +202,7 @@ def run_eval(
                 after = evaluate_model(student, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
                                        cache_dir=fdir / "cache", log=log,
                                        tokenizer=(base_ref.path or base_ref.base) if not student.is_local else None,
-                                       concurrency=recipe.eval.task.concurrency)
+                                       concurrency=recipe.eval.task.concurrency, api_key=api_key)
                 rep = forgetting_report(before, after, max_drop=fspec.max_drop, relative=fspec.drop_kind == "relative",
                                         in_domain=in_domain_benchmarks(recipe, run) & set(before),
                                         n_boot=recipe.eval.task.bootstrap)
