@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled
 export TOKENIZERS_PARALLELISM=false
 RECIPE=${RECIPE:-examples/support-tickets/recipe.yaml}
-STEPS=${DEMO_MAX_STEPS:-4}
+STEPS=${DEMO_MAX_STEPS:-40}
 start=$(date +%s)
 set +e
 .venv/bin/stepwise run "$RECIPE" --new-run --cpu --max-steps "$STEPS"
