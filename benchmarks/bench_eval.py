@@ -5,7 +5,9 @@ For each MMLU subset size (default 100 and 500 questions, the bundled determinis
   (b) `stepwise eval <recipe> --run-dir <run> --model smollm2-135m-instruct --skip-task` (ours;
       the base model is both "before" and "after", so the second pass is served from the cache),
 each in a fresh process with the same model, task YAML, batch size and device, alternating the
-order across repeats; reports wall time and accuracy of both (they must agree: same harness).
+order across repeats (or, with `--concurrent`, both at the same time, so that on a shared machine
+both see the same load); reports wall time, CPU time, load average and accuracy of both (they
+must agree: same harness).
 Extra `--accuracy-benchmarks` are run once through stepwise for SmolLM2-135M's measured scores.
 
 Usage: .venv/bin/python benchmarks/bench_eval.py [--sizes 100 500] [--repeats 1] [--out bench_eval.json]
@@ -15,6 +17,7 @@ Not a test: it takes minutes on CPU. Results go into BENCHMARKS.md (## Evaluatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,12 +43,42 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def timed_pair(cmds: dict[str, list[str]]) -> dict[str, tuple[int, str, float, float]]:
+    """Start the commands at the same moment and wait for all: {name: (returncode, stderr tail,
+    wall s, CPU s)}. Run side by side, both see the same machine load for the same minutes."""
+    with contextlib.ExitStack() as stack:  # log files: a pipe left unread would block the child
+        logs = {name: stack.enter_context(tempfile.TemporaryFile("w+")) for name in cmds}
+        return _wait_pair(cmds, logs)
+
+
+def _wait_pair(cmds: dict[str, list[str]], logs: dict) -> dict[str, tuple[int, str, float, float]]:
+    started = time.time()
+    procs = {name: subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=logs[name])
+             for name, cmd in cmds.items()}
+    by_pid = {p.pid: name for name, p in procs.items()}
+    out: dict[str, tuple[int, str, float, float]] = {}
+    while len(out) < len(procs):
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in by_pid:
+            continue
+        name = by_pid[pid]
+        procs[name].returncode = os.waitstatus_to_exitcode(status)
+        logs[name].seek(0)
+        err = logs[name].read()[-3000:]
+        out[name] = (procs[name].returncode, err, time.time() - started, usage.ru_utime + usage.ru_stime)
+    return out
+
+
 def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run a command; (result, wall seconds, CPU seconds of the child). CPU time is the fairer
     measure on a machine shared with other jobs."""
     cpu0, started = _children_cpu(), time.time()
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     return proc, time.time() - started, _children_cpu() - cpu0
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
 BIN = Path(PY).parent
 
 
@@ -65,12 +98,14 @@ def run_stepwise(root: Path, benchmarks: list[str], n: int, batch_size: int, dev
     recipe = _recipe(root, benchmarks, n, batch_size, device)
     run_dir = root / "runs" / f"{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    load0 = _load()
     proc, wall, cpu = timed([str(BIN / "stepwise"), "eval", str(recipe), "--run-dir", str(run_dir), "--model",
                              "smollm2-135m-instruct", "--skip-task"])
     if proc.returncode != 0:
         raise RuntimeError(f"stepwise eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rep = json.loads((run_dir / "eval" / "forgetting.json").read_text())
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "accuracy": {b: r["before"]["value"] for b, r in rep["benchmarks"].items()},
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load": [load0, _load()],
+            "accuracy": {b: r["before"]["value"] for b, r in rep["benchmarks"].items()},
             "ci": {b: [r["before"]["ci_low"], r["before"]["ci_high"]] for b, r in rep["benchmarks"].items()},
             "lm_eval_wall_s": {b: r["before_wall_s"] for b, r in rep["lm_eval"]["runs"].items()},
             "task_dir": rep["lm_eval"]["task_dir"]}
@@ -83,12 +118,56 @@ def run_cli(task_dir: str, n: int, batch_size: int, device: str, out: Path) -> d
     cmd = [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model},dtype=auto",
            "--tasks", "stepwise_mmlu", "--include_path", task_dir, "--batch_size", str(batch_size),
            "--device", device, "--output_path", str(out)]
+    load0 = _load()
     proc, wall, cpu = timed(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"lm_eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     results = sorted(out.rglob("results_*.json"))[-1]
     acc = json.loads(results.read_text())["results"]["stepwise_mmlu"]["acc,none"]
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "accuracy": {"mmlu": acc}, "cmd": " ".join(cmd)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load": [load0, _load()], "accuracy": {"mmlu": acc},
+            "cmd": " ".join(cmd)}
+
+
+def stepwise_cmd(root: Path, n: int, batch_size: int, device: str, tag: str) -> tuple[list[str], Path]:
+    recipe = _recipe(root, ["mmlu"], n, batch_size, device)
+    run_dir = root / "runs" / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return [str(BIN / "stepwise"), "eval", str(recipe), "--run-dir", str(run_dir), "--model",
+            "smollm2-135m-instruct", "--skip-task"], run_dir
+
+
+def cli_cmd(task_dir: str, batch_size: int, device: str, out: Path) -> list[str]:
+    from stepwise.models import resolve_model_dir
+
+    model = resolve_model_dir("smollm2-135m-instruct")
+    return [str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={model},dtype=auto",
+            "--tasks", "stepwise_mmlu", "--include_path", task_dir, "--batch_size", str(batch_size),
+            "--device", device, "--output_path", str(out)]
+
+
+def run_concurrent(root: Path, n: int, rep: int, batch_size: int, device: str) -> dict:
+    """Both tools at the same time on the same task (the stepwise stderr is kept for errors)."""
+    from evals.benchmarks import prepare_tasks
+
+    prep = root / f"prep-{n}-{rep}"
+    prepare_tasks(["mmlu"], n, 0, prep)
+    scmd, run_dir = stepwise_cmd(root, n, batch_size, device, f"conc-{n}-{rep}")
+    ccmd = cli_cmd(str(prep / "tasks"), batch_size, device, root / f"conc-cli-{n}-{rep}")
+    load0 = _load()
+    res = timed_pair({"stepwise": scmd, "cli": ccmd})
+    for name, (rc, err, _, _) in res.items():
+        if rc != 0:
+            raise RuntimeError(f"{name} failed ({rc}):\n{err}")
+    rep_json = json.loads((run_dir / "eval" / "forgetting.json").read_text())
+    cli_json = json.loads(sorted((root / f"conc-cli-{n}-{rep}").rglob("results_*.json"))[-1].read_text())
+    row = {"n": n, "repeat": rep, "order": "concurrent", "load": [load0, _load()],
+           "stepwise": {"wall_s": round(res["stepwise"][2], 2), "cpu_s": round(res["stepwise"][3], 2),
+                        "accuracy": {"mmlu": rep_json["benchmarks"]["mmlu"]["before"]["value"]},
+                        "lm_eval_wall_s": rep_json["lm_eval"]["runs"]["mmlu"]["before_wall_s"]},
+           "cli": {"wall_s": round(res["cli"][2], 2), "cpu_s": round(res["cli"][3], 2),
+                   "accuracy": {"mmlu": cli_json["results"]["stepwise_mmlu"]["acc,none"]}, "cmd": " ".join(ccmd)}}
+    row["ratio_stepwise_over_cli"] = {k: round(row["stepwise"][k] / row["cli"][k], 3) for k in ("wall_s", "cpu_s")}
+    return row
 
 
 def main() -> None:
@@ -101,6 +180,8 @@ def main() -> None:
                                                                   "truthfulqa_mc1"])
     ap.add_argument("--accuracy-size", type=int, default=100)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "bench_eval.json")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the two tools at the same time (same load on a shared machine) instead of in turn")
     args = ap.parse_args()
     import torch
 
@@ -110,9 +191,19 @@ def main() -> None:
     results: dict = {"meta": meta, "mmlu": [], "accuracy": {}}
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         root = Path(tmp)
+        pair = 0  # the order alternates from one pair of runs to the next, across sizes too
         for n in args.sizes:
             for rep in range(args.repeats):
-                order = ["stepwise", "cli"] if (rep + n) % 2 == 0 else ["cli", "stepwise"]
+                if args.concurrent:
+                    row = run_concurrent(root, n, rep, args.batch_size, args.device)
+                    print(json.dumps(row), flush=True)
+                    print(f"n={n} repeat {rep} (concurrent): stepwise/cli wall {row['ratio_stepwise_over_cli']['wall_s']}, "
+                          f"CPU {row['ratio_stepwise_over_cli']['cpu_s']}", flush=True)
+                    results["mmlu"].append(row)
+                    args.out.write_text(json.dumps(results, indent=2))
+                    continue
+                order = ["stepwise", "cli"] if pair % 2 == 0 else ["cli", "stepwise"]
+                pair += 1
                 row: dict = {"n": n, "repeat": rep, "order": order}
                 task_dir = None
                 for who in order:
@@ -129,7 +220,12 @@ def main() -> None:
                         row["cli"] = run_cli(task_dir, n, args.batch_size, args.device, root / f"cli-{n}-{rep}")
                     print(json.dumps({who: row[who]}), flush=True)
                 row["loadavg"] = os.getloadavg()
+                row["ratio_stepwise_over_cli"] = {k: round(row["stepwise"][k] / row["cli"][k], 3)
+                                                  for k in ("wall_s", "cpu_s")}
                 print(json.dumps(row), flush=True)
+                print(f"n={n} repeat {rep} ({' then '.join(order)}): stepwise/cli wall "
+                      f"{row['ratio_stepwise_over_cli']['wall_s']}, CPU {row['ratio_stepwise_over_cli']['cpu_s']}",
+                      flush=True)
                 results["mmlu"].append(row)
                 args.out.write_text(json.dumps(results, indent=2))
         if args.accuracy_benchmarks:
