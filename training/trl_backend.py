@@ -151,6 +151,8 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         f"sequence_len: {seq_why}; learning_rate: "
         + ("recipe" if spec.learning_rate else f"default for {modality}"),
     ]
+    if spec.dpo.enabled:
+        header.append("training.dpo: DPO configs are written for backend axolotl only (Axolotl's rl: dpo)")
     if spec.modality == "prefix_tuning" and spec.gradient_checkpointing:
         header.append("gradient_checkpointing off: prefix tuning's past_key_values do not survive it in transformers 5")
     return [GeneratedConfig(name=name, modality=modality, config=cfg, header=header, estimate=None)]
