@@ -22,6 +22,7 @@ import copy
 import difflib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -209,6 +210,31 @@ def _is_local_path(path: str, ds: dict[str, Any]) -> bool:
         or path.startswith((".", "/", "~"))
 
 
+def _check_jsonl_rows(path: Path, key: str, line: int | None,
+                      check_row: Callable[[str, Any], str | None]) -> tuple[list[Problem], int]:
+    """Count the non-blank rows of a JSONL file and check each (up to MAX_ROW_ERRORS problems):
+    bad JSON is reported here, anything else by `check_row(where, row)` returning a message."""
+    problems: list[Problem] = []
+    rows = 0
+    with path.open(encoding="utf-8") as fh:
+        for line_no, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            rows += 1
+            if len(problems) >= MAX_ROW_ERRORS:
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                problems.append(Problem("error", key, f"{where}: invalid JSON ({exc.msg})", line))
+                continue
+            message = check_row(where, row)
+            if message:
+                problems.append(Problem("error", key, message, line))
+    return problems, rows
+
+
 def check_chat_rows(path: Path, ds: dict[str, Any], key: str, line: int | None) -> tuple[list[Problem], int]:
     """Every row is `{field_messages: [{role, content}, ...]}` with a role to train on."""
     field_messages = ds.get("field_messages") or "messages"
@@ -218,34 +244,22 @@ def check_chat_rows(path: Path, ds: dict[str, Any], key: str, line: int | None) 
     roles_map = ds.get("roles") or {}
     valid_roles = CHAT_ROLES | {alias for aliases in roles_map.values() for alias in (aliases or [])}
     to_train = set(ds.get("roles_to_train") or ["assistant"])
-    problems: list[Problem] = []
-    rows = 0
-    with path.open(encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            rows += 1
-            if len(problems) >= MAX_ROW_ERRORS:
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problems.append(Problem("error", key, f"{where}: invalid JSON ({exc.msg})", line))
-                continue
-            msgs = row.get(field_messages) if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                problems.append(Problem("error", key, f"{where}: no `{field_messages}` list: not a chat_template row "
-                                        "(expected {\"messages\": [{\"role\", \"content\"}, ...]})", line))
-                continue
-            bad = [m for m in msgs if not isinstance(m, dict) or not isinstance(m.get(content_key), str)
-                   or m.get(role_key) not in valid_roles]
-            if bad:
-                problems.append(Problem("error", key, f"{where}: message {json.dumps(bad[0])[:120]} lacks a valid "
-                                        f"`{role_key}` ({', '.join(sorted(CHAT_ROLES))}) or string `{content_key}`", line))
-                continue
-            if not any(m.get(role_key) in to_train for m in msgs):
-                problems.append(Problem("error", key, f"{where}: no {'/'.join(sorted(to_train))} turn to train on", line))
+
+    def check_row(where: str, row: Any) -> str | None:
+        msgs = row.get(field_messages) if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            return (f"{where}: no `{field_messages}` list: not a chat_template row "
+                    "(expected {\"messages\": [{\"role\", \"content\"}, ...]})")
+        bad = [m for m in msgs if not isinstance(m, dict) or not isinstance(m.get(content_key), str)
+               or m.get(role_key) not in valid_roles]
+        if bad:
+            return (f"{where}: message {json.dumps(bad[0])[:120]} lacks a valid "
+                    f"`{role_key}` ({', '.join(sorted(CHAT_ROLES))}) or string `{content_key}`")
+        if not any(m.get(role_key) in to_train for m in msgs):
+            return f"{where}: no {'/'.join(sorted(to_train))} turn to train on"
+        return None
+
+    problems, rows = _check_jsonl_rows(path, key, line, check_row)
     if rows == 0:
         problems.append(Problem("error", key, f"{path}: empty dataset", line))
     return problems, rows
@@ -254,36 +268,23 @@ def check_chat_rows(path: Path, ds: dict[str, Any], key: str, line: int | None) 
 def check_preference_rows(path: Path, ds: dict[str, Any], key: str, line: int | None) -> tuple[list[Problem], int]:
     """DPO rows for `chat_template.*`: a prompt message list and one assistant message (or string) per side."""
     fields = {f: ds.get(f"field_{f}") or f for f in ("messages", "chosen", "rejected")}
-    problems: list[Problem] = []
-    rows = 0
-    with path.open(encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            rows += 1
-            if len(problems) >= MAX_ROW_ERRORS:
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problems.append(Problem("error", key, f"{where}: invalid JSON ({exc.msg})", line))
-                continue
-            msgs = row.get(fields["messages"]) if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not msgs or any(
-                    not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str)
-                    for m in msgs):
-                problems.append(Problem("error", key, f"{where}: `{fields['messages']}` must be the prompt as a list "
-                                        "of {role, content} messages", line))
-                continue
-            sides = {side: row.get(fields[side]) for side in ("chosen", "rejected")}
-            bad = [side for side, v in sides.items() if not (isinstance(v, str) or (
-                isinstance(v, dict) and v.get("role") == "assistant" and isinstance(v.get("content"), str)))]
-            if bad:
-                problems.append(Problem("error", key, f"{where}: `{fields[bad[0]]}` must be an assistant message "
-                                        "{role: assistant, content} or a string", line))
-            elif sides["chosen"] == sides["rejected"]:
-                problems.append(Problem("error", key, f"{where}: chosen and rejected are identical: no preference", line))
+
+    def check_row(where: str, row: Any) -> str | None:
+        msgs = row.get(fields["messages"]) if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not msgs or any(
+                not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str)
+                for m in msgs):
+            return f"{where}: `{fields['messages']}` must be the prompt as a list of {{role, content}} messages"
+        sides = {side: row.get(fields[side]) for side in ("chosen", "rejected")}
+        bad = [side for side, v in sides.items() if not (isinstance(v, str) or (
+            isinstance(v, dict) and v.get("role") == "assistant" and isinstance(v.get("content"), str)))]
+        if bad:
+            return f"{where}: `{fields[bad[0]]}` must be an assistant message {{role: assistant, content}} or a string"
+        if sides["chosen"] == sides["rejected"]:
+            return f"{where}: chosen and rejected are identical: no preference"
+        return None
+
+    problems, rows = _check_jsonl_rows(path, key, line, check_row)
     if rows == 0:
         problems.append(Problem("error", key, f"{path}: no preference pairs (`stepwise export --preferences` found no "
                                 "reviewer corrections)", line))
