@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_review.py [--records 100000] [--dim 384] [--queries 40]
 
 Starts its own embedded server in a temporary state dir (free loopback ports), logs N records
-with metadata, a suggestion and a `dim`-d vector through the SDK's bulk API, then times the calls
+with metadata, a suggestion and a `dim`-d vector through the bulk API the way `stepwise review push`
+sends them (SDK record models, `curation.review_argilla.bulk_upsert`), then times the calls
 the web UI makes, through the server:
 - list:        the annotator's queue (POST /me/datasets/{id}/records/search, pending for me)
 - filter:      metadata terms + range filters and a suggestion-score filter
@@ -36,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from argilla_embedded.server import EmbeddedServer, free_port  # noqa: E402
+from curation.review_argilla import bulk_upsert  # noqa: E402
 
 WORDS = ["refund", "charge", "card", "invoice", "crash", "login", "password", "error", "shipping", "delay", "parcel", "office", "hours", "account", "upgrade", "plan", "cancel", "subscription", "screen", "mobile", "browser", "payment", "bank", "transfer"]
 LABELS = ["billing", "technical", "shipping", "account", "general"]
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=2, help="concurrent bulk senders")
     ap.add_argument("--state-dir", type=Path, default=None, help="keep the server state here (default: temp)")
     ap.add_argument("--keep", action="store_true", help="leave the server running")
+    ap.add_argument("--sdk-upsert", action="store_true",
+                    help="send with the SDK's own RecordsAPI.bulk_upsert (stdlib json, re-parses the echo) for A/B")
     ap.add_argument("--log-only", action="store_true", help="time logging only (no query timings)")
     args = ap.parse_args()
 
@@ -139,7 +143,10 @@ def main() -> None:
                 rec.dataset = ds
                 models.append(rec.api_model())
             c = _client()
-            c.api.records.bulk_upsert(dataset_id=ds.id, records=models)
+            if args.sdk_upsert:
+                c.api.records.bulk_upsert(dataset_id=ds.id, records=models)
+            else:
+                bulk_upsert(c, ds.id, models)  # what `stepwise review push` sends with
             return len(models)
 
         pids = srv.read_info().pids  # type: ignore[union-attr]
@@ -164,7 +171,8 @@ def main() -> None:
         if args.log_only:
             print(json.dumps({"records": args.records, "dim": args.dim, "logging_s": round(log_s, 1),
                               "logging_records_per_s": round(rate), "cpu_s_per_1k_records": cpu_per_1k,
-                              "load_average": load, "senders": args.senders, "batch": args.batch}, indent=2))
+                              "load_average": load, "senders": args.senders, "batch": args.batch,
+                              "upsert": "sdk" if args.sdk_upsert else "stepwise"}, indent=2))
             return
 
         # -- the UI's calls -----------------------------------------------------------------------

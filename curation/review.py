@@ -225,14 +225,17 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
 
 def _send(client: Any, dataset: Any, batch: list[tuple[dict[str, Any], Any]], report: PushReport) -> None:
     """Upsert a batch (by external id = row id); when the server refuses it, split it to find and
-    report the bad records. Uses the SDK's API layer: `records.log` re-parses the returned records
-    and the 2.8 SDK fails on a discarded response without values."""
+    report the bad records. Uses the SDK's record models and error handling (`bulk_upsert`):
+    `records.log` re-parses the returned records and the 2.8 SDK fails on a discarded response
+    without values."""
+    from curation.review_argilla import bulk_upsert
+
     try:
         models = []
         for _, rec in batch:
             rec.dataset = dataset
             models.append(rec.api_model())
-        client.api.records.bulk_upsert(dataset_id=dataset.id, records=models)
+        bulk_upsert(client, dataset.id, models)
         report.sent += len(batch)
     except Exception as exc:  # noqa: BLE001 - the server's message goes into the report
         if len(batch) == 1:

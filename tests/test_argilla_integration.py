@@ -203,3 +203,22 @@ def test_record_update_and_delete_reach_the_index(sdk_dataset) -> None:
     stored = next(iter(ds.records(query=rg.Query(filter=rg.Filter(("id", "==", "r119"))), with_responses=False)))
     ds.records.delete([stored])
     assert _count(ds, query="zebra") == 0 and _count(ds) == 119
+
+
+def test_bulk_requests_end_their_connection_so_workers_share_the_load(argilla_srv, sdk_dataset) -> None:
+    """A bulk records reply says `Connection: close` (the next bulk goes to whichever web worker is
+    free); other replies keep the connection alive. The bulk itself is stored as usual."""
+    import httpx
+
+    _, ds = sdk_dataset
+    with httpx.Client(base_url=argilla_srv.url, headers={"X-Argilla-Api-Key": argilla_srv.api_key}) as http:
+        me = http.get("/api/v1/me")
+        assert me.status_code == 200 and me.headers.get("connection", "").lower() != "close"
+        item = {"external_id": "conn-1", "fields": {"text": "keep-alive probe"}, "metadata": {"split": "train"}}
+        bulk = http.put(f"/api/v1/datasets/{ds.id}/records/bulk", json={"items": [item]})
+        assert bulk.status_code == 200, bulk.text
+        assert bulk.headers["connection"] == "close"
+        assert [it["external_id"] for it in bulk.json()["items"]] == ["conn-1"]
+        assert http.get("/api/v1/me").status_code == 200  # the client reconnects on its own
+        # leave the module's dataset as the other tests expect it
+        http.delete(f"/api/v1/datasets/{ds.id}/records", params={"ids": bulk.json()["items"][0]["id"]}).raise_for_status()

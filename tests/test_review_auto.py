@@ -223,3 +223,64 @@ def test_credentials_file_is_private(tmp_path: Path) -> None:
     assert len(creds.password) >= 12 and len(creds.api_key) >= 32 and creds.password != "12345678"
     assert srv.credentials() == creds
     assert EmbeddedServer(tmp_path / "other")._new_credentials("x").api_key != creds.api_key
+
+
+def _fake_sdk_client(handler):
+    """What `bulk_upsert` touches of an `rg.Argilla` client, over an in-memory transport."""
+    import httpx
+    from argilla._api._records import RecordsAPI
+
+    http = httpx.Client(base_url="http://argilla.test", transport=httpx.MockTransport(handler))
+    return SimpleNamespace(api=SimpleNamespace(http_client=http, records=RecordsAPI(http_client=http)))
+
+
+def _record_models(n: int):
+    import uuid
+
+    from argilla._models import RecordModel, SuggestionModel, VectorModel
+    from argilla._models._record._metadata import MetadataModel
+
+    return [RecordModel(
+        id=uuid.uuid4(), external_id=f"row-{i}", fields={"input": f"ticket {i} é ✓", "rationale": "r"},
+        metadata=[MetadataModel(name="cluster_size", value=i), MetadataModel(name="agreement", value=0.1 * i)],
+        vectors=[VectorModel(name="emb", vector_values=[0.1 * i, -1e-7, 3.0, 1 / 3])],
+        suggestions=[SuggestionModel(question_name="label", question_id=uuid.uuid4(), value="billing",
+                                     score=0.9, agent="teacher")],
+    ) for i in range(n)]
+
+
+def test_bulk_upsert_sends_what_the_sdk_sends() -> None:
+    """Same URL, method and JSON values as the SDK's `RecordsAPI.bulk_upsert` (stdlib json, via
+    httpx), and the updated count from the reply."""
+    from curation.review_argilla import bulk_upsert
+
+    models = _record_models(3)
+    seen: list = []
+
+    def handler(request):
+        import httpx
+
+        seen.append((request.method, request.url.path, request.headers["content-type"], json.loads(request.content)))
+        return httpx.Response(200, json={"items": [], "updated_item_ids": [str(models[0].id)]})
+
+    client = _fake_sdk_client(handler)
+    dataset_id = "2f6a9c6e-0000-4000-8000-000000000001"
+    assert bulk_upsert(client, dataset_id, models) == 1
+    client.api.records.bulk_upsert(dataset_id=dataset_id, records=models)  # the SDK's own request
+    ours, sdks = seen
+    assert ours == sdks
+    assert ours[1] == f"/api/v1/datasets/{dataset_id}/records/bulk" and ours[0] == "PUT"
+    assert ours[3]["items"][2]["vectors"]["emb"] == [0.2, -1e-7, 3.0, 1 / 3]
+
+
+def test_bulk_upsert_raises_the_sdks_errors() -> None:
+    import httpx
+    from argilla._exceptions import UnprocessableEntityError
+
+    from curation.review_argilla import bulk_upsert
+
+    client = _fake_sdk_client(lambda request: httpx.Response(422, json={"detail": "Record at position 1 is not valid"}))
+    with pytest.raises(UnprocessableEntityError, match="position 1 is not valid"):
+        bulk_upsert(client, "d", _record_models(2))
+    with pytest.raises(ValueError, match="more than 500"):
+        bulk_upsert(client, "d", _record_models(501))
