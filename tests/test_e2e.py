@@ -8,6 +8,7 @@ configs checked by Axolotl, a real CPU training step, task + lm-eval forgetting 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,3 +120,36 @@ def test_example_end_to_end(tmp_path, example, limit):
                                                                     offline=True))
     assert {o.stage: o.status for o in again.outcomes if o.stage not in ("report",)} == {
         k: "skipped" for k in statuses if k != "report"}
+
+
+@pytest.mark.slow
+def test_trl_backend_through_stepwise_run(tmp_path):
+    """`training.backend: trl` through the whole pipeline: the configs stage writes a TRL config,
+    the train stage trains an IA3 adapter with it, and the eval stage scores that adapter. The data
+    is small enough to leave the val split empty, which must not stop training."""
+    with OpenAIStub() as stub:
+        recipe_path = small_copy("support-tickets", tmp_path, stub.base_url, 24)
+        data = yaml.safe_load(recipe_path.read_text())
+        data["training"].update(backend="trl", modality="ia3")
+        data["eval"]["task"]["limit"] = 4
+        data["eval"]["forgetting"]["enabled"] = False
+        recipe_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        recipe = load_recipe(recipe_path)
+        run = create_run(recipe)
+        summary = run_pipeline(recipe, run, RunOptions(cpu=True, max_steps=2, progress=False, until_stage="eval"))
+    statuses = {o.stage: o.status for o in summary.outcomes}
+    errors = {f.name: f.read_text()[-3000:] for f in run.path.glob("*.error.txt")}
+    assert summary.exit_code == 0, (statuses, errors)
+    assert all(statuses[s] == "done" for s in ("generate", "curate", "review", "export", "configs", "train", "eval"))
+    [config] = (run.path / "configs").glob("*.yaml")
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg["backend"] == "trl"
+    # 24 inputs leave the val split empty: the config trains without an eval set instead of failing
+    assert (run.path / "export" / "val.chat.jsonl").read_text() == "" and "val_file" not in cfg
+    adapter = run.path / "train" / config.stem
+    assert len((adapter / "loss.csv").read_text().splitlines()) == 1 + 2  # header + 2 steps
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    task = json.loads((run.path / "eval" / "task.json").read_text())
+    assert task["n"] == 4
+    assert task["model_info"]["kind"] == "adapter" and task["model_info"]["peft_type"] == "IA3"
+    assert task["model_info"]["path"] == str(adapter)

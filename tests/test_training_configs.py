@@ -227,3 +227,27 @@ def test_committed_example_configs_are_current_and_valid():
         cfg = yaml.safe_load((REPO / rel).read_text())
         assert "not yet generated" in (REPO / rel).read_text()
         assert cfg["datasets"][0]["path"].startswith("examples/") and "/latest/export/" in cfg["datasets"][0]["path"]
+
+
+@pytest.mark.parametrize("backend", ["axolotl", "trl"])
+def test_empty_val_split_trains_without_an_eval_set(tmp_path, backend):
+    """Tiny data can leave the val split empty; Axolotl and TRL both stop on an empty dataset, so
+    the config leaves the eval set out, says why, and passes the checks."""
+    extra = "micro_batch_size: 2\nmodality: lora\n" + ("backend: trl\n" if backend == "trl" else "")
+    recipe, run_dir = make_run(tmp_path, extra, n_val=0)
+    assert (run_dir / "export" / "val.chat.jsonl").read_text() == ""
+    [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)
+    assert "No validation rows in val.chat.jsonl" in gc.text()
+    if backend == "trl":
+        assert "val_file" not in gc.config
+    else:
+        assert not {"test_datasets", "evals_per_epoch", "eval_sample_packing"} & set(gc.config)
+    [path] = write_configs([gc], tmp_path / "configs")
+    report = check_config(path, base_dir=tmp_path)
+    assert report.ok, report.messages()
+    # with validation rows the eval set is there
+    (tmp_path / "with-val").mkdir()
+    recipe, run_dir = make_run(tmp_path / "with-val", extra, n_val=3)
+    [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path / "with-val")
+    assert ("val_file" in gc.config) if backend == "trl" else ("test_datasets" in gc.config)
+    assert "No validation rows" not in gc.text()

@@ -162,6 +162,17 @@ class DataInfo:
     def present(self) -> bool:
         return self.train_rows is not None
 
+    @property
+    def val_empty(self) -> bool:
+        """The export ran and left no validation rows (tiny data): train without an eval set, since
+        Axolotl and TRL both stop on an empty dataset."""
+        return self.present and not self.val_rows
+
+    @property
+    def val_note(self) -> str:
+        return (f"No validation rows in {self.val.name} (the val split is empty): no eval set, no eval loss; "
+                "add rows or raise curation's val fraction to get one")
+
 
 @dataclass
 class GeneratedConfig:
@@ -338,8 +349,8 @@ def generate_configs(
     for pt in sweep_points(spec):
         name = "-".join([recipe.name, *pt.tags])
         optimizer = spec.optimizer or DEFAULT_OPTIMIZER[pt.modality]
-        cfg = _config_dict(recipe, pt, name, seq, epochs, packing, optimizer, shape,
-                           _rel(train_path, base), _rel(val_path, base), _rel(run_path / "train", base))
+        cfg = _config_dict(recipe, pt, name, seq, epochs, packing, optimizer, shape, _rel(train_path, base),
+                           None if data.val_empty else _rel(val_path, base), _rel(run_path / "train", base))
         est = estimate(shape, plan_input(spec, pt.modality, pt.lora_r, seq, optimizer)) if shape else None
         header = _header(recipe_label, name, pt.modality, data, base, est, spec, auto_pick, auto_why,
                          seq_why, epochs_why, packing_why, _rel(run_path, base))
@@ -361,7 +372,7 @@ def generate_configs(
 
 
 def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, packing: bool, optimizer: str,
-                 shape: ModelShape | None, train: str, val: str, train_root: str) -> dict[str, Any]:
+                 shape: ModelShape | None, train: str, val: str | None, train_root: str) -> dict[str, Any]:
     spec = recipe.training
     ds = {"path": train, "ds_type": "json", "type": "chat_template", "field_messages": "messages",
           "message_property_mappings": {"role": "role", "content": "content"},
@@ -372,7 +383,8 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
     if key in KNOWN_SPECIAL_TOKENS:
         cfg["special_tokens"] = dict(KNOWN_SPECIAL_TOKENS[key])
     cfg["datasets"] = [ds]
-    cfg["test_datasets"] = [{**ds, "path": val, "split": "train"}]
+    if val is not None:
+        cfg["test_datasets"] = [{**ds, "path": val, "split": "train"}]
     cfg["val_set_size"] = 0.0
     cfg["dataset_prepared_path"] = f"{train_root}/prepared"
     cfg["output_dir"] = f"{train_root}/{name}"
@@ -391,7 +403,8 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
             cfg["lora_target_modules"] = list(ATTENTION_TARGETS)
     cfg["sequence_len"] = seq
     cfg["sample_packing"] = packing
-    cfg["eval_sample_packing"] = packing
+    if val is not None:
+        cfg["eval_sample_packing"] = packing
     cfg["pad_to_sequence_len"] = packing
     cfg["micro_batch_size"] = spec.micro_batch_size
     cfg["gradient_accumulation_steps"] = spec.gradient_accumulation_steps
@@ -413,7 +426,8 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
         if spec.gradient_checkpointing:  # Unsloth's offloaded checkpointing needs checkpointing on
             cfg["activation_offloading"] = "legacy"
     cfg["logging_steps"] = 1
-    cfg["evals_per_epoch"] = 4
+    if val is not None:
+        cfg["evals_per_epoch"] = 4
     cfg["saves_per_epoch"] = 1
     cfg["save_total_limit"] = 2
     if spec.deepspeed:
@@ -444,6 +458,8 @@ def _header(recipe_label: str, name: str, modality: str, data: DataInfo, base: P
         else:
             lines.append(f"  {label}: {_rel(path, base)}  sha256 not yet generated "
                          "(`stepwise train` hashes it into the run manifest)")
+    if data.val_empty:
+        lines.append(data.val_note)
     lines.append(f"sequence_len: {seq_why}; num_epochs: {epochs_why}; sample_packing: {packing_why}")
     if est is not None:
         gpus = f"{spec.num_gpus} x {spec.gpu_memory_gb:g} GB" if spec.num_gpus > 1 else f"{spec.gpu_memory_gb:g} GB"

@@ -135,7 +135,7 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         gradient_accumulation_steps=spec.gradient_accumulation_steps, sequence_len=seq,
         gradient_checkpointing=spec.gradient_checkpointing and modality != "prefix_tuning",
         bf16=False if spec.profile == "cpu" else "auto",
-        train_file=_rel(train_path, base), val_file=_rel(val_path, base),
+        train_file=_rel(train_path, base), val_file=None if data.val_empty else _rel(val_path, base),
         output_dir=_rel(run_path / "train" / name, base),
     ).model_dump(exclude_none=True)
     if modality != "lora":
@@ -151,6 +151,8 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         f"sequence_len: {seq_why}; learning_rate: "
         + ("recipe" if spec.learning_rate else f"default for {modality}"),
     ]
+    if data.val_empty:
+        header.append(data.val_note)
     if spec.dpo.enabled:
         header.append("training.dpo: DPO configs are written for backend axolotl only (Axolotl's rl: dpo)")
     if spec.modality == "prefix_tuning" and spec.gradient_checkpointing:
