@@ -226,8 +226,8 @@ def test_dpo_checks_catch_what_axolotl_ignores(tmp_path):
 def test_dpo_trains_on_cpu(tmp_path):
     """A few real DPO steps through Axolotl on SmolLM2-135M (LoRA; reference = adapter disabled).
 
-    To stay within the test budget the SFT checkpoint is the base SmolLM2 itself
-    (`training.dpo.sft_checkpoint`); the SFT -> merge -> DPO chain of paths is covered above."""
+    The SFT checkpoint is the base SmolLM2 itself (`training.dpo.sft_checkpoint`, the override);
+    the real SFT -> merge -> DPO chain is `test_sft_merge_dpo_chain_on_cpu`."""
     from stepwise.models import resolve_model_dir
     from training.launcher import train
 
@@ -248,3 +248,35 @@ def test_dpo_trains_on_cpu(tmp_path):
     assert resolved["rl"] == "dpo" and resolved["base_model"] == str(sft)
     stage = json.loads((run.path / "manifest.json").read_text())["stages"]["train_dpo"]
     assert stage["status"] == "done" and stage["counts"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_sft_merge_dpo_chain_on_cpu(tmp_path):
+    """The chain as a user runs it, with no override: `stepwise train <sft lora> --merge`, then the
+    generated DPO config (whose base_model is `<run>/train/<sft>/merged`) trains from that merged
+    SFT model. The DPO reference is the SFT model (fresh adapter disabled), so the first DPO loss is
+    ln 2 here too, now measured against the SFT weights rather than the base."""
+    from curation.export import run_export
+    from training.launcher import train
+
+    recipe, run = _run(tmp_path, _reviewed_rows(9), extra="  modality: lora\n  learning_rate: 5.0e-4")
+    run_export(recipe, run)
+    run_export_preferences(recipe, run)
+    configs = generate_configs(recipe, run_dir=run.path, relative_to=tmp_path)
+    paths = dict(zip([c.name for c in configs], write_configs(configs, tmp_path / "configs"), strict=True))
+    assert set(paths) == {"tickets-dpo-lora", "tickets-dpo-lora-dpo"}
+    proc = subprocess.run([sys.executable, "-c", "from stepwise.cli import app; app()", "train",
+                           str(paths["tickets-dpo-lora"]), "--run-dir", str(run.path), "--cpu", "--max-steps", "2",
+                           "--merge"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    merged = run.path / "train" / "tickets-dpo-lora" / "merged"
+    assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
+
+    result = train(paths["tickets-dpo-lora-dpo"], run_dir=run.path, cpu=True, max_steps=2, base_dir=tmp_path)
+    resolved = yaml.safe_load((result.out_dir / "axolotl.yaml").read_text())
+    assert resolved["rl"] == "dpo" and Path(resolved["base_model"]).resolve() == merged.resolve()
+    with (result.out_dir / "loss.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["kind"] == "train"]
+    assert len(rows) == 2 and abs(float(rows[0]["loss"]) - math.log(2)) < 1e-3, rows
+    stages = json.loads((run.path / "manifest.json").read_text())["stages"]
+    assert stages["train"]["status"] == "done" and stages["train_dpo"]["status"] == "done"
