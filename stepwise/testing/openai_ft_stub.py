@@ -27,9 +27,11 @@ import time
 from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import default as email_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from stepwise.testing.loopback import LoopbackServer
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -47,7 +49,7 @@ class StubFTConfig:
     base_models: tuple[str, ...] = ("gpt-4o-mini-2024-07-18", "gpt-4.1-mini-2025-04-14", "gpt-3.5-turbo-0125")
 
 
-class OpenAIFineTuneStub:
+class OpenAIFineTuneStub(LoopbackServer):
     def __init__(self, config: StubFTConfig | None = None, port: int = 0):
         self.config = config or StubFTConfig()
         self._lock = threading.Lock()
@@ -96,29 +98,11 @@ class OpenAIFineTuneStub:
                     status, payload = stub._route("POST", self.path, body, self.headers)
                     self._send(status, payload)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._listen(Handler, port)
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def start(self) -> OpenAIFineTuneStub:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
+    # -- lifecycle (start/stop/context manager: LoopbackServer) -------------------------------
+    def _before_stop(self) -> None:
         self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> OpenAIFineTuneStub:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def release(self) -> None:
         """Let held jobs finish (their remaining run time counts from now)."""

@@ -20,9 +20,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from stepwise.testing.loopback import LoopbackServer
 
 FAULTS = ("429", "500", "503", "timeout", "drop", "truncated", "malformed", "garbage", "wrong_label", "length")
 
@@ -40,7 +42,7 @@ class StubConfig:
     log_path: Path | None = None
 
 
-class OpenAIStub:
+class OpenAIStub(LoopbackServer):
     def __init__(self, config: StubConfig | None = None, port: int = 0):
         self.config = config or StubConfig()
         self._rng = random.Random(self.config.seed)
@@ -91,34 +93,12 @@ class OpenAIStub:
                     return
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._listen(Handler, port)
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> OpenAIStub:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
+    # -- lifecycle (start/stop/context manager: LoopbackServer) -------------------------------
+    def _before_stop(self) -> None:
         self._stopping.set()
         self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> OpenAIStub:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def release(self) -> None:
         self._release.set()
