@@ -32,6 +32,21 @@ def _bad_input(exc: Exception) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
+def _call_reporting(stage, *args):
+    """Run a stage function: bad data files exit 2 with the message, warnings are printed after."""
+    from stepwise.io import DataFileError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = stage(*args)
+        except DataFileError as exc:
+            raise _bad_input(exc) from None
+    for w in caught:
+        console.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+    return result
+
+
 def print_funnel(report: dict) -> None:
     table = Table("step", "in", "out", "removed / moved", title="curation funnel")
     for s in report["steps"]:
@@ -62,18 +77,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Validate, filter, dedup, decontaminate, balance and split teacher responses."""
         from curation.curate import run_curate
-        from stepwise.io import DataFileError
 
         r, run = _run(recipe, run_dir)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                report = run_curate(r, run)
-            except DataFileError as exc:
-                raise _bad_input(exc) from None
-        for w in caught:
-            console.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
-        print_funnel(report)
+        print_funnel(_call_reporting(run_curate, r, run))
         console.print(f"[green]ok[/green] wrote {run.path / 'curate'}", highlight=False)
 
     @app.command()
@@ -86,20 +92,12 @@ def register(app: typer.Typer) -> None:
         """Write the training files: OpenAI chat JSONL (+ line-aligned lineage); with --preferences, the
         DPO preference pairs from rows reviewers corrected."""
         from curation.export import run_export
-        from stepwise.io import DataFileError
 
         r, run = _run(recipe, run_dir)
         if preferences:
             _export_preferences(r, run)
             return
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                summary = run_export(r, run)
-            except DataFileError as exc:
-                raise _bad_input(exc) from None
-        for w in caught:
-            console.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
+        summary = _call_reporting(run_export, r, run)
         console.print(
             f"[green]ok[/green] {run.path / 'export'}: train {summary['train']['examples']} examples, "
             f"val {summary['val']['examples']} ({summary['dss_output']}); longest {summary['max_tokens']} tokens "
