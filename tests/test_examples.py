@@ -44,16 +44,19 @@ def test_label_only_twin_differs_only_in_target():
     assert twin == dss
 
 
-@pytest.mark.parametrize("example", ["support-tickets"])
-def test_recorded_teacher_cache_covers_every_input(tmp_path, example):
+@pytest.mark.parametrize(("example", "recipe_file"), [
+    ("support-tickets", "recipe.yaml"), ("nl2dsl", "recipe.yaml"),
+    ("nl2dsl", "recipe.label-only.yaml"),  # the ablation twin reads the same recorded responses
+])
+def test_recorded_teacher_cache_covers_every_input(tmp_path, example, recipe_file):
     """Replays the committed cache with `--offline` (a miss is an error) on a copy of the example."""
     src = EXAMPLES / example
-    recipe = load_recipe(src / "recipe.yaml")
+    recipe = load_recipe(src / recipe_file)
     assert recipe.teacher.cache, "the example should ship a recorded teacher cache"
     dst = tmp_path / example
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "*.sqlite-*"))
     proc = subprocess.run(
-        [sys.executable, "-m", "stepwise", "generate", str(dst / "recipe.yaml"), "--new-run", "--offline",
+        [sys.executable, "-m", "stepwise", "generate", str(dst / recipe_file), "--new-run", "--offline",
          "--no-progress"], capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
