@@ -251,3 +251,33 @@ def test_empty_val_split_trains_without_an_eval_set(tmp_path, backend):
     [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path / "with-val")
     assert ("val_file" in gc.config) if backend == "trl" else ("test_datasets" in gc.config)
     assert "No validation rows" not in gc.text()
+
+
+@pytest.mark.parametrize("backend", ["axolotl", "trl"])
+def test_default_batch_fits_tiny_training_data(tmp_path, backend):
+    """With fewer examples than one default step takes (4 x 4), the generated config lowers the
+    batch the recipe did not set, says so, and passes the checks; a batch the recipe sets is kept
+    and the check names it."""
+    extra = "modality: lora\n" + ("backend: trl\n" if backend == "trl" else "")
+    recipe, run_dir = make_run(tmp_path, extra, n_train=3, n_val=1)
+    rows = len((run_dir / "export" / "train.chat.jsonl").read_text().splitlines())
+    assert rows < 16
+    [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)
+    micro, accum = gc.config["micro_batch_size"], gc.config["gradient_accumulation_steps"]
+    assert micro * accum <= rows and (micro, accum) != (4, 4)
+    assert f"4 x 4 -> {micro} x {accum}: the training file has only {rows} examples" in gc.text()
+    [path] = write_configs([gc], tmp_path / "configs")
+    report = check_config(path, base_dir=tmp_path)
+    assert report.ok, report.messages()
+
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    # (packing off: with packing on, our check does not count rows per step)
+    recipe, run_dir = make_run(pinned, extra + "micro_batch_size: 4\ngradient_accumulation_steps: 4\nsample_packing: false\n",
+                               n_train=3, n_val=1)
+    [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=pinned)
+    assert (gc.config["micro_batch_size"], gc.config["gradient_accumulation_steps"]) == (4, 4)
+    assert "Batch:" not in gc.text()
+    [path] = write_configs([gc], pinned / "configs")
+    errors = " ".join(check_config(path, base_dir=pinned).messages("error"))
+    assert "16 examples per optimizer step" in errors

@@ -225,6 +225,29 @@ def inspect_data(train: Path, val: Path, base_model: str, use_data: bool) -> Dat
     return info
 
 
+def fit_batch_to_data(recipe: Recipe, data: DataInfo) -> tuple[Recipe, str | None]:
+    """Lower the default batch when the training file has fewer examples than one optimizer step
+    takes (tiny data: a weak teacher, a first try), so the generated config trains instead of
+    failing our check. A value the recipe sets is kept (the check then says what to change)."""
+    spec = recipe.training
+    rows, gpus = data.train_rows, max(1, spec.num_gpus)
+    micro, accum = spec.micro_batch_size, spec.gradient_accumulation_steps
+    if not rows or micro * accum * gpus <= rows:
+        return recipe, None
+    pinned = spec.model_fields_set
+    if "gradient_accumulation_steps" not in pinned:
+        accum = max(1, rows // (micro * gpus))
+    if micro * accum * gpus > rows and "micro_batch_size" not in pinned:
+        micro, accum = max(1, rows // gpus), 1
+    if (micro, accum) == (spec.micro_batch_size, spec.gradient_accumulation_steps):
+        return recipe, None
+    why = (f"micro_batch_size x gradient_accumulation_steps {spec.micro_batch_size} x "
+           f"{spec.gradient_accumulation_steps} -> {micro} x {accum}: the training file has only {rows} examples "
+           "(set both in the recipe to pin them)")
+    fitted = spec.model_copy(update={"micro_batch_size": micro, "gradient_accumulation_steps": accum})
+    return recipe.model_copy(update={"training": fitted}), why
+
+
 def sequence_len_for(spec: TrainingSpec, data: DataInfo, shape: ModelShape | None) -> tuple[int, str]:
     if spec.sequence_len:
         return spec.sequence_len, "recipe"
@@ -321,6 +344,9 @@ def generate_configs(
     run_path = Path(run_dir) if run_dir else recipe.resolve(recipe.runs_dir) / recipe.name / "latest"  # type: ignore[operator]
     train_path, val_path = run_path / "export" / "train.chat.jsonl", run_path / "export" / "val.chat.jsonl"
     data = inspect_data(train_path, val_path, spec.base_model, use_data)
+    as_written = recipe  # DPO configs size their batch against the preference pairs, not these rows
+    recipe, batch_why = fit_batch_to_data(recipe, data)
+    spec = recipe.training
     try:
         shape: ModelShape | None = resolve_shape(spec.base_model)
     except (ValueError, FileNotFoundError):
@@ -353,7 +379,7 @@ def generate_configs(
                            None if data.val_empty else _rel(val_path, base), _rel(run_path / "train", base))
         est = estimate(shape, plan_input(spec, pt.modality, pt.lora_r, seq, optimizer)) if shape else None
         header = _header(recipe_label, name, pt.modality, data, base, est, spec, auto_pick, auto_why,
-                         seq_why, epochs_why, packing_why, _rel(run_path, base))
+                         seq_why, epochs_why, packing_why, _rel(run_path, base), batch_why)
         gc = GeneratedConfig(name=name, modality=pt.modality, config=cfg, header=header, estimate=est, auto_pick=auto_pick)
         if spec.unsloth and pt.modality != "full":
             gc.header.append(_unsloth_header(shape, est))
@@ -367,7 +393,7 @@ def generate_configs(
     if spec.dpo.enabled and spec.backend == "axolotl":
         from training.dpo import dpo_generated
 
-        out += dpo_generated(recipe, out, run_path, lambda p: _rel(p, base))
+        out += dpo_generated(as_written, out, run_path, lambda p: _rel(p, base))
     return out
 
 
@@ -439,7 +465,7 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
 
 def _header(recipe_label: str, name: str, modality: str, data: DataInfo, base: Path, est: Estimate | None,
             spec: TrainingSpec, auto_pick: str | None, auto_why: str, seq_why: str, epochs_why: str,
-            packing_why: str, run_label: str) -> list[str]:
+            packing_why: str, run_label: str, batch_why: str | None = None) -> list[str]:
     from training import __version__
 
     lines = [
@@ -461,6 +487,8 @@ def _header(recipe_label: str, name: str, modality: str, data: DataInfo, base: P
     if data.val_empty:
         lines.append(data.val_note)
     lines.append(f"sequence_len: {seq_why}; num_epochs: {epochs_why}; sample_packing: {packing_why}")
+    if batch_why:
+        lines.append(f"Batch: {batch_why}")
     if est is not None:
         gpus = f"{spec.num_gpus} x {spec.gpu_memory_gb:g} GB" if spec.num_gpus > 1 else f"{spec.gpu_memory_gb:g} GB"
         verdict = "fits" if est.fits(spec.gpu_memory_gb) else "DOES NOT FIT"

@@ -103,6 +103,7 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         GeneratedConfig,
         _rel,
         epochs_for,
+        fit_batch_to_data,
         inspect_data,
         sequence_len_for,
     )
@@ -117,6 +118,8 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
     run_path = Path(run_dir) if run_dir else recipe.resolve(recipe.runs_dir) / recipe.name / "latest"
     train_path, val_path = run_path / "export" / "train.chat.jsonl", run_path / "export" / "val.chat.jsonl"
     data = inspect_data(train_path, val_path, spec.base_model, use_data)
+    recipe, batch_why = fit_batch_to_data(recipe, data)
+    spec = recipe.training
     try:
         shape = resolve_shape(spec.base_model)
     except (ValueError, FileNotFoundError):
@@ -151,6 +154,8 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         f"sequence_len: {seq_why}; learning_rate: "
         + ("recipe" if spec.learning_rate else f"default for {modality}"),
     ]
+    if batch_why:
+        header.append(f"Batch: {batch_why}")
     if data.val_empty:
         header.append(data.val_note)
     if spec.dpo.enabled:
