@@ -114,7 +114,8 @@ def test_cpu_profile_overrides(tmp_path):
     cpu = apply_cpu_profile(configs[2].config, "/models/local")
     assert cpu["bf16"] is False and cpu["fp16"] is False and cpu["tf32"] is False
     assert cpu["attn_implementation"] == "sdpa" and cpu["sample_packing"] is False
-    assert cpu["lora_mlp_kernel"] is False and cpu["optimizer"] == "adamw_torch"
+    assert all(cpu[f"lora_{k}_kernel"] is False for k in ("mlp", "qkv", "o", "embedding"))
+    assert cpu["optimizer"] == "adamw_torch"
     assert cpu["base_model"] == "/models/local" and cpu["load_in_4bit"] is True
     # and the GPU config is untouched
     assert configs[2].config["bf16"] == "auto"

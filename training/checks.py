@@ -411,7 +411,7 @@ def combination_problems(cfg: dict[str, Any], line: Any, profile: str) -> list[P
                          ("attn_implementation", lambda v: v is not None and "flash" in str(v)),
                          ("optimizer", lambda v: v is not None and ("paged" in str(v) or "8bit" in str(v))),
                          ("lora_mlp_kernel", bool), ("lora_qkv_kernel", bool), ("lora_o_kernel", bool),
-                         ("activation_offloading", bool),
+                         ("lora_embedding_kernel", bool), ("activation_offloading", bool),
                          ("deepspeed", bool), ("fsdp_config", bool)):
             if key in cfg and bad(cfg[key]):
                 out.append(P("error", key, f"{key}: {cfg[key]!r} cannot run on CPU (the cpu profile sets it off)",

@@ -48,7 +48,9 @@ KNOWN_SPECIAL_TOKENS = {"smollm2-135m-instruct": {"eos_token": "<|im_end|>", "pa
 CPU_OVERRIDES: dict[str, Any] = {
     "bf16": False, "fp16": False, "tf32": False, "attn_implementation": "sdpa",
     "sample_packing": False, "eval_sample_packing": False, "pad_to_sequence_len": False,
-    "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
+    # all four: Axolotl auto-enables any it finds unset (the embedding one is plain autograd, but
+    # off is what the CPU profile promises, and it silences Axolotl's "Auto-enabling" warning)
+    "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False, "lora_embedding_kernel": False,
     # Worker processes re-import torch/axolotl (tens of seconds each on a small CPU box) for a few rows.
     "dataloader_num_workers": 0, "dataloader_pin_memory": False, "dataset_num_proc": 1,
 }
