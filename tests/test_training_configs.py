@@ -282,3 +282,11 @@ def test_default_batch_fits_tiny_training_data(tmp_path, backend):
     [path] = write_configs([gc], pinned / "configs")
     errors = " ".join(check_config(path, base_dir=pinned).messages("error"))
     assert "16 examples per optimizer step" in errors
+
+    # only gradient_accumulation_steps set: it is kept, the micro batch is lowered around it
+    partly = tmp_path / "partly"
+    partly.mkdir()
+    recipe, run_dir = make_run(partly, extra + "gradient_accumulation_steps: 2\n", n_train=3, n_val=1)
+    [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=partly)
+    assert gc.config["gradient_accumulation_steps"] == 2
+    assert gc.config["micro_batch_size"] * 2 <= rows and gc.config["micro_batch_size"] < 4

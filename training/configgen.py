@@ -240,7 +240,7 @@ def fit_batch_to_data(recipe: Recipe, data: DataInfo) -> tuple[Recipe, str | Non
     if "gradient_accumulation_steps" not in pinned:
         accum = max(1, rows // (micro * gpus))
     if micro * accum * gpus > rows and "micro_batch_size" not in pinned:
-        micro, accum = max(1, rows // gpus), 1
+        micro = max(1, rows // (accum * gpus))  # accum is 1 here unless the recipe set it
     if (micro, accum) == (spec.micro_batch_size, spec.gradient_accumulation_steps):
         return recipe, None
     why = (f"micro_batch_size x gradient_accumulation_steps {spec.micro_batch_size} x "
