@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from argilla_embedded.server import EmbeddedServer, free_port  # noqa: E402
-from curation.review_argilla import bulk_upsert  # noqa: E402
+from curation.review_argilla import Connection, bulk_upsert, client_for  # noqa: E402
 
 WORDS = ["refund", "charge", "card", "invoice", "crash", "login", "password", "error", "shipping", "delay", "parcel", "office", "hours", "account", "upgrade", "plan", "cancel", "subscription", "screen", "mobile", "browser", "payment", "bank", "transfer"]
 LABELS = ["billing", "technical", "shipping", "account", "general"]
@@ -127,10 +127,8 @@ def main() -> None:
         local = threading.local()
 
         def _client():
-            if not hasattr(local, "client"):
-                local.client = rg.Argilla(api_url=info.url, api_key=creds.api_key, timeout=600)
-                # loopback: skip compressing the multi-MB bulk replies (as `stepwise review push` does)
-                local.client.api.http_client.headers["Accept-Encoding"] = "identity"
+            if not hasattr(local, "client"):  # the client `stepwise review push` uses (no gzip on loopback)
+                local.client = client_for(Connection(info.url, creds.api_key, "bench"))
             return local.client
 
         batches = [range(s, min(s + args.batch, args.records)) for s in range(0, args.records, args.batch)]
