@@ -303,8 +303,10 @@ class TrainingSpec(StrictModel):
     lora_target: Literal["linear", "attention"] = "linear"
     learning_rate: float | None = Field(None, gt=0, le=1.0, description="Default 2e-5 full, 2e-4 LoRA/QLoRA.")
     num_epochs: float | None = Field(None, gt=0, le=100, description="Default by data size (seeds).")
-    micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
+    micro_batch_size: int = Field(
+        4, ge=1, description="Unset: 4, lowered when the training file has fewer examples than one step takes.")
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Unset: 4, lowered as micro_batch_size is. A value set here is always kept.")
     sequence_len: int | None = Field(None, ge=32, description="Default: from the data, rounded up.")
     optimizer: str | None = Field(
         None, description="Axolotl optimizer; default adamw_torch_fused (full, LoRA), paged_adamw_8bit (QLoRA)."
