@@ -8,6 +8,7 @@ Each stage has its own exit code so a pipeline step can tell which one failed.
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepwise.io import canonical_json, sha256_file, sha256_text
+from stepwise.io import atomic_write_json, canonical_json, sha256_file, sha256_text
 from stepwise.recipe import Recipe
 from stepwise.rundir import STAGES, RunDir
 
@@ -29,7 +30,12 @@ class StageStopped(Exception):
 
 
 class GateFailed(Exception):
-    """The forgetting gate failed: exit 4 (after the report is written)."""
+    """The forgetting gate failed, or was configured and measured nothing: exit 4 (after the
+    report is written). `status` is the stage's status in the run summary."""
+
+    def __init__(self, detail: str, status: str = "gate_failed"):
+        super().__init__(detail)
+        self.status = status
 
 
 @dataclass
@@ -168,7 +174,7 @@ def _train_openai(recipe: Recipe, run: RunDir) -> str:
 
 
 def _eval(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from evals.runner import run_eval
+    from evals.runner import gate_summary, run_eval
 
     outcome = run_eval(recipe, run, log=lambda *a, **k: None)
     parts = []
@@ -176,11 +182,12 @@ def _eval(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
         head = outcome.task.get("headline") or {}
         parts.append(", ".join(f"{k} {v['value']:.3f}" if isinstance(v, dict) and "value" in v else f"{k} {v}"
                                for k, v in head.items()))
-    if outcome.forgetting:
-        parts.append("forgetting gate " + ("passed" if outcome.gate_passed else "FAILED"))
-    detail = "; ".join(p for p in parts if p) or "done"
-    if not outcome.gate_passed:
-        raise GateFailed(detail)
+    # always say what the gate concluded: a disabled or unmeasured gate is never a silent pass
+    # (the notes themselves are in the manifest; `stepwise run` prints them under its table)
+    parts.append(gate_summary(outcome.gate))
+    detail = "; ".join(p for p in parts if p)
+    if outcome.gate_blocks:
+        raise GateFailed(detail, status="not_measured" if outcome.gate_verdict == "not_measured" else "gate_failed")
     return detail
 
 
@@ -228,17 +235,52 @@ def fingerprint(stage: Stage, recipe: Recipe, run: RunDir, opts: RunOptions) -> 
     parts = {
         "sections": {s: dump.get(s) for s in stage.sections},
         "inputs": {str(p.relative_to(run.path)) if p.is_relative_to(run.path) else str(p):
-                   _hash_path(p) for p in stage.inputs(recipe, run)},
+                   _hash_path(p, run) for p in stage.inputs(recipe, run)},
         "options": stage.options(opts),
     }
     return sha256_text(canonical_json(parts))[:20]
 
 
-def _hash_path(p: Path) -> str:
-    if p.is_dir():  # trained models: hash the file list and sizes, not gigabytes of weights
-        return sha256_text(canonical_json(sorted((str(f.relative_to(p)), f.stat().st_size)
-                                                 for f in p.rglob("*") if f.is_file())))
-    return sha256_file(p)
+_HASH_CACHE = ".content_hashes.json"  # in the run dir: {abs path: [size, mtime_ns, inode, sha256]}
+_RACY_NS = 2_000_000_000  # files modified this recently are re-read next time (coarse fs clocks)
+
+
+def _hash_path(p: Path, run: RunDir | None = None) -> str:
+    """Content hash of a file or a directory (trained models: relative names + each file's sha256),
+    so a retrain that writes same-sized weights still changes the fingerprint. Each file is read
+    streaming; with `run`, a file whose (size, mtime, inode) is unchanged since it was last hashed
+    reuses that hash from the run's cache, so a multi-GB model is read once, not on every run."""
+    cache_path = run.path / _HASH_CACHE if run is not None else None
+    cache: dict[str, list[Any]] = {}
+    if cache_path is not None and cache_path.exists():
+        try:
+            cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cache = {}  # a damaged cache only costs a re-read
+    changed = False
+
+    def digest(f: Path) -> str:
+        nonlocal changed
+        st = f.stat()
+        key, sig = str(f.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cache.get(key)
+        if isinstance(hit, list) and hit[:3] == sig:
+            return str(hit[3])
+        sha = sha256_file(f)
+        # a file written within the last moments could be rewritten within the same clock tick
+        if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            cache[key] = [*sig, sha]
+            changed = True
+        return sha
+
+    if p.is_dir():
+        out = sha256_text(canonical_json([(str(f.relative_to(p)), digest(f))
+                                          for f in sorted(p.rglob("*")) if f.is_file()]))
+    else:
+        out = digest(p)
+    if changed and cache_path is not None and cache_path.parent.exists():
+        atomic_write_json(cache_path, {k: v for k, v in cache.items() if Path(k).exists()})  # deleted: forgotten
+    return out
 
 
 def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
@@ -259,9 +301,11 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
         forced = opts.force or stage.name == "report" or (opts.from_stage == stage.name)
         if not forced and recorded.get(stage.name) == fp and info.get("status") == "done":
             outcome = StageOutcome(stage.name, "skipped", 0.0, "inputs unchanged")
-            if stage.name == "eval" and not _gate_passed(run):
-                outcome.detail = "inputs unchanged; forgetting gate FAILED"
-                gate_failed = outcome.detail
+            if stage.name == "eval":  # the recorded gate still decides the exit code
+                passed, gate_text = _gate_passed(run, recipe)
+                outcome.detail = f"inputs unchanged; {gate_text}"
+                if not passed:
+                    gate_failed = outcome.detail
             summary.outcomes.append(outcome)
             if on_stage:
                 on_stage(outcome)
@@ -275,13 +319,15 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
             outcome = StageOutcome(stage.name, "stopped", time.time() - t0, str(exc))
             summary.exit_code = 3
         except GateFailed as exc:
-            outcome = StageOutcome(stage.name, "gate_failed", time.time() - t0, str(exc))
+            outcome = StageOutcome(stage.name, exc.status, time.time() - t0, str(exc))
             _record_fingerprint(run, stage.name, fingerprint(stage, recipe, run, opts))
             gate_failed = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported with the stage's own exit code
             outcome = StageOutcome(stage.name, "failed", time.time() - t0, f"{type(exc).__name__}: {exc}")
             (run.path / f"{stage.name}.error.txt").write_text(traceback.format_exc(), encoding="utf-8")
             summary.exit_code = STAGE_EXIT[stage.name]
+        if outcome.status != "failed":  # a traceback from an earlier attempt no longer describes this stage
+            (run.path / f"{stage.name}.error.txt").unlink(missing_ok=True)
         summary.outcomes.append(outcome)
         if on_stage:
             on_stage(outcome)
@@ -294,13 +340,13 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
     return summary
 
 
-def _gate_passed(run: RunDir) -> bool:
-    import json
+def _gate_passed(run: RunDir, recipe: Recipe) -> tuple[bool, str]:
+    """(does not block, one-line verdict) of the gate the last eval recorded in the manifest: a
+    run whose eval measured nothing it was configured to is not a pass (evals.runner.recorded_gate)."""
+    from evals.runner import BLOCKING, gate_summary, recorded_gate
 
-    path = run.path / "eval" / "forgetting.json"
-    if not path.exists():
-        return True
-    return bool(json.loads(path.read_text(encoding="utf-8")).get("gate", {}).get("passed", True))
+    gate = recorded_gate(run, recipe)
+    return gate.get("verdict") not in BLOCKING, gate_summary(gate)
 
 
 def _record_fingerprint(run: RunDir, stage: str, fp: str) -> None:

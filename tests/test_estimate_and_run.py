@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from typer.testing import CliRunner
 
@@ -64,3 +65,76 @@ def test_run_pipeline_skips_unchanged_and_names_failed_stage(tmp_path):
         assert fourth.exit_code == STAGE_EXIT["curate"] == 12
         assert (run.path / "curate.error.txt").exists()
         assert json.loads((run.path / "manifest.json").read_text())["stages"]["curate"]["status"] == "failed"
+
+
+def test_stage_that_succeeds_after_a_failure_removes_its_stale_error_file(tmp_path):
+    with OpenAIStub() as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(30))
+        opts = RunOptions(until_stage="curate", progress=False)
+        assert run_pipeline(recipe, run, opts).exit_code == 0
+    responses = run.path / "generate" / "responses.jsonl"
+    good = responses.read_bytes()
+    responses.write_text("{not json\n")
+    failed = run_pipeline(recipe, run, RunOptions(from_stage="curate", until_stage="curate", progress=False))
+    assert failed.exit_code == STAGE_EXIT["curate"] and (run.path / "curate.error.txt").exists()
+    responses.write_bytes(good)
+    again = run_pipeline(recipe, run, RunOptions(until_stage="curate", progress=False))
+    assert {o.stage: o.status for o in again.outcomes}["curate"] == "done"
+    assert not (run.path / "curate.error.txt").exists()
+
+
+def test_retrained_model_of_the_same_size_reruns_eval(tmp_path, monkeypatch):
+    """Directory inputs are fingerprinted by content: same file names and sizes, other bytes -> eval
+    runs again (the old fingerprint of names + sizes skipped it and reported the previous model)."""
+    import os
+
+    from stepwise import pipeline
+    from stepwise.rundir import create_run
+
+    (tmp_path / "inputs.jsonl").write_text(json.dumps({"id": "a", "text": "x", "label": "billing"}) + "\n")
+    (tmp_path / "recipe.yaml").write_text(RECIPE_MIN)
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    run = create_run(recipe, tmp_path / "run")
+    (run.path / "curate").mkdir(exist_ok=True)
+    (run.path / "curate" / "test.jsonl").write_text('{"id": "t1"}\n')
+    weights = run.path / "train" / "lora" / "adapter_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"\x01" * 4096)
+    old = time.time_ns() - 3600 * 10**9  # older than the racy window: its hash is cached by (size, mtime)
+    os.utime(weights, ns=(old, old))
+
+    calls = []
+
+    def fake_eval(recipe, rd, opts):  # stands in for scoring the model: records a done stage
+        with rd.stage("eval"):
+            calls.append(1)
+        return "scored"
+
+    real = next(s for s in pipeline.PIPELINE if s.name == "eval")
+    stage = pipeline.Stage("eval", real.sections, real.inputs, fake_eval)
+    monkeypatch.setattr(pipeline, "PIPELINE", [stage])
+    opts = RunOptions(progress=False)
+    assert [o.status for o in run_pipeline(recipe, run, opts).outcomes] == ["done"]
+    assert [o.status for o in run_pipeline(recipe, run, opts).outcomes] == ["skipped"]
+    weights.write_bytes(b"\x02" * 4096)  # a retrain: same name, same size, other weights
+    os.utime(weights, ns=(old + 10**9, old + 10**9))
+    assert [o.status for o in run_pipeline(recipe, run, opts).outcomes] == ["done"]
+    assert len(calls) == 2
+    assert [o.status for o in run_pipeline(recipe, run, opts).outcomes] == ["skipped"]
+
+
+RECIPE_MIN = """\
+name: fp
+task:
+  name: tickets
+  classes: [billing, technical]
+  instructions: Classify the ticket.
+data:
+  inputs: inputs.jsonl
+  id_field: id
+  label_field: label
+teacher:
+  provider: openai
+  model: stub-teacher
+  base_url: http://127.0.0.1:9/v1
+"""
