@@ -76,10 +76,19 @@ def register(app: typer.Typer) -> None:
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
     ) -> None:
         """Validate, filter, dedup, decontaminate, balance and split teacher responses."""
-        from curation.curate import run_curate
+        import json
+
+        from curation.curate import TooFewTrainRows, run_curate
+        from stepwise.cli import EXIT_STOPPED
 
         r, run = _run(recipe, run_dir)
-        print_funnel(_call_reporting(run_curate, r, run))
+        try:
+            report = _call_reporting(run_curate, r, run)
+        except TooFewTrainRows as exc:  # the files are written: show the funnel, then why it stopped
+            print_funnel(json.loads((run.path / "curate" / "funnel.json").read_text(encoding="utf-8")))
+            console.print(f"[yellow]stopped[/yellow] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_STOPPED) from None
+        print_funnel(report)
         console.print(f"[green]ok[/green] wrote {run.path / 'curate'}", highlight=False)
 
     @app.command()

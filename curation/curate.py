@@ -173,8 +173,36 @@ def funnel_report(funnel: Funnel, splits: dict[str, list[dict[str, Any]]], n_in:
     }
 
 
+class TooFewTrainRows(Exception):
+    """Fewer than `curation.min_train_rows` training rows survived the funnel. The stage files are
+    written (to inspect `funnel.json` / `rejected.jsonl`) but the stage is recorded `stopped`, so
+    the next run curates again; `stepwise run` / `stepwise curate` exit 3."""
+
+
+def too_few_rows_message(report: dict[str, Any], minimum: int) -> str:
+    """Why curation ended with too little to train on: the step that removed most rows (and its
+    reasons) and the teacher's agreement with gold, so a weak teacher is named as such."""
+    mix = report.get("general_mix") or {}
+    train = report["kept"]["train"] - int(mix.get("rows") or 0)
+    worst = max(report["steps"], key=lambda s: sum(s["removed"].values()), default=None)
+    parts = [f"only {train} training row{'s' if train != 1 else ''} survived curation of "
+             f"{report['responses']} responses (curation.min_train_rows is {minimum})"]
+    if worst is not None and sum(worst["removed"].values()):
+        why = ", ".join(f"{k} {v}" for k, v in sorted(worst["removed"].items(), key=lambda kv: -kv[1]))
+        parts.append(f"step '{worst['step']}' removed most: {sum(worst['removed'].values())} of {worst['in']} ({why})")
+    acc = report.get("teacher_accuracy") or {}
+    if acc.get("rows_with_gold"):
+        parts.append(f"the teacher agreed with gold on {acc['agree']} of {acc['rows_with_gold']} parsed rows "
+                     f"({acc['accuracy']:.0%}, {acc['metric']})")
+    hint = ("see curate/funnel.json and curate/rejected.jsonl; a stronger teacher, a clearer prompt or more "
+            "input rows fix this, or lower curation.min_train_rows to train on what is there")
+    return "; ".join(parts) + f". {hint}"
+
+
 def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
-    """Read responses, curate, write the stage files and the manifest entry; return the funnel."""
+    """Read responses, curate, write the stage files and the manifest entry; return the funnel.
+    Raises TooFewTrainRows (after writing the files) when fewer than `curation.min_train_rows`
+    training rows survive."""
     responses = run.path / "generate" / "responses.jsonl"
     if not responses.exists():
         raise DataFileError(f"{responses}: file not found (run `stepwise generate` first)")
@@ -205,4 +233,12 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                   rejected=len(funnel.rejected), **{f"removed_{k}": v for k, v in report["removed_by_reason"].items()})
         st.extra(funnel=[{k: s[k] for k in ("step", "in", "out", "removed")} for s in funnel.steps],
                  teacher_accuracy=report["teacher_accuracy"], general_mix=report["general_mix"])
+        minimum = recipe.curation.min_train_rows
+        in_domain = report["kept"]["train"] - int((report["general_mix"] or {}).get("rows") or 0)
+        stopped = too_few_rows_message(report, minimum) if in_domain < minimum else None
+        if stopped:  # not `done`: the next run curates again instead of skipping
+            st.mark("stopped")
+            st.extra(stopped_reason=stopped)
+    if stopped:
+        raise TooFewTrainRows(stopped)
     return report

@@ -88,9 +88,12 @@ def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from curation.curate import run_curate
+    from curation.curate import TooFewTrainRows, run_curate
 
-    funnel = run_curate(recipe, run)
+    try:
+        funnel = run_curate(recipe, run)
+    except TooFewTrainRows as exc:  # a weak teacher is named here, not as a batch-size error at configs
+        raise StageStopped(f"curate: {exc}") from None
     kept = funnel.get("kept") or {}
     return ", ".join(f"{k} {v}" for k, v in kept.items()) + f", rejected {funnel.get('rejected', 0)}"
 

@@ -218,6 +218,10 @@ class CurationSpec(StrictModel):
     on_gold_mismatch: Literal["keep", "drop"] = Field(
         "drop", description="Classification rows whose teacher label contradicts the gold label: keep or drop."
     )
+    min_train_rows: int = Field(
+        20, ge=0, description="Curate stops (exit 3, resumable) when fewer training rows survive, naming the "
+        "step that removed most and the teacher's agreement with gold; 0 turns the check off."
+    )
 
 
 class ReviewSpec(StrictModel):

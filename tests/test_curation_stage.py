@@ -161,3 +161,42 @@ def test_export_with_student_tokenizer(tmp_path):
         pytest.skip("student tokenizer not available offline")
     n = count([{"role": "user", "content": "hello there"}])
     assert 3 < n < 40
+
+
+def test_weak_teacher_stops_curate_naming_the_step_and_the_agreement(tmp_path):
+    """A teacher that agrees with gold on a handful of rows stops curate (exit 3, resumable) with
+    the reason, instead of `done, train 3` and a batch-size complaint two stages later."""
+    from curation.curate import TooFewTrainRows
+    from stepwise.pipeline import RunOptions, run_pipeline
+
+    recipe_path = _example(tmp_path, "support-tickets")
+    recipe = load_recipe(recipe_path)
+    assert recipe.curation.min_train_rows == 20  # the documented default
+    run = create_run(recipe, tmp_path / "run")
+    rows = simulated_responses(recipe, wrong_share=0.9, seed=3, limit=40)
+    agree = sum(r["label"] == r["gold"] for r in rows)
+    write_responses(run.path, rows)
+    with pytest.warns(UserWarning, match="reuses"), pytest.raises(TooFewTrainRows) as exc:
+        run_curate(recipe, run)
+    msg = str(exc.value)
+    assert "(curation.min_train_rows is 20)" in msg
+    assert "step 'validate' removed most" in msg and "disagrees_with_gold" in msg
+    assert f"the teacher agreed with gold on {agree} of 40 parsed rows" in msg
+    st = json.loads((run.path / "manifest.json").read_text())["stages"]["curate"]
+    assert st["status"] == "stopped" and st["stopped_reason"] == msg
+    assert (run.path / "curate" / "funnel.json").exists() and (run.path / "curate" / "rejected.jsonl").exists()
+
+    # the pipeline stops there with exit 3; a second run curates again instead of skipping
+    for _ in range(2):
+        summary = run_pipeline(recipe, run, RunOptions(from_stage="curate", until_stage="export", progress=False))
+        statuses = {o.stage: o.status for o in summary.outcomes}
+        assert summary.exit_code == 3 and statuses["curate"] == "stopped" and statuses["review"] == "not_run"
+        assert "teacher agreed with gold" in next(o.detail for o in summary.outcomes if o.stage == "curate")
+    res = CliRunner().invoke(app, ["curate", str(recipe_path), "--run-dir", str(run.path)])
+    assert res.exit_code == 3 and "curation funnel" in res.output and "min_train_rows" in res.output
+
+    # a better teacher's responses: the same run continues
+    write_responses(run.path, simulated_responses(recipe, limit=40))
+    with pytest.warns(UserWarning, match="reuses"):
+        summary = run_pipeline(recipe, run, RunOptions(from_stage="curate", until_stage="curate", progress=False))
+    assert {o.stage: o.status for o in summary.outcomes}["curate"] == "done" and summary.exit_code == 0

@@ -36,6 +36,7 @@ def small_copy(example: str, tmp_path: Path, base_url: str, limit: int) -> Path:
                          "format": recipe["teacher"].get("format", "dss")}
     recipe["data"]["limit"] = limit
     recipe.setdefault("training", {}).update(micro_batch_size=2, gradient_accumulation_steps=1, sequence_len=512)
+    recipe.setdefault("curation", {})["min_train_rows"] = 4  # tiny on purpose: 24-36 inputs
     recipe["eval"] = {"task": {"max_new_tokens": 48, "batch_size": 8, "bootstrap": 200, "limit": 8},
                       "forgetting": {"benchmarks": ["arc_easy"], "subset_size": 4, "max_drop": 0.05}}
     (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -52,7 +52,7 @@ def test_run_pipeline_skips_unchanged_and_names_failed_stage(tmp_path):
         assert [o.status for o in second.outcomes[:4]] == ["skipped"] * 4
         assert len(stub.log) == sent
         # a changed curation setting re-runs curate and what follows, not generate
-        text = recipe.source_path.read_text() + "curation:\n  split: {train: 0.6, val: 0.2, test: 0.2}\n"
+        text = recipe.source_path.read_text() + "curation:\n  min_train_rows: 5\n  split: {train: 0.6, val: 0.2, test: 0.2}\n"
         recipe.source_path.write_text(text)
         third = run_pipeline(load_recipe(recipe.source_path), run, opts)
         assert [o.status for o in third.outcomes[:4]] == ["skipped", "done", "done", "done"]
@@ -70,6 +70,8 @@ def test_run_pipeline_skips_unchanged_and_names_failed_stage(tmp_path):
 def test_stage_that_succeeds_after_a_failure_removes_its_stale_error_file(tmp_path):
     with OpenAIStub() as stub:
         recipe, run = setup_recipe(tmp_path, stub, make_rows(30))
+        recipe.source_path.write_text(recipe.source_path.read_text() + "curation:\n  min_train_rows: 1\n")
+        recipe = load_recipe(recipe.source_path)
         opts = RunOptions(until_stage="curate", progress=False)
         assert run_pipeline(recipe, run, opts).exit_code == 0
     responses = run.path / "generate" / "responses.jsonl"
