@@ -40,10 +40,10 @@ class Reference:
 
 
 def benchmark_reference(name: str) -> Reference | None:
-    folder = BUNDLED / name
+    folder = BUNDLED / _folder_of(name)
     source = "bundled"
     if not folder.is_dir() or not list(folder.glob("*.jsonl")):
-        folder = SHARED / name
+        folder = SHARED / _folder_of(name)
         source = "shared"
         if not folder.is_dir():
             warnings.warn(f"contamination: benchmark '{name}' not found under {BUNDLED} or {SHARED}; not checked",
@@ -59,6 +59,17 @@ def benchmark_reference(name: str) -> Reference | None:
                 ref.ids.append(f"{name}:{path.stem}:{line}")
                 ref.texts.append(text)
     return ref
+
+
+def _folder_of(name: str) -> str:
+    """A benchmark's data folder: the recipe may name it as the forgetting eval does
+    (`truthfulqa_mc1`, aliases), and its texts live under the folder (`truthfulqa_mc`)."""
+    from evals.benchmarks import bundled_folder
+
+    try:
+        return bundled_folder(name)
+    except KeyError:
+        return name
 
 
 class Decontaminator:

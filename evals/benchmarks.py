@@ -61,6 +61,34 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[key]
 
 
+def known_benchmark_names(*, aliases: bool = True) -> list[str]:
+    """Names a recipe may use: the bundled benchmarks, plus (with `aliases`) their aliases and
+    data folder names (`truthfulqa_mc`), which `get_benchmark` also resolves."""
+    names = list(BENCHMARKS)
+    if aliases:
+        names += [n for n in [*ALIASES, *(b.folder for b in BENCHMARKS.values())] if n not in names]
+    return names
+
+
+def check_benchmark_name(name: str, *, aliases: bool = True) -> str:
+    """`name` unchanged when it names a bundled benchmark; else a ValueError with the closest
+    bundled name ("did you mean") and the full list. Used by the recipe at validate time, so a typo
+    is exit 2 before anything runs, not a benchmark silently left out."""
+    import difflib
+
+    allowed = known_benchmark_names(aliases=aliases)
+    if isinstance(name, str) and name in allowed:
+        return name
+    close = difflib.get_close_matches(str(name).strip().lower(), allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"unknown benchmark '{name}'{hint}; bundled: {', '.join(known_benchmark_names(aliases=False))}")
+
+
+def bundled_folder(name: str) -> str:
+    """The data folder under evals/data (and shared/data/benchmarks) for a benchmark name or alias."""
+    return get_benchmark(name).folder
+
+
 def _read_rows(path: Path) -> list[str]:
     return [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
 

@@ -99,8 +99,14 @@ def print_forgetting(rep: dict[str, Any]) -> None:
     if rep.get("in_domain"):
         out.print(f"[yellow]in-domain[/yellow]: {', '.join(rep['in_domain'])} was mixed into training as general "
                   "data; its score is not a clean forgetting signal.")
-    if gate["passed"]:
+    verdict = gate.get("verdict", "passed" if gate["passed"] else "failed")
+    for name, why in (gate.get("not_measured") or {}).items():
+        out.print(f"[red]{name}: NOT measured[/red] ({why})", highlight=False)
+    if verdict == "passed":
         out.print("[green]gate passed[/green]: no benchmark dropped more than the recipe's max_drop")
+    elif verdict == "not_measured" and not gate.get("failed"):
+        out.print("[red]gate NOT MEASURED[/red]: a configured benchmark has no before/after score, so the gate "
+                  "cannot pass")
     else:
         out.print(f"[red]gate FAILED[/red]: {', '.join(gate['failed'])} dropped more than "
                   f"{100 * gate['max_drop']:.1f} {'points' if gate['drop_kind'] == 'absolute' else '%'}. Mitigations:")
@@ -123,8 +129,9 @@ def register(app: typer.Typer) -> None:
                                                "base (default: eval.task.compare_base)"),
     ) -> None:
         """Did the student learn the task, and did it forget what it knew? Writes eval/task.json and
-        eval/forgetting.json; exits 4 when forgetting exceeds eval.forgetting.max_drop."""
-        from evals.runner import run_eval
+        eval/forgetting.json; exits 4 when forgetting exceeds eval.forgetting.max_drop, or when a
+        configured forgetting benchmark could not be measured (the gate's `not_measured` verdict)."""
+        from evals.runner import gate_summary, run_eval
         from evals.task_eval import ContaminationError
         from stepwise.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, load_or_exit
         from stepwise.rundir import resolve_run
@@ -147,7 +154,9 @@ def register(app: typer.Typer) -> None:
         if outcome.forgetting:
             print_forgetting(outcome.forgetting)
         console.print(f"wrote {', '.join(str(p) for p in outcome.outputs)}", highlight=False, soft_wrap=True)
-        if not outcome.gate_passed:
+        color = {"passed": "green", "failed": "red", "not_measured": "red"}.get(outcome.gate_verdict, "yellow")
+        console.print(f"[{color}]{gate_summary(outcome.gate)}[/{color}]", highlight=False, soft_wrap=True)
+        if outcome.gate_blocks:  # failed, or configured but not measured: never a silent pass
             raise typer.Exit(EXIT_GATE_FAILED)
 
     @app.command("compare")

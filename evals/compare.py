@@ -166,6 +166,7 @@ def compare_runs(paths: list[Path]) -> dict[str, Any]:
             "forgetting": {b: {k: forg[b].get(k) for k in ("before", "after", "delta", "delta_ci", "relative",
                                                            "exceeds_max_drop", "in_domain")} for b in forg},
             "gate": (r["forgetting"] or {}).get("gate", {}).get("passed"),
+            "gate_verdict": (r["forgetting"] or {}).get("gate", {}).get("verdict"),
             "vs_first": _paired_task(runs[0], r, item_key) if i and r["predictions"] and runs[0]["predictions"] else None,
             "forgetting_vs_first": _paired_forgetting(runs[0], r) if i else None,
         }
@@ -179,7 +180,8 @@ def compare_runs(paths: list[Path]) -> dict[str, Any]:
             e["run"], e["model"] or "-", e["modality"] or "-", e["dss_output"] or "-",
             _pct_ci(e["task"].get(main)), _pct_ci(e["task"].get(second)),
             *[_pts(e["forgetting"].get(b)) for b in benchmarks],
-            {True: "pass", False: "FAIL", None: "-"}[e["gate"]],
+            {True: "pass", False: "FAIL", None: "-"}[e["gate"]] if e["gate_verdict"] != "not_measured"
+            else "not measured",
             _int(e["trainable_params"]), _num(e["peak_memory_mb"]), _num(e["train_wall_s"]), _num(e["eval_wall_s"]),
             f"{100 * vs['delta']:+.1f} (p={vs['mcnemar_p'] if vs.get('mcnemar_p') is not None else vs['p_value']:.3f})"
             if vs else "-",

@@ -9,7 +9,8 @@ is computed once per run and a re-run redoes nothing.
 
 `forgetting_report` compares before and after per benchmark and applies the gate: fail when any
 benchmark drops by more than `max_drop` (absolute accuracy points by default, the seeds' 5% rule;
-or relative to the base score).
+or relative to the base score); `not_measured` (never a pass) when a requested benchmark has no
+before or after score.
 """
 
 from __future__ import annotations
@@ -125,12 +126,14 @@ def evaluate_model(
         fresh = _run_lm_eval(model, todo, task_dir, batch_size=batch_size, device=device, tokenizer=tokenizer,
                              concurrency=concurrency, api_key=api_key)
         for t in todo:
-            res = fresh[t.benchmark.name]
+            res = fresh.get(t.benchmark.name)
+            if res is None:  # lm-eval gave no result for it: left out, the report calls it not measured
+                continue
             res["cached"] = False
             if cache_dir:
                 _cache_put(cache_dir, cache_key(model, t, batch_size, device), res)
             results[t.benchmark.name] = res
-    return {t.benchmark.name: results[t.benchmark.name] for t in tasks}
+    return {t.benchmark.name: results[t.benchmark.name] for t in tasks if t.benchmark.name in results}
 
 
 def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int, device: str,
@@ -171,8 +174,10 @@ def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, 
     for t in tasks:
         b = t.benchmark
         key = f"{b.metric},{b.filter}"
-        agg = out["results"][b.task]
-        samples = [s for s in out["samples"][b.task] if s.get("filter", "none") == b.filter]
+        agg = (out.get("results") or {}).get(b.task)
+        if agg is None or key not in agg:
+            continue
+        samples = [s for s in (out.get("samples") or {}).get(b.task, []) if s.get("filter", "none") == b.filter]
         samples.sort(key=lambda s: s["doc_id"])
         items = [float(s[b.metric]) for s in samples]
         results[b.name] = {
@@ -197,20 +202,40 @@ def _cache_put(cache_dir: Path, key: str, value: dict[str, Any]) -> None:
     atomic_write_json(cache_dir / f"{key}.json", value)
 
 
+# The gate's verdicts. `not_measured` is its own verdict, never a pass: a gate that measured
+# nothing (or not every benchmark it was asked for) cannot say the student forgot nothing.
+PASSED, FAILED, NOT_MEASURED = "passed", "failed", "not_measured"
+
+
 def forgetting_report(
     before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], *, max_drop: float = 0.05,
     relative: bool = False, in_domain: set[str] | None = None, n_boot: int = 1000, seed: int | None = None,
+    requested: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Before/after per benchmark with CIs, and the gate."""
+    """Before/after per benchmark with CIs, and the gate.
+
+    `requested` names the benchmarks the gate was asked to measure (default: those in `before`).
+    One that is missing from either side, or scored on no question, is listed under
+    `gate.not_measured`; the verdict is `failed` when a measured benchmark dropped too far, else
+    `not_measured` when any requested benchmark (or every one) went unmeasured, else `passed`.
+    """
     in_domain = in_domain or set()
+    names = list(dict.fromkeys([*(requested if requested is not None else before), *before]))
     rows: dict[str, Any] = {}
     failed: list[str] = []
-    for name, b in before.items():
-        a = after.get(name)
-        if a is None:
+    not_measured: dict[str, str] = {}
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        if b is None or a is None:
+            side = "before (base model) and after (student)" if b is None and a is None else (
+                "before (base model)" if b is None else "after (student)")
+            not_measured[name] = f"no {side} result"
             continue
         if len(a["items"]) != len(b["items"]):
             raise ValueError(f"{name}: before and after scored different questions ({len(b['items'])} vs {len(a['items'])})")
+        if not b["items"]:
+            not_measured[name] = "scored on 0 questions"
+            continue
         diff = paired_diff(b["items"], a["items"], n_boot=n_boot, seed=seed)
         drop = -(diff["relative"] if relative else diff["delta"]) if diff["delta"] is not None else 0.0
         drop = drop if drop is not None else 0.0
@@ -230,12 +255,14 @@ def forgetting_report(
             "abs_change": diff["delta"], "rel_change": diff["relative"], "failed": exceeds,
             "lm_eval_value": {"before": b["value"], "after": a["value"]},
         }
-    passed = not failed
+    verdict = FAILED if failed else (NOT_MEASURED if not_measured or not rows else PASSED)
     return {
         "benchmarks": rows,
         "gate": {
-            "passed": passed, "max_drop": max_drop, "drop_kind": "relative" if relative else "absolute",
-            "failed": failed, "mitigations": [] if passed else MITIGATIONS,
+            "verdict": verdict, "passed": verdict == PASSED, "max_drop": max_drop,
+            "drop_kind": "relative" if relative else "absolute", "failed": failed,
+            "not_measured": not_measured, "measured": sorted(rows),
+            "mitigations": MITIGATIONS if failed else [],
         },
         "in_domain": sorted(in_domain),
     }

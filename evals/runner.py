@@ -13,6 +13,9 @@ from typing import Any
 from evals.base_compare import BASE_PREDICTIONS, BASE_REPORT, compare_to_base, evaluate_base_task
 from evals.benchmarks import prepare_tasks
 from evals.forgetting import (
+    FAILED,
+    NOT_MEASURED,
+    PASSED,
     EndpointLogprobsError,
     default_device,
     evaluate_model,
@@ -31,6 +34,14 @@ from stepwise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
 
+# Gate verdicts beyond forgetting_report's passed / failed / not_measured: the recipe turned the
+# forgetting eval off (`not_configured`), or `stepwise eval --skip-forgetting` left it out this
+# once (`skipped`). Neither is a pass, and neither blocks; `failed` and `not_measured` exit 4.
+NOT_CONFIGURED, SKIPPED = "not_configured", "skipped"
+BLOCKING = (FAILED, NOT_MEASURED)
+_VERDICT_TEXT = {PASSED: "passed", FAILED: "FAILED", NOT_MEASURED: "NOT MEASURED", NOT_CONFIGURED: "not configured",
+                 SKIPPED: "skipped"}
+
 
 @dataclass
 class EvalOutcome:
@@ -38,10 +49,51 @@ class EvalOutcome:
     forgetting: dict[str, Any] | None = None
     outputs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    gate_verdict: str = NOT_CONFIGURED
+    gate_reason: str = "eval.forgetting.enabled is false"
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        """What the manifest records as the eval stage's `gate` (the forgetting gate + verdict)."""
+        gate = dict((self.forgetting or {}).get("gate") or {})
+        gate.update(verdict=self.gate_verdict, reason=self.gate_reason, passed=self.gate_verdict == PASSED)
+        return gate
 
     @property
     def gate_passed(self) -> bool:
-        return self.forgetting is None or self.forgetting["gate"]["passed"]
+        """True only when the gate measured every benchmark and none dropped too far."""
+        return self.gate_verdict == PASSED
+
+    @property
+    def gate_blocks(self) -> bool:
+        """Exit 4: the gate failed or could not measure what it was configured to."""
+        return self.gate_verdict in BLOCKING
+
+
+def gate_summary(gate: dict[str, Any]) -> str:
+    """One line for a gate dict (EvalOutcome.gate or the manifest's copy): verdict and why."""
+    verdict = gate.get("verdict", PASSED if gate.get("passed") else FAILED)
+    text = f"forgetting gate {_VERDICT_TEXT.get(verdict, verdict)}"
+    if verdict == FAILED and gate.get("failed"):
+        text += f": {', '.join(gate['failed'])} dropped more than max_drop {gate.get('max_drop')}"
+    elif gate.get("reason"):
+        text += f": {gate['reason']}"
+    return text
+
+
+def recorded_gate(run: RunDir, recipe: Recipe | None = None) -> dict[str, Any]:
+    """The gate of the run's last eval, from the manifest (the same record `stepwise run` reads).
+    A manifest from before verdicts were recorded says `passed` only for a recorded pass."""
+    info = run.stage_info("eval") or {}
+    gate = info.get("gate")
+    if isinstance(gate, dict) and "verdict" in gate:
+        return gate
+    if isinstance(gate, dict):  # older manifest: the forgetting gate alone
+        return {**gate, "verdict": PASSED if gate.get("passed") else FAILED}
+    if recipe is not None and not recipe.eval.forgetting.enabled:
+        return {"verdict": NOT_CONFIGURED, "reason": "eval.forgetting.enabled is false", "passed": False}
+    return {"verdict": NOT_MEASURED, "passed": False,
+            "reason": "no forgetting result recorded for this run; run `stepwise eval` (or `stepwise run --from eval`)"}
 
 
 def pick_models(
@@ -175,7 +227,16 @@ def run_eval(
                 outcome.task = report
                 outcome.outputs += [eval_dir / "task.json", predictions_path(eval_dir)]
         # -- forgetting --------------------------------------------------------------------------
-        if need_forgetting and base_ref is not None:
+        if not fspec.enabled:
+            outcome.gate_verdict, outcome.gate_reason = NOT_CONFIGURED, "eval.forgetting.enabled is false"
+        elif skip_forgetting:
+            outcome.gate_verdict, outcome.gate_reason = SKIPPED, "--skip-forgetting"
+        elif not fspec.benchmarks:
+            outcome.gate_verdict, outcome.gate_reason = NOT_MEASURED, "eval.forgetting.benchmarks is empty"
+        else:
+            # until a report says otherwise, the gate measured nothing
+            outcome.gate_verdict, outcome.gate_reason = NOT_MEASURED, "the forgetting eval did not run"
+        if need_forgetting and base_ref is not None and fspec.benchmarks:
             endpoint_error, api_key = None, None
             if not student.is_local:
                 try:
@@ -186,6 +247,8 @@ def run_eval(
                 except EndpointLogprobsError as exc:
                     endpoint_error = str(exc)
                     outcome.notes.append(f"forgetting eval NOT run: {exc}")
+                    outcome.gate_reason = (f"forgetting eval NOT run: {exc} (set eval.forgetting.enabled: false "
+                                           "to train without the gate)")
                     st.extra(forgetting_error=endpoint_error)
             if endpoint_error is None:
                 device = _device(fspec.device)
@@ -205,7 +268,9 @@ def run_eval(
                                        concurrency=recipe.eval.task.concurrency, api_key=api_key)
                 rep = forgetting_report(before, after, max_drop=fspec.max_drop, relative=fspec.drop_kind == "relative",
                                         in_domain=in_domain_benchmarks(recipe, run) & set(before),
-                                        n_boot=recipe.eval.task.bootstrap)
+                                        n_boot=recipe.eval.task.bootstrap,
+                                        requested=[t.benchmark.name for t in tasks])
+                both = [n for n in before if n in after]
                 rep.update(
                     base=base_ref.label, model=student.label, subset_size=fspec.subset_size,
                     num_fewshot=fspec.num_fewshot, device=device, wall_s=round(time.time() - started, 3),
@@ -213,17 +278,23 @@ def run_eval(
                              "task_dir": str(fdir / "tasks"),
                              "runs": {n: {"before_cached": before[n]["cached"], "after_cached": after[n]["cached"],
                                           "before_wall_s": before[n]["wall_s"], "after_wall_s": after[n]["wall_s"]}
-                                      for n in before}},
+                                      for n in both}},
                     model_info=model_info, recipe=recipe.name, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 )
+                missing = rep["gate"]["not_measured"]
+                for name, why in missing.items():
+                    outcome.notes.append(f"forgetting: {name} NOT measured ({why})")
+                outcome.gate_verdict = rep["gate"]["verdict"]
+                outcome.gate_reason = ("; ".join(f"{n} not measured ({why})" for n, why in missing.items())
+                                       if missing else "" if rep["benchmarks"] else "no benchmark was measured")
                 items = [{"benchmark": n, "doc_index": i, "before": b, "after": a}
-                         for n in before for i, (b, a) in enumerate(zip(before[n]["items"], after[n]["items"], strict=True))]
+                         for n in both for i, (b, a) in enumerate(zip(before[n]["items"], after[n]["items"], strict=True))]
                 atomic_write_jsonl(eval_dir / "forgetting_items.jsonl", items)
                 atomic_write_json(eval_dir / "forgetting.json", rep)
                 outcome.forgetting = rep
                 outcome.outputs += [eval_dir / "forgetting.json", eval_dir / "forgetting_items.jsonl"]
         st.outputs(*outcome.outputs)
-        st.extra(gate=None if outcome.forgetting is None else outcome.forgetting["gate"], notes=outcome.notes)
+        st.extra(gate=outcome.gate, notes=outcome.notes)
         if outcome.task:
             st.counts(test_rows=outcome.task["n"])
     return outcome

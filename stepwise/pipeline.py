@@ -309,6 +309,7 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
                 outcome.detail = f"inputs unchanged; {gate_text}"
                 if not passed:
                     gate_failed = outcome.detail
+            _record_outcome(run, outcome)
             summary.outcomes.append(outcome)
             if on_stage:
                 on_stage(outcome)
@@ -331,6 +332,7 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
             summary.exit_code = STAGE_EXIT[stage.name]
         if outcome.status != "failed":  # a traceback from an earlier attempt no longer describes this stage
             (run.path / f"{stage.name}.error.txt").unlink(missing_ok=True)
+        _record_outcome(run, outcome)
         summary.outcomes.append(outcome)
         if on_stage:
             on_stage(outcome)
@@ -350,6 +352,22 @@ def _gate_passed(run: RunDir, recipe: Recipe) -> tuple[bool, str]:
 
     gate = recorded_gate(run, recipe)
     return gate.get("verdict") not in BLOCKING, gate_summary(gate)
+
+
+def _record_outcome(run: RunDir, outcome: StageOutcome) -> None:
+    """What `stepwise run` printed for the stage (status, its wall time around the whole stage
+    function, detail), kept in the manifest under `stages.<stage>.pipeline` so the report shows the
+    same numbers. A later attempt of the stage (its own command) starts a fresh entry without it."""
+    def put(m: dict[str, Any]) -> None:
+        info = m.setdefault("stages", {}).setdefault(outcome.stage, {})
+        entry = {"status": outcome.status, "wall_s": round(outcome.wall_s, 3), "detail": outcome.detail}
+        if outcome.status == "skipped":  # keep what the stage took when it last ran
+            prev = info.get("pipeline") or {}
+            earlier = prev.get("earlier_wall_s") if prev.get("status") == "skipped" else prev.get("wall_s")
+            entry["earlier_wall_s"] = earlier if earlier is not None else info.get("wall_s")
+        info["pipeline"] = entry
+
+    run.update_manifest(put)
 
 
 def _record_fingerprint(run: RunDir, stage: str, fp: str) -> None:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -26,6 +34,22 @@ class StrictModel(BaseModel):
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _bundled_benchmark(*, aliases: bool) -> BeforeValidator:
+    """Check a benchmark name against the bundled set (evals/benchmarks.py), with "did you mean":
+    a typo is exit 2 at validate time instead of a benchmark silently left unchecked."""
+    def check(value: Any) -> Any:
+        try:
+            from evals.benchmarks import check_benchmark_name
+        except ImportError:  # no evals package in this install: nothing to check against
+            return value
+        return check_benchmark_name(value, aliases=aliases)
+
+    return BeforeValidator(check)
+
+
+BenchmarkName = Annotated[str, _bundled_benchmark(aliases=True)]
 
 
 class FewShotExample(StrictModel):
@@ -181,7 +205,8 @@ class BalanceSpec(StrictModel):
 
 class ContaminationSpec(StrictModel):
     test_set: bool = True
-    benchmarks: list[str] = Field(default_factory=list, description="Forgetting benchmarks to decontaminate against.")
+    benchmarks: list[BenchmarkName] = Field(
+        default_factory=list, description="Bundled benchmarks (evals/data) to decontaminate against.")
     ngram: int = Field(13, ge=3, le=64)
     minhash_threshold: Probability = 0.8
 
@@ -354,7 +379,8 @@ class TaskEvalSpec(StrictModel):
     )
 
 
-ForgettingBenchmark = Literal["mmlu", "arc_easy", "arc_challenge", "hellaswag", "gsm8k", "truthfulqa_mc1"]
+ForgettingBenchmark = Annotated[Literal["mmlu", "arc_easy", "arc_challenge", "hellaswag", "gsm8k", "truthfulqa_mc1"],
+                                _bundled_benchmark(aliases=False)]
 
 
 class ForgettingSpec(StrictModel):

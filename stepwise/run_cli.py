@@ -6,13 +6,21 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stepwise.cli import EXIT_BAD_INPUT, console, load_or_exit
 from stepwise.rundir import STAGES
 
 _COLORS = {"done": "green", "skipped": "cyan", "failed": "red", "stopped": "yellow", "gate_failed": "red",
-           "not_run": "dim"}
+           "not_measured": "red", "not_run": "dim"}
+
+
+def stage_notes(run) -> list[tuple[str, str]]:
+    """(stage, note) for every note a stage recorded in the manifest (`stages.<stage>.notes`):
+    the run summary prints them all, the same list the report shows."""
+    stages = run.read_manifest().get("stages", {})
+    return [(name, str(note)) for name in STAGES for note in (stages.get(name) or {}).get("notes") or []]
 
 
 def register(app: typer.Typer) -> None:
@@ -57,8 +65,14 @@ def register(app: typer.Typer) -> None:
         table = Table("stage", "status", "seconds", "detail", title=f"stepwise run {r.name}")
         for o in summary.outcomes:
             color = _COLORS.get(o.status, "white")
-            table.add_row(o.stage, f"[{color}]{o.status}[/{color}]", f"{o.wall_s:.1f}", o.detail[:90])
-        Console(width=max(Console().width, 140)).print(table)
+            # the whole detail, wrapped: it carries the gate's verdict and why
+            table.add_row(o.stage, f"[{color}]{o.status}[/{color}]", f"{o.wall_s:.1f}", escape(o.detail))
+        wide = Console(width=max(Console().width, 140))
+        wide.print(table)
+        ran = {o.stage for o in summary.outcomes if o.status != "not_run"}
+        for stage, note in stage_notes(run):
+            if stage in ran:
+                wide.print(f"[yellow]note[/yellow] ({stage}): {escape(note)}", highlight=False, soft_wrap=True)
         report = run.path / "report.html"
         if report.exists():
             console.print(f"report: {report}", highlight=False)

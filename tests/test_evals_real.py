@@ -289,7 +289,7 @@ class _LogprobServer:
 def test_forgetting_eval_through_endpoint_matches_local(setup, tmp_path):
     """lm-eval's `local-completions` against an OpenAI-compatible endpoint serving the same weights
     scores every question as the local `hf` run does; an endpoint without prompt logprobs is named
-    in a clear note and the forgetting eval is not run."""
+    in a clear note, the forgetting eval is not run, and the gate says not measured (exit 4)."""
     from evals.benchmarks import prepare_tasks
     from evals.forgetting import EndpointLogprobsError, evaluate_model, probe_endpoint_logprobs
     from evals.modelref import resolve_model
@@ -321,5 +321,6 @@ def test_forgetting_eval_through_endpoint_matches_local(setup, tmp_path):
         shutil.copytree(setup["run"], run2, ignore=shutil.ignore_patterns("eval"))
         res = CliRunner().invoke(_app(), ["eval", str(setup["recipe"]), "--run-dir", str(run2), "--skip-task",
                                           "--model", f"openai:m@{chat_only.base_url}"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 4, res.output  # configured but not measured: never a silent pass
     assert "forgetting eval NOT run" in res.output and "cannot give prompt logprobs" in res.output
+    assert "forgetting gate NOT MEASURED" in res.output

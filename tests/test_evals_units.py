@@ -55,7 +55,10 @@ def test_gate_rejects_unpaired_items():
 
 
 def test_recipe_benchmarks_match_bundled():
-    allowed = set(ForgettingSpec.model_fields["benchmarks"].annotation.__args__[0].__args__)
+    from typing import get_args
+
+    item = get_args(ForgettingSpec.model_fields["benchmarks"].annotation)[0]  # Annotated[Literal[...], check]
+    allowed = set(get_args(get_args(item)[0]))
     assert allowed == set(BENCHMARKS)
     for b in BENCHMARKS.values():
         assert (BUNDLED_DATA / b.folder / b.split_file).exists()
