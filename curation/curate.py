@@ -20,6 +20,7 @@ from curation.contamination import contamination_step
 from curation.dedup import exact_step, near_step, semantic_step
 from curation.filters import filter_step
 from curation.funnel import Funnel, StepOutcome
+from curation.labels import curated_gold_labels
 from curation.mixing import mix_step
 from curation.splits import stratified_split
 from curation.validate import validate_step
@@ -216,6 +217,9 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     with run.stage("curate", inputs=inputs, params=params) as st:
         rows = read_responses(responses)
         test_rows = namespace_test_ids(read_test_file(recipe), rows)
+        bad_labels = curated_gold_labels(recipe, rows, test_rows)
+        if bad_labels:  # a gold label the task does not spell that way: never normalised in silence
+            raise DataFileError("\n".join(bad_labels))
         n_in = len(rows)
         splits, funnel = curate_rows(rows, recipe, test_rows)
         out = run.stage_dir("curate")

@@ -50,8 +50,20 @@ def load_or_exit(path: Path, *, check_files: bool = True) -> Recipe:
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML")) -> None:
-    """Check a recipe: every error at once, each with its file, line and field."""
+    """Check a recipe: every error at once, each with its file, line and field; and the gold labels
+    of its data files against task.classes."""
+    from curation.labels import data_file_gold_labels
+    from stepwise.io import DataFileError
+
     r = load_or_exit(recipe)
+    try:
+        problems = data_file_gold_labels(r)
+    except DataFileError as exc:  # a malformed data file is bad input too
+        problems = [str(exc)]
+    for problem in problems:
+        console.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(EXIT_BAD_INPUT)
     kind = f"{len(r.task.label_set)} classes" if r.task.is_classification else f"structured ({r.task.validator})"
     console.print(f"[green]ok[/green] {recipe}: recipe '{r.name}', task '{r.task.name}' ({kind}), "
                   f"teacher {r.teacher.provider}:{r.teacher.model}", highlight=False, soft_wrap=True)

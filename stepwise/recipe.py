@@ -111,7 +111,9 @@ class TaskSpec(StrictModel):
 class DataSpec(StrictModel):
     inputs: list[str] | str = Field(description="Input file(s): JSONL, JSON, CSV/TSV, or a saved HF dataset dir.")
     id_field: str | None = Field(None, description="Field holding a stable row id; else one is derived from content.")
-    label_field: str | None = Field(None, description="Field with a gold label/answer, if the data has one.")
+    label_field: str | None = Field(None, description=(
+        "Field with a gold label/answer, if the data has one. Classification labels must be spelled as in "
+        "task.classes or be a task.label_aliases key: `stepwise validate` and curate refuse others (exit 2)."))
     test_file: str | None = Field(None, description="Held-out gold test file; takes precedence over a split.")
     limit: int | None = Field(None, ge=1, description="Use at most this many input rows.")
     stratify_limit: bool = Field(True, description="With `limit` and gold labels: take a class-balanced subset.")
