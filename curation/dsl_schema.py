@@ -12,6 +12,10 @@ generation rather than strict validation:
   them open, but OpenSearch rejects an unknown query type or body key (`unknown query [bogus]`).
 The error names the failing JSON path of the answer (`$.query.term.status.boost: 'x' is not of
 type 'number'`).
+
+`wrap_bare_query` is the one place a bare query clause (`{"bool": ...}`, no search-body key) is
+repaired into a search body (`{"query": {"bool": ...}}`): curation's validator and eval's scoring
+both call it and count the repair, so the two never disagree about the same answer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ from typing import Any
 SPEC_DIR = Path(__file__).parent / "schemas" / "opensearch" / "spec"
 _BODY = "namespaces/_core.yaml#/components/requestBodies/search/content/application~1json/schema"
 _QUERY = "schemas/_common.query_dsl.yaml#/components/schemas/QueryContainer"
+
+# Top-level keys of an OpenSearch search request body: an object with none of them is a bare query.
+SEARCH_BODY_KEYS = frozenset({
+    "query", "size", "from", "sort", "aggs", "aggregations", "_source", "fields", "highlight", "post_filter",
+    "track_total_hits", "min_score", "search_after", "collapse", "script_fields", "stored_fields", "timeout",
+    "explain", "version", "seq_no_primary_term", "track_scores", "docvalue_fields", "suggest", "rescore",
+    "indices_boost", "terminate_after", "profile", "pit", "runtime_mappings", "stats", "ext",
+})
+BARE_QUERY_REPAIR = "bare_query_wrapped"  # the name the curation funnel and eval's report count it under
+
+
+def wrap_bare_query(obj: Any) -> tuple[Any, bool]:
+    """(search body, whether it was repaired): a non-empty object with no search-body key is a bare
+    query clause and comes back as `{"query": obj}`; anything else comes back unchanged."""
+    if isinstance(obj, dict) and obj and not (set(obj) & SEARCH_BODY_KEYS):
+        return {"query": obj}, True
+    return obj, False
 
 
 def _relax(node: Any) -> Any:

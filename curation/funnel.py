@@ -69,5 +69,6 @@ class Funnel:
             extra = [f"-> {k} {v}" for k, v in s.get("moved", {}).items()]
             if s.get("added"):
                 extra.append(f"+ added {s['added']}")
+            extra += [f"repaired {k} {v}" for k, v in (s.get("repaired") or {}).items()]  # kept, after a fix
             rows.append((s["step"], s["in"], s["out"], "; ".join(x for x in [why, *extra] if x)))
         return rows

@@ -5,8 +5,10 @@
   (`curation.on_gold_mismatch: drop`) a row whose teacher label contradicts gold is dropped,
   since its rationale argues for a wrong answer.
 - structured JSON: must parse; for `validator: opensearch_query_dsl` it must validate against the
-  vendored OpenSearch spec (`curation.dsl_schema`), the failing JSON path in the detail; answers
-  are canonicalised (sorted keys) so later steps compare meaning, not formatting.
+  vendored OpenSearch spec (`curation.dsl_schema`), the failing JSON path in the detail. A bare
+  query clause is wrapped as `{"query": ...}` first (`dsl_schema.wrap_bare_query`, the repair
+  eval applies too), noted in the row's `checks.repaired` and counted in the funnel's `repaired`.
+  Answers are canonicalised (sorted keys) so later steps compare meaning, not formatting.
 - rationales (DSS format): present, within length bounds, not a copy of the input, and not
   arguing for another label (classification: the last class it names, unless negated, must be
   the answer; JSON: an object it quotes must equal the answer).
@@ -90,6 +92,7 @@ class Validator:
         self.gold_total = 0
         self.gold_correct = 0
         self.parsed = 0
+        self.repaired: dict[str, int] = {}  # repair -> rows kept with it (the funnel's `repaired`)
 
     def check(self, row: dict[str, Any]) -> Rejection | None:
         """Validate one row in place (canonical label, `checks`); a Rejection when it fails."""
@@ -119,6 +122,8 @@ class Validator:
         if agreement is not None and agreement < self.cur.min_agreement:
             return Rejection(row, "low_agreement", f"self-consistency {agreement:.2f} < {self.cur.min_agreement:g}")
         checks["valid"] = True
+        for fix in checks.get("repaired") or []:
+            self.repaired[fix] = self.repaired.get(fix, 0) + 1
         return None
 
     def _label(self, row: dict[str, Any]) -> tuple[Any, Rejection | None]:
@@ -142,13 +147,16 @@ class Validator:
         canonical = canonical_json(label)
         label = json.loads(canonical)  # sorted keys, no formatting left
         if self.task.validator == "opensearch_query_dsl":
-            from curation.dsl_schema import validate_search_body
+            from curation.dsl_schema import BARE_QUERY_REPAIR, validate_search_body, wrap_bare_query
 
+            label, wrapped = wrap_bare_query(label)
             problem = validate_search_body(label)
             if problem:
-                if validate_search_body(label, bare_query=True) is None:
-                    problem = "$: a bare query, not a search body (expected {\"query\": ...})"
+                if wrapped:
+                    problem += " (a bare query clause, validated as {\"query\": ...})"
                 return None, Rejection(row, "invalid_dsl", problem)
+            if wrapped:
+                row.setdefault("checks", {})["repaired"] = [BARE_QUERY_REPAIR]
         return label, None
 
     def _agrees_with_gold(self, label: Any, gold: Any) -> bool:
@@ -160,7 +168,15 @@ class Validator:
                 gold = json.loads(gold)
             except json.JSONDecodeError:
                 return False
-        return canonical_json(gold) == canonical_json(label)
+        return canonical_json(self._as_body(gold)) == canonical_json(label)
+
+    def _as_body(self, obj: Any) -> Any:
+        """A quoted or gold DSL object in the form answers are kept in (bare clause wrapped)."""
+        if self.task.validator != "opensearch_query_dsl":
+            return obj
+        from curation.dsl_schema import wrap_bare_query
+
+        return wrap_bare_query(obj)[0]
 
     def _rationale(self, row: dict[str, Any], label: Any) -> Rejection | None:
         spec = self.cur.rationale
@@ -183,7 +199,8 @@ class Validator:
                     return Rejection(row, "rationale_inconsistent", f"rationale argues for '{argued}', answer is '{label}'")
             else:
                 for obj in _json_objects(rationale):
-                    if isinstance(obj, dict) and ("query" in obj or len(obj) > 1) and canonical_json(obj) != canonical_json(label):
+                    if (isinstance(obj, dict) and ("query" in obj or len(obj) > 1)
+                            and canonical_json(self._as_body(obj)) != canonical_json(label)):
                         return Rejection(row, "rationale_inconsistent", "rationale quotes a JSON body that differs from the answer")
         return None
 
@@ -205,4 +222,7 @@ def validate_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
             rejected.append(rej)
         else:
             kept.append(row)
-    return StepOutcome(kept, rejected, info={"teacher_accuracy": v.teacher_accuracy()})
+    info: dict[str, Any] = {"teacher_accuracy": v.teacher_accuracy()}
+    if v.repaired:
+        info["repaired"] = dict(sorted(v.repaired.items()))
+    return StepOutcome(kept, rejected, info=info)

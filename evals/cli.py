@@ -59,6 +59,9 @@ def print_task(report: dict[str, Any]) -> None:
             pc.add_row(c, _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), str(v["support"]))
         out.print(pc)
     out.print(f"parse status: {report['parse_status']}", highlight=False)
+    for fix, n in (report.get("repairs") or {}).items():
+        if n:  # answers scored after curation's repair (e.g. a bare query clause wrapped as {"query": ...})
+            out.print(f"repaired: {fix} on {n} of {report['n']} answers", highlight=False)
     comp = report.get("base_comparison")
     if comp:
         print_base_comparison(comp, report["model"])

@@ -70,17 +70,16 @@ def find_curation_validator() -> tuple[SchemaValidator, str] | None:
 
 
 def opensearch_validator() -> tuple[SchemaValidator, str] | None:
-    """curation.dsl_schema.validate_search_body; a bare query (no search-body key) is validated as a
-    QueryContainer, as the NL-to-DSL data has both forms."""
+    """curation.dsl_schema.validate_search_body on the answer as curation accepts it: a bare query
+    (no search-body key) is first wrapped as `{"query": ...}` by curation's own `wrap_bare_query`
+    (task_eval counts that repair), then validated as a whole search body."""
     try:
-        from curation.dsl_schema import validate_search_body
+        from curation.dsl_schema import validate_search_body, wrap_bare_query
     except ImportError:
         return None
-    from evals.structured import SEARCH_BODY_KEYS
 
     def validator(obj: Any) -> list[str]:
-        bare = isinstance(obj, dict) and bool(obj) and not (set(obj) & SEARCH_BODY_KEYS)
-        return adapt(lambda o: validate_search_body(o, bare_query=bare))(obj)
+        return adapt(lambda o: validate_search_body(wrap_bare_query(o)[0]))(obj)
 
     return validator, "curation.dsl_schema.validate_search_body"
 

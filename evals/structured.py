@@ -9,11 +9,13 @@ Per item:
   the same over key paths only.
 
 Canonicalisation (`canonicalize`): key order never matters (dicts compare as dicts); numbers
-compare by value (`1`, `1.0`, `1e0` are equal; with `coerce_numeric_strings`, `"1"` too, as
-OpenSearch coerces them); strings are stripped of surrounding whitespace and inner runs of
-whitespace collapse to one space; lists are unordered except under order-carrying keys (`sort`).
-With `dsl=True` the OpenSearch shorthands are expanded first: a bare query gets wrapped as
-`{"query": ...}`, a single bool clause becomes a one-element list, and `term`/`match`-style field
+compare by value (`1`, `1.0`, `1e0` are equal; with `coerce_numeric_strings`, a string that is
+exactly a number's JSON text, `"1"` or `"1.5"`, equals that number, as OpenSearch coerces them);
+strings and keys are otherwise compared exactly (`"04567"` != `"4567"`, `"  Paris "` != `"Paris"`:
+keyword values that differ match different documents); lists are unordered except under
+order-carrying keys (`sort`). With `dsl=True` the OpenSearch shorthands are expanded first: a bare
+query gets wrapped as `{"query": ...}` (`curation.dsl_schema.wrap_bare_query`, the same repair
+curation applies), a single bool clause becomes a one-element list, and `term`/`match`-style field
 shorthands (`{"term": {"f": "x"}}`) become their long form (`{"term": {"f": {"value": "x"}}}`).
 """
 
@@ -26,24 +28,18 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from curation.dsl_schema import wrap_bare_query
 from evals.stats import mean_ci
 
 SchemaValidator = Callable[[Any], list[str]]
 
 ORDERED_KEYS = frozenset({"sort"})
-SEARCH_BODY_KEYS = frozenset({
-    "query", "size", "from", "sort", "aggs", "aggregations", "_source", "fields", "highlight", "post_filter",
-    "track_total_hits", "min_score", "search_after", "collapse", "script_fields", "stored_fields", "timeout",
-    "explain", "version", "seq_no_primary_term", "track_scores", "docvalue_fields", "suggest", "rescore",
-    "indices_boost", "terminate_after", "profile", "pit", "runtime_mappings", "stats", "ext",
-})
 BOOL_CLAUSES = ("must", "should", "filter", "must_not")
 _SHORTHAND = {
     "term": "value", "prefix": "value", "wildcard": "value", "regexp": "value", "fuzzy": "value",
     "match": "query", "match_phrase": "query", "match_phrase_prefix": "query", "match_bool_prefix": "query",
 }
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_WS = re.compile(r"\s+")
 
 
 # -- canonicalisation --------------------------------------------------------------------------
@@ -62,8 +58,8 @@ def canonicalize(obj: Any, *, coerce_numeric_strings: bool = True, dsl: bool = F
     """A normal form in which equal-meaning JSON values are equal (see the module doc)."""
     if dsl and _key is None:
         obj = expand_dsl(obj)
-    if isinstance(obj, dict):
-        return {str(k).strip(): canonicalize(v, coerce_numeric_strings=coerce_numeric_strings, _key=str(k))
+    if isinstance(obj, dict):  # keys as written: " status" and "status" are different fields
+        return {str(k): canonicalize(v, coerce_numeric_strings=coerce_numeric_strings, _key=str(k))
                 for k, v in obj.items()}
     if isinstance(obj, list):
         items = [canonicalize(v, coerce_numeric_strings=coerce_numeric_strings, _key=_key) for v in obj]
@@ -75,10 +71,14 @@ def canonicalize(obj: Any, *, coerce_numeric_strings: bool = True, dsl: bool = F
     if isinstance(obj, int | float):
         return _num(obj)
     if isinstance(obj, str):
-        s = _WS.sub(" ", obj.strip())
-        if coerce_numeric_strings and _NUMERIC.match(s):
-            return _num(float(s))
-        return s
+        # Strings are compared exactly: a keyword "04567" is not "4567", nor "  Paris " "Paris".
+        # Only a string that is exactly a number's JSON text ("4567", "1.5") equals that number,
+        # as OpenSearch coerces either way; two different strings never become equal.
+        if coerce_numeric_strings and _NUMERIC.match(obj):
+            num = _num(float(obj))
+            if json.dumps(num) == obj:
+                return num
+        return obj
     return obj
 
 
@@ -90,7 +90,7 @@ def expand_dsl(obj: Any) -> Any:
     """OpenSearch query DSL shorthands in their long form (for comparison only)."""
     if not isinstance(obj, dict):
         return obj
-    body = obj if (not obj or set(obj) & SEARCH_BODY_KEYS) else {"query": obj}
+    body, _ = wrap_bare_query(obj)  # the same repair curation applies (curation.dsl_schema)
     return {k: (_expand_query(v) if k in ("query", "post_filter") else v) for k, v in body.items()}
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from curation.dsl_schema import BARE_QUERY_REPAIR, wrap_bare_query
 from evals.classification import classification_report
 from evals.generate import GenerationResult, generate_local, generate_openai
 from evals.modelref import ModelRef
@@ -144,17 +145,25 @@ def evaluate_task(
         validator, source = validator_for(task.validator)
         dsl = task.validator == "opensearch_query_dsl"
         items = []
+        repaired = 0
         for i, r in enumerate(rows):
             pred = parsed[i].label if parsed[i] and parsed[i].parse_status in ("ok", "missing_rationale") else None
+            fix = None
+            if dsl:  # the repair curation applies to the teacher's answers, counted the same way
+                pred, wrapped = wrap_bare_query(pred)
+                fix = BARE_QUERY_REPAIR if wrapped else None
+                repaired += wrapped
             alts = r.get("gold_alternatives") or r.get("dsl_alternatives") or []
             s = score_item(pred, r.get("gold"), alternatives=alts, validator=validator, dsl=dsl)
             items.append(s)
             preds.append({"id": r.get("id"), "gold": r.get("gold"), "pred": pred,
                           "parse_status": parsed[i].parse_status if parsed[i] else "error",
-                          "raw": gen.texts[i], "error": gen.errors[i], **s})
+                          "raw": gen.texts[i], "error": gen.errors[i], "repaired": fix, **s})
         rep = structured_report(items, n_boot=spec.bootstrap)
         report.update(task_type="structured", schema_validator=source, canonicalisation="dsl" if dsl else "json",
                       **{k: v for k, v in rep.items() if k != "item_scores"})
+        if dsl:
+            report["repairs"] = {BARE_QUERY_REPAIR: repaired}
     return report, preds
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from curation.dsl_schema import validate_search_body
@@ -128,13 +130,30 @@ def test_dsl_valid_is_canonicalised():
     ('{"query": {"term": {"status": {"value": "x", "boost": "high"}}}}', "invalid_dsl", "$.query.term.status.boost"),
     ('{"query": {"bogus": {}}}', "invalid_dsl", "$.query"),
     ('{"size": "ten", "query": {"match_all": {}}}', "invalid_dsl", "$.size"),
-    ('{"term": {"status": "x"}}', "invalid_dsl", "bare query"),
+    ('{"term": {"status": {"value": "x", "boost": "high"}}}', "invalid_dsl", "bare query clause"),
     ('{"query": ', "invalid_json", "line 1"),
     ('"just a string"', "invalid_json", "str"),
 ])
 def test_dsl_invalid(answer, reason, path):
     rej = check(dsl_recipe(), response_row("a", {"question": "q", "mapping": MAPPING}, None, DSL_RAT, answer_text=answer))
     assert rej is not None and rej.reason == reason and path in rej.detail
+
+
+def test_dsl_bare_clause_is_wrapped_once_and_counted():
+    """A bare `{"bool": ...}` is the same answer eval scores as valid: curation wraps it with the
+    shared repair (curation.dsl_schema.wrap_bare_query), keeps it and counts it in the funnel."""
+    bare = {"bool": {"filter": [{"term": {"status": "pending"}}]}}
+    rat = f"Status is a keyword, so filter on it: {json.dumps(bare)}."
+    rows = [response_row("a", {"question": "pending?", "mapping": MAPPING}, None, rat, answer_text=json.dumps(bare),
+                         gold={"query": bare}),
+            response_row("b", {"question": "pending?", "mapping": MAPPING}, None, DSL_RAT,
+                         answer_text=json.dumps({"query": bare}))]
+    out = validate_step(rows, dsl_recipe())
+    assert not out.rejected, [(r.reason, r.detail) for r in out.rejected]
+    assert [r["label"] for r in out.kept] == [{"query": bare}, {"query": bare}]
+    assert out.kept[0]["checks"]["repaired"] == ["bare_query_wrapped"] and "repaired" not in out.kept[1]["checks"]
+    assert out.info["repaired"] == {"bare_query_wrapped": 1}
+    assert out.info["teacher_accuracy"]["accuracy"] == 1.0  # gold in body form agrees with the wrapped answer
 
 
 def test_dsl_rationale_quoting_other_body_is_inconsistent():

@@ -59,16 +59,35 @@ def test_classification_report_headline_and_ci():
     assert rep["n"] == 6
 
 
-def test_canonicalisation_key_order_numbers_whitespace():
+def test_canonicalisation_key_order_numbers():
     a = {"query": {"range": {"age": {"gte": 10, "lte": 20.0}}}, "size": 5}
     b = {"size": 5.0, "query": {"range": {"age": {"lte": 2e1, "gte": "10"}}}}
     assert canonical_text(a) == canonical_text(b)
-    assert canonicalize({"q": "  hello \n  world "}) == {"q": "hello world"}
     assert canonicalize({"x": 1.5}) == {"x": 1.5}
-    assert canonicalize({"x": "1.50"}) == {"x": 1.5}
+    assert canonicalize({"x": "1.5"}) == {"x": 1.5}  # exactly the number's text: OpenSearch coerces it
     assert canonicalize({"x": "1.5"}, coerce_numeric_strings=False) == {"x": "1.5"}
     assert canonicalize({"x": True}) == {"x": True}  # booleans are not numbers
     assert canonicalize({"x": "abc 12"}) == {"x": "abc 12"}
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("04567", "4567"),  # a zip code keyword: the leading zero is the value
+    ("04567", 4567),
+    ("  Paris ", "Paris"),  # keyword terms match exactly, whitespace included
+    ("New  York", "New York"),
+    ("1.50", "1.5"),
+    ("1e3", "1000"),
+])
+def test_exact_match_keeps_keyword_strings_that_differ_apart(pred, gold):
+    p = {"query": {"term": {"city": pred}}}
+    g = {"query": {"term": {"city": gold}}}
+    assert not exact_match(p, g, dsl=True) and not exact_match(p, g)
+    assert partial_f1(p, g, dsl=True) < 1.0
+    assert exact_match(g, g, dsl=True)  # and every value still equals itself
+
+
+def test_keys_compared_as_written():
+    assert not exact_match({"query": {"term": {" city": "x"}}}, {"query": {"term": {"city": "x"}}})
 
 
 def test_lists_unordered_except_sort():

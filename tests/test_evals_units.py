@@ -141,6 +141,8 @@ class _Stub(BaseHTTPRequestHandler):
         if "OpenSearch" in body["messages"][0]["content"]:
             label = '{"query": {"term": {"status": "pending"}}}' if "pending" in text else '{"query": {"bogus": 1}}'
             label = label if "broken" not in text else "{not json"
+            if "bare clause" in text:  # a bare query clause, as students and teachers write them
+                label = '{"bool": {"filter": [{"term": {"status": "pending"}}]}}'
         resp = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": f"<answer>{label}"}}],
@@ -323,3 +325,30 @@ def test_compare_to_base_hand_checked():
     assert verdict(0.2, [0.05, 0.3]) == "better" and verdict(-0.2, [-0.3, -0.1]) == "worse"
     assert verdict(0.1, [-0.1, 0.3]) == "no clear difference"
     assert verdict(-0.5, [-0.8, -0.2], lower_is_better=True) == "better"
+
+
+def test_bare_clause_is_repaired_counted_and_scored_like_curation(tmp_path):
+    """A bare `{"bool": ...}` answer: eval wraps it with curation's own repair, counts it in the
+    report, and scores it schema-valid and exact against the wrapped gold, as curation accepts it."""
+    from curation.dsl_schema import BARE_QUERY_REPAIR
+    from evals.task_eval import evaluate_task
+    from stepwise.recipe import load_recipe
+    from tests.conftest import REPO
+
+    recipe = load_recipe(REPO / "examples" / "nl2dsl" / "recipe.yaml")
+    recipe.eval.task.bootstrap = 0
+    mapping = {"properties": {"status": {"type": "keyword"}}}
+    gold = {"query": {"bool": {"filter": [{"term": {"status": {"value": "pending"}}}]}}}
+    rows = [{"id": "1", "input": {"question": "a bare clause please", "mapping": mapping}, "gold": gold},
+            {"id": "2", "input": {"question": "pending ones", "mapping": mapping},
+             "gold": {"query": {"term": {"status": "pending"}}}}]
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report, preds = evaluate_task(recipe, resolve_model(f"openai:s@http://127.0.0.1:{server.server_port}/v1"), rows)
+    finally:
+        server.shutdown()
+    assert report["repairs"] == {BARE_QUERY_REPAIR: 1}
+    assert preds[0]["repaired"] == BARE_QUERY_REPAIR and preds[1]["repaired"] is None
+    assert preds[0]["pred"] == {"query": {"bool": {"filter": [{"term": {"status": "pending"}}]}}}
+    assert preds[0]["schema_valid"] == 1.0 and preds[0]["exact_match"] == 1.0
