@@ -1,9 +1,12 @@
 """`stepwise review ...`: the embedded Argilla server and the review round-trip.
 
     stepwise review serve [--port N] [--host H]        start (or reuse) the embedded server
-    stepwise review status | stop
+    stepwise review status [RECIPE [--run-dir DIR]]    the server; with a recipe, the review's progress
+    stepwise review stop
     stepwise review push RECIPE [--run-dir DIR]         send curated rows to Argilla
-    stepwise review pull RECIPE [--run-dir DIR]         reviewed.jsonl + rejected.jsonl + agreement.json
+    stepwise review pull RECIPE [--run-dir DIR] [--accept-pending]
+                                                        reviewed.jsonl + rejected.jsonl + agreement.json;
+                                                        exit 3 while pushed rows are still pending
     stepwise review auto RECIPE [--run-dir DIR]         accept every curated row (review.mode: auto)
 """
 
@@ -18,6 +21,7 @@ review_app = typer.Typer(help="Human review in Argilla (embedded server by defau
 
 EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_WAITING = 3  # reviewers are not done: resumable, like `stepwise run`'s exit 3
 
 
 def _server(state_dir: Path | None):
@@ -57,12 +61,43 @@ def serve(
 
 
 @review_app.command()
-def status(state_dir: Path | None = typer.Option(None, help="State dir of the server.")) -> None:
-    """Show whether the embedded server runs, where, and with which processes."""
+def status(
+    recipe: Path | None = typer.Argument(None, help="Recipe YAML: show how far the reviewers are with its run"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the latest run)"),
+    state_dir: Path | None = typer.Option(None, help="State dir of the server."),
+) -> None:
+    """Show whether the embedded server runs; with RECIPE, the review's progress per annotator."""
+    if recipe is not None:
+        _progress(recipe, run_dir)
+        return
     st = _server(state_dir).status()
     typer.echo(json.dumps(st, indent=2))
     if not st.get("running"):
         raise typer.Exit(1)
+
+
+def _progress(recipe: Path, run_dir: Path | None) -> None:
+    from curation.review import review_progress
+    from curation.review_argilla import ReviewError
+
+    r, run = _recipe_and_run(recipe, run_dir)
+    try:
+        p = review_progress(r, run)
+    except (ReviewError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    typer.echo(f"run {run.path}: dataset '{p['dataset']}' in workspace '{p['workspace']}' at {p['url']}")
+    typer.echo(f"{p['reviewed']} of {p['pushed']} reviewed ({p['submitted']} submitted, {p['corrected']} corrected, "
+               f"{p['discarded']} discarded), {p['pending']} pending; a row needs {p['min_submitted']} submitted "
+               "response(s)" + (f"; {p['missing_in_argilla']} pushed rows missing from the dataset"
+                                if p["missing_in_argilla"] else ""))
+    if not p["annotators"]:
+        typer.echo("no responses yet")
+        return
+    width = max(9, *(len(u) for u in p["annotators"]))
+    typer.echo(f"{'annotator':<{width}}  submitted  discarded  draft")
+    for user, n in p["annotators"].items():
+        typer.echo(f"{user:<{width}}  {n['submitted']:>9}  {n['discarded']:>9}  {n['draft']:>5}")
 
 
 @review_app.command()
@@ -111,14 +146,21 @@ def push(
 def pull(
     recipe: Path = typer.Argument(..., help="Recipe YAML"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the latest run)"),
+    accept_pending: bool = typer.Option(
+        False, "--accept-pending", help="Pull although rows are still pending: they train with the teacher's answer"),
 ) -> None:
-    """Write review/reviewed.jsonl, rejected.jsonl and agreement.json from the reviewers' work."""
+    """Write review/reviewed.jsonl, rejected.jsonl and agreement.json from the reviewers' work
+    (exit 3 while pushed rows are still pending, unless --accept-pending)."""
+    from curation.review import ReviewPending
     from curation.review import pull as do_pull
     from curation.review_argilla import ReviewError
 
     r, run = _recipe_and_run(recipe, run_dir)
     try:
-        summary = do_pull(r, run, log=typer.echo)
+        summary = do_pull(r, run, accept_pending=accept_pending, log=typer.echo)
+    except ReviewPending as exc:
+        typer.echo(f"waiting: {exc}", err=True)
+        raise typer.Exit(EXIT_WAITING) from None
     except (ReviewError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

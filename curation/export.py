@@ -4,7 +4,9 @@ Reads `review/reviewed.jsonl` when the review stage is `done` in the manifest, e
 train/val. Task rows become chat examples through `pipelines.student.training_examples` (the one
 definition of the student format, shared with evaluation: `multitask`, `cot` or `label_only`, with
 the task's system prompt the model will see at inference); general-mix rows keep their own
-messages. `{split}.lineage.jsonl` is line-aligned with `{split}.chat.jsonl`.
+messages. `{split}.lineage.jsonl` is line-aligned with `{split}.chat.jsonl` and records each
+row's `rationale_source` (`teacher`, `reviewer`, or null when the row trains label-only, e.g. a
+reviewer changed the answer but not the teacher's rationale, see `curation.review`).
 
 Every example is measured with the student's tokenizer and chat template. With
 `training.sequence_len` set, examples that do not fit are left out and listed in
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from curation.review import training_rationale
 from pipelines.student import training_examples
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
@@ -54,11 +57,23 @@ def student_token_counter(recipe: Recipe) -> tuple[TokenCounter, str]:
 def export_rows(row: dict[str, Any], recipe: Recipe) -> list[tuple[str, list[dict[str, str]]]]:
     if row.get("general"):
         return [("general", row["messages"])]
-    return training_examples(recipe.task, row["input"], row.get("rationale"), row["label"], recipe.training.dss_output)
+    # A reviewer-corrected row never trains with the rationale written for the teacher's answer.
+    return training_examples(recipe.task, row["input"], training_rationale(row), row["label"],
+                             recipe.training.dss_output)
+
+
+def rationale_source(row: dict[str, Any]) -> str | None:
+    """Where the rationale a row trains with came from (`teacher`, `reviewer`, ...), None without one."""
+    if row.get("general") or not training_rationale(row):
+        return None
+    return row.get("rationale_source") or "teacher"
 
 
 def _source_rows(run: RunDir) -> tuple[dict[str, list[dict[str, Any]]], list[Path], str]:
     reviewed = run.path / "review" / "reviewed.jsonl"
+    if run.stage_status("review") == "waiting":
+        raise DataFileError(f"{run.path / 'review' / 'progress.json'}: the review is waiting for reviewers; pull "
+                            "again when they are done (`stepwise review pull`, or `--accept-pending`)")
     if run.stage_status("review") == "done" and reviewed.exists():
         rows = [r for _, r in iter_jsonl(reviewed)]
         return {"train": [r for r in rows if r.get("split", "train") == "train"],
@@ -100,7 +115,7 @@ def run_export(recipe: Recipe, run: RunDir, counter: TokenCounter | None = None)
                                          "sequence_len": seq_len})
                         continue
                     chat.append({"messages": messages})
-                    lineage.append({"id": row["id"], "kind": kind})
+                    lineage.append({"id": row["id"], "kind": kind, "rationale_source": rationale_source(row)})
                     kinds[kind] = kinds.get(kind, 0) + 1
             chat_path, lin_path = out / f"{name}.chat.jsonl", out / f"{name}.lineage.jsonl"
             atomic_write_jsonl(chat_path, chat)

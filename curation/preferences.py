@@ -7,11 +7,13 @@ review round into preference data, so this module does.
 
 Rendering goes through `pipelines.student.training_examples`, the one definition of the student
 format, for both answers, so the prompt (system prompt + user turn, `[label]` prefix in
-`multitask`) and the assistant texts are exactly what the SFT export trains on. Examples that come
-out identical for both answers are dropped: in `multitask` that is the `[rationale]` example
-(reviewers correct the answer, not the rationale), so a pair is the `[label]` example; in `cot`
-both texts carry the row's rationale and differ in the `<answer>` only, which is what the SFT
-export of the corrected row trains on as well.
+`multitask`) and the assistant texts are exactly what the SFT export trains on. The teacher's
+rationale argues for the teacher's answer, so it is never on the `chosen` side: when the reviewer
+left it as it was, the row trains label-only (`curation.review.settle_rationale`) and both sides
+are rendered without a rationale (a `[label]` pair in `multitask`, a label-only pair in `cot`);
+when the reviewer rewrote it, `chosen` carries the reviewer's rationale and `rejected` the
+teacher's (in `multitask` also a `[rationale]` pair, in `cot` one pair with both). Examples that
+come out identical for both answers are dropped.
 
 Rows: `{"messages": [system, user], "chosen": {"role": "assistant", ...}, "rejected": {...}}`,
 the layout Axolotl 0.19 reads with `rl: dpo` and `type: chat_template.default`
@@ -27,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from curation.review import training_rationale
 from curation.review_agreement import canonical
 from pipelines.student import training_examples
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
@@ -52,8 +55,13 @@ def preference_pairs(row: dict[str, Any], recipe: Recipe) -> list[tuple[str, dic
     if canonical(chosen_answer) == canonical(rejected_answer):
         return []
     fmt = recipe.training.dss_output
-    chosen = dict(training_examples(recipe.task, row["input"], row.get("rationale"), chosen_answer, fmt))
-    rejected = dict(training_examples(recipe.task, row["input"], row.get("rationale"), rejected_answer, fmt))
+    # `chosen` carries only a rationale written for the reviewer's answer (none when the reviewer
+    # left the teacher's, see `curation.review.settle_rationale`); `rejected` then carries the
+    # teacher's own, so both sides render the same kinds and pair up.
+    chosen_rationale = training_rationale(row)
+    rejected_rationale = review.get("teacher_rationale", row.get("rationale")) if chosen_rationale else None
+    chosen = dict(training_examples(recipe.task, row["input"], chosen_rationale, chosen_answer, fmt))
+    rejected = dict(training_examples(recipe.task, row["input"], rejected_rationale, rejected_answer, fmt))
     out = []
     for kind, messages in chosen.items():
         other = rejected.get(kind)

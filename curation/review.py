@@ -156,6 +156,7 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
         check_compatible,
         client_for,
         dataset_name,
+        has_rationale_question,
         resolve_connection,
         validate_row,
     )
@@ -178,7 +179,8 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
         report.dataset_created = True
         log(f"created dataset '{name}' in workspace '{ws_name}'")
     else:
-        check_compatible(dataset, recipe)
+        for note in check_compatible(dataset, recipe):
+            log(f"warning: {note}")
         if dataset.settings.distribution.min_submitted != recipe.review.min_submitted:
             dataset.settings.distribution = rg.TaskDistribution(min_submitted=recipe.review.min_submitted)
             dataset.update()
@@ -187,13 +189,14 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
     selected = select_rows(recipe, rows)
     report.selected = len(selected)
     existing = _existing_ids(client, dataset)  # the server's bulk reply does not say which were updated
+    rationale_q = has_rationale_question(dataset)
     good: list[tuple[dict[str, Any], Any]] = []
     for row in selected:
         problem = validate_row(recipe, row)
         if problem:
             report.errors.append({"id": row.get("id"), "error": problem})
             continue
-        good.append((row, build_record(recipe, row)))
+        good.append((row, build_record(recipe, row, rationale_question=rationale_q)))
 
     for i in range(0, len(good), batch_size):
         _send(client, dataset, good[i : i + batch_size], report)
@@ -210,8 +213,11 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
     failed = {str(e["id"]): e["error"] for e in report.errors}
     if same:
         failed = {k: v for k, v in (previous.get("failed") or {}).items() if k not in sent_ids} | failed
+    # What was pushed decides how it is pulled (`pull` reads mode, dataset, workspace and ids from
+    # here, not from a recipe that may have changed since, e.g. back to `review.mode: auto`).
     atomic_write_json(out / "push.json", {
-        "dataset": name, "workspace": ws_name, "url": conn.url, "dataset_id": str(dataset.id),
+        "mode": "argilla", "dataset": name, "workspace": ws_name, "url": conn.url, "dataset_id": str(dataset.id),
+        "rationale_question": rationale_q,
         "send": recipe.review.send, "selected": report.selected, "sent": report.sent, "created": report.created,
         "updated": report.updated, "errors": len(report.errors), "pushed_ids": pushed, "failed": failed,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -279,40 +285,151 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # -- pull ---------------------------------------------------------------------------------------
 
 
-def pull(recipe: Recipe, run: RunDir, *, log=print) -> dict[str, Any]:
-    """Read the reviewers' responses and write the review stage's outputs."""
-    if recipe.review.mode == "auto":
-        return review_auto(recipe, run)
-    from curation.review_argilla import ReviewError, client_for, dataset_name, resolve_connection
+class ReviewPending(Exception):
+    """Pushed rows are still waiting for reviewers: the review stage stops (exit 3), resumable."""
 
-    inputs = curated_paths(run)
-    out = _review_dir(run)
+    def __init__(self, message: str, progress: dict[str, Any]):
+        super().__init__(message)
+        self.progress = progress
+
+
+@dataclass
+class _Pulled:
+    """What a pull reads from Argilla: the dataset `push.json` names, its records and users."""
+
+    name: str
+    workspace: str
+    url: str
+    push_info: dict[str, Any]
+    users: dict[str, str]
+    models: dict[str, Any]
+    pushed: set[str]
+
+
+def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, str]:
+    """(push.json, dataset, workspace): what this run pushed; the recipe's names only for a run
+    pushed before push.json recorded them (or never pushed, for the error message)."""
+    from curation.review_argilla import dataset_name
+
+    info = _read_json(_review_dir(run) / "push.json") or {}
+    return info, info.get("dataset") or dataset_name(recipe), info.get("workspace") or recipe.review.workspace
+
+
+def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
+    from curation.review_argilla import ReviewError, client_for, resolve_connection
+
+    push_info, name, ws = _pushed_target(recipe, run)
     conn = resolve_connection(recipe)
     client = client_for(conn)
-    name = dataset_name(recipe)
-    params = {"mode": "argilla", "dataset": name, "workspace": recipe.review.workspace,
-              "min_submitted": recipe.review.min_submitted, "accept_policy": recipe.review.accept_policy}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SDK warns when the dataset does not exist
+        dataset = client.datasets(name, workspace=ws)
+    if dataset is None:
+        raise ReviewError(f"no dataset '{name}' in workspace '{ws}' at {conn.url}: run `stepwise review push` first")
+    if push_info.get("dataset_id") and str(dataset.id) != push_info["dataset_id"]:
+        raise ReviewError(
+            f"dataset '{name}' in workspace '{ws}' at {conn.url} is not the one this run pushed to "
+            f"({_review_dir(run) / 'push.json'}: id {push_info['dataset_id']}, found {dataset.id}); it was deleted "
+            "and created again, so the reviews made there are not in it. Point review.url at the server that has "
+            "them, or push again with `stepwise review push`"
+        )
+    users = {str(u.id): u.username for u in client.users}
+    models = {str(m.external_id): m for m in _all_record_models(client, dataset)}
+    pushed = set(push_info.get("pushed_ids") or models)
+    return _Pulled(name, ws, conn.url, push_info, users, models, pushed)
+
+
+def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print) -> dict[str, Any]:
+    """Read the reviewers' responses and write the review stage's outputs.
+
+    What was pushed decides how it is pulled: with a `review/push.json` the dataset, workspace and
+    ids recorded there are read from Argilla whatever `review.mode` says now; without one, `auto`
+    accepts every row. When pushed rows are still pending the stage records `waiting` and raises
+    ReviewPending (nothing goes to training on a partial review) unless `accept_pending` or
+    `review.accept_policy: submitted_or_pending` lets those rows through with the teacher's answer."""
+    if recipe.review.mode == "auto" and not (_review_dir(run) / "push.json").exists():
+        return review_auto(recipe, run)
+    inputs = curated_paths(run)
+    out = _review_dir(run)
+    pulled = _fetch(recipe, run)
+    if recipe.review.mode == "auto":
+        log(f"review: {out / 'push.json'} records {len(pulled.pushed)} rows pushed to '{pulled.name}': pulling "
+            "their reviews (review.mode is auto)")
+    allow_pending = accept_pending or recipe.review.accept_policy == "submitted_or_pending"
+    params = {"mode": "argilla", "dataset": pulled.name, "workspace": pulled.workspace,
+              "min_submitted": recipe.review.min_submitted, "accept_policy": recipe.review.accept_policy,
+              "accept_pending": accept_pending}
+    waiting: ReviewPending | None = None
     with run.stage("review", inputs=inputs, params=params) as st:
-        dataset = client.datasets(name, workspace=recipe.review.workspace)
-        if dataset is None:
-            raise ReviewError(f"no dataset '{name}' in workspace '{recipe.review.workspace}': run `stepwise review push` first")
-        users = {str(u.id): u.username for u in client.users}
-        models = {str(m.external_id): m for m in _all_record_models(client, dataset)}
-        push_info = _read_json(out / "push.json") or {}
-        pushed = set(push_info.get("pushed_ids") or models)
         rows = load_curated(run)
-        result = decide(recipe, rows, models, pushed, users, failed=push_info.get("failed") or {})
-        atomic_write_jsonl(out / "reviewed.jsonl", result["reviewed"])
-        atomic_write_jsonl(out / "rejected.jsonl", result["rejected"])
+        result = decide(recipe, rows, pulled.models, pulled.pushed, pulled.users,
+                        failed=pulled.push_info.get("failed") or {}, accept_pending=accept_pending)
         summary = result["summary"]
-        summary.update(dataset=name, workspace=recipe.review.workspace, url=conn.url)
-        atomic_write_json(out / "agreement.json", summary)
-        st.outputs(out / "reviewed.jsonl", out / "rejected.jsonl", out / "agreement.json")
-        st.counts(**summary["counts"])
-    c = summary["counts"]
-    log(f"review: {c['submitted']} submitted ({c['corrected']} corrected), {c['discarded']} discarded, "
-        f"{c['pending']} pending, {c['auto_accepted']} not sampled; {c['reviewed_rows']} rows -> reviewed.jsonl")
+        summary.update(dataset=pulled.name, workspace=pulled.workspace, url=pulled.url)
+        c = summary["counts"]
+        if c["pending"] and not allow_pending:
+            # Nothing is written for training: the previous reviewed.jsonl (if any) stays, and the
+            # stage is `waiting`, which export refuses to read past.
+            progress = _progress(recipe, rows, pulled)
+            atomic_write_json(out / "progress.json", progress)
+            st.outputs(out / "progress.json")
+            st.counts(**c)
+            st.mark("waiting")
+            waiting = ReviewPending(_pending_message(progress), progress)
+        else:
+            atomic_write_jsonl(out / "reviewed.jsonl", result["reviewed"])
+            atomic_write_jsonl(out / "rejected.jsonl", result["rejected"])
+            atomic_write_json(out / "agreement.json", summary)
+            st.outputs(out / "reviewed.jsonl", out / "rejected.jsonl", out / "agreement.json")
+            st.counts(**c)
+    if waiting is not None:
+        raise waiting
+    log(f"review: {c['submitted']} submitted ({c['corrected']} corrected, {c['rationale_dropped_after_correction']} "
+        f"of them without a rationale), {c['discarded']} discarded, {c['pending']} pending"
+        f"{' (accepted with the teacher answer)' if c['pending'] else ''}, "
+        f"{c['auto_accepted']} not sampled; {c['reviewed_rows']} rows -> reviewed.jsonl")
     return summary
+
+
+def review_progress(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+    """How far the reviewers are with what this run pushed, overall and per annotator."""
+    if not (_review_dir(run) / "push.json").exists():
+        from curation.review_argilla import ReviewError
+
+        raise ReviewError(f"{_review_dir(run) / 'push.json'}: nothing was pushed from this run "
+                          "(`stepwise review push`, or `stepwise run --review argilla`)")
+    pulled = _fetch(recipe, run)
+    return _progress(recipe, load_curated(run), pulled)
+
+
+def _progress(recipe: Recipe, rows: list[dict[str, Any]], pulled: _Pulled) -> dict[str, Any]:
+    counts = decide(recipe, rows, pulled.models, pulled.pushed, pulled.users,
+                    failed=pulled.push_info.get("failed") or {})["summary"]["counts"]
+    ids = {str(r.get("id")) for r in rows} & pulled.pushed
+    per_user: dict[str, dict[str, int]] = defaultdict(lambda: {"submitted": 0, "discarded": 0, "draft": 0})
+    for rid in ids:
+        model = pulled.models.get(rid)
+        for resp in (model.responses or []) if model is not None else []:
+            r = _response_dict(resp, pulled.users)
+            if r["status"] in ("submitted", "discarded", "draft"):
+                per_user[r["user"]][r["status"]] += 1
+    total = counts["pushed"]
+    return {
+        "dataset": pulled.name, "workspace": pulled.workspace, "url": pulled.url,
+        "pushed": total, "reviewed": total - counts["pending"], "pending": counts["pending"],
+        "submitted": counts["submitted"], "discarded": counts["discarded"], "corrected": counts["corrected"],
+        "missing_in_argilla": counts["missing_in_argilla"], "min_submitted": recipe.review.min_submitted,
+        "annotators": {u: per_user[u] for u in sorted(per_user)},
+    }
+
+
+def _pending_message(progress: dict[str, Any]) -> str:
+    msg = (f"{progress['reviewed']} of {progress['pushed']} reviewed; re-run when done, or `--accept-pending` "
+           f"(the {progress['pending']} pending rows then train with the teacher's answer)")
+    if progress["missing_in_argilla"]:
+        msg += (f"; {progress['missing_in_argilla']} pushed rows are missing from '{progress['dataset']}' "
+                "(push again to restore them)")
+    return msg + ". Progress per annotator: `stepwise review status RECIPE`"
 
 
 def _answers(model: Any, question: str, users: dict[str, str]) -> dict[str, Any]:
@@ -328,22 +445,27 @@ def _answers(model: Any, question: str, users: dict[str, str]) -> dict[str, Any]
 
 def decide(
     recipe: Recipe, rows: list[dict[str, Any]], models: dict[str, Any], pushed: set[str], users: dict[str, str],
-    failed: dict[str, str] | None = None,
+    failed: dict[str, str] | None = None, *, accept_pending: bool = False,
 ) -> dict[str, Any]:
     """Apply the review outcome to each curated row (pure: no I/O, testable without a server).
 
     `pushed`: ids sent to Argilla; `failed`: ids that could not be sent (id -> error), rejected
-    with reason `invalid_for_review`; other rows were not in the sample and stay auto-accepted."""
+    with reason `invalid_for_review`; other rows were not in the sample and stay auto-accepted.
+    Pending rows go to `reviewed` only under `accept_policy: submitted_or_pending` or `accept_pending`.
+    The rationale of each submitted row is settled by `settle_rationale`."""
     failed = failed or {}
-    from curation.review_argilla import ANSWER_Q, LABEL_Q, NOTE_Q, QUALITY_Q
+    from curation.review_argilla import ANSWER_Q, LABEL_Q, NOTE_Q, QUALITY_Q, RATIONALE_Q
+    from curation.validate import Validator
 
     spec = recipe.review
+    take_pending = accept_pending or spec.accept_policy == "submitted_or_pending"
+    validator = Validator(recipe)
     answer_q = LABEL_Q if recipe.task.is_classification else ANSWER_Q
     reviewed, rejected = [], []
     counts = dict.fromkeys(
         ("rows", "pushed", "submitted", "discarded", "pending", "auto_accepted", "corrected", "invalid_correction",
-         "invalid_for_review",
-         "reviewed_rows", "missing_in_argilla"), 0,
+         "invalid_for_review", "reviewed_rows", "missing_in_argilla", "rationale_edited",
+         "rationale_dropped_after_correction", "rationale_edit_rejected"), 0,
     )
     ratings: dict[str, list[dict[str, Any]]] = {answer_q: [], QUALITY_Q: []}
     teacher_pairs: list[tuple[Any, Any]] = []
@@ -408,11 +530,20 @@ def decide(
             new_row = {**row, "label": final}
             if corrected and not recipe.task.is_classification:
                 new_row["answer_text"] = json.dumps(final, ensure_ascii=False)
-            reviewed.append({**new_row, "review": {**base_review, "status": "submitted", "corrected": corrected}})
+            # Rationales written by the reviewers who gave the final answer (their edit of the teacher's).
+            edits = {u: t for u, t in (_answers(model, RATIONALE_Q, users) if model is not None else {}).items()
+                     if u in valid and canonical(valid[u]) == canonical(final)}
+            review = {**base_review, "status": "submitted", "corrected": corrected}
+            for key in settle_rationale(new_row, review, edits, corrected=corrected, validator=validator):
+                counts[key] += 1
+            reviewed.append({**new_row, "review": review})
             continue
         counts["pending"] += 1
-        if spec.accept_policy == "submitted_or_pending":
-            reviewed.append({**row, "review": {**base_review, "status": "pending", "corrected": False}})
+        if take_pending:
+            review = {**base_review, "status": "pending", "corrected": False}
+            if accept_pending and spec.accept_policy != "submitted_or_pending":
+                review["accepted_pending"] = True  # `--accept-pending`: the teacher's answer, unreviewed
+            reviewed.append({**row, "review": review})
     counts["reviewed_rows"] = len(reviewed)
     summary = {
         "mode": "argilla",
@@ -420,9 +551,64 @@ def decide(
         "questions": {q: question_agreement(items) for q, items in ratings.items()},
         "teacher_accuracy": teacher_accuracy(teacher_pairs),
         "accept_policy": spec.accept_policy,
+        "accept_pending": accept_pending,
         "min_submitted": spec.min_submitted,
     }
     return {"reviewed": reviewed, "rejected": rejected, "summary": summary}
+
+
+def _same_text(a: str | None, b: str | None) -> bool:
+    return " ".join((a or "").split()) == " ".join((b or "").split())
+
+
+def settle_rationale(
+    row: dict[str, Any], review: dict[str, Any], edits: dict[str, str], *, corrected: bool, validator: Any,
+) -> list[str]:
+    """Decide, in place, which rationale a submitted row trains with; returns the counters to bump.
+
+    A rationale the reviewers rewrote (`edits`: user -> text, from those who gave the final answer)
+    is kept when it passes curation's own rationale checks (`Validator._rationale`: length, copy of
+    the input, and the consistency check against the final answer), as `rationale_source:
+    reviewer`. A corrected row otherwise trains label-only: the teacher's rationale was written for
+    the teacher's answer, so it is dropped even when it names no label the check would catch
+    (`rationale_dropped_after_correction`; the text stays in `review.teacher_rationale`). An
+    uncorrected row keeps the rationale it had."""
+    teacher = row.get("rationale")
+    source = row.get("rationale_source") or ("teacher" if teacher else None)
+    bumps: list[str] = []
+    problems = []
+    for user in sorted(edits):
+        text = edits[user]
+        if not isinstance(text, str) or not text.strip() or _same_text(text, teacher):
+            continue
+        rejection = validator._rationale({**row, "rationale": text}, row["label"])
+        if rejection is None:
+            row.update(rationale=text.strip(), rationale_source="reviewer")
+            review.update(teacher_rationale=teacher, rationale_by=user)
+            return ["rationale_edited"]
+        problems.append(f"{user}: {rejection.reason} ({rejection.detail})" if rejection.detail
+                        else f"{user}: {rejection.reason}")
+    if problems:
+        review["rationale_edit_rejected"] = problems
+        bumps.append("rationale_edit_rejected")
+    if corrected and teacher:
+        row.update(rationale=None, rationale_source=None)
+        review.update(teacher_rationale=teacher, rationale_dropped="the teacher's rationale argues for the "
+                      "teacher's answer" + ("; the reviewer's rewrite failed the checks" if problems else ""))
+        bumps.append("rationale_dropped_after_correction")
+    elif teacher:
+        row["rationale_source"] = source
+    return bumps
+
+
+def training_rationale(row: dict[str, Any]) -> str | None:
+    """The rationale a reviewed row may train with. A corrected row trains with a rationale only
+    when it is not the one written for the teacher's answer: rows pulled before rationales were
+    settled (no `rationale_source`, or `teacher`) train label-only."""
+    review = row.get("review") or {}
+    if review.get("corrected") and row.get("rationale_source") in (None, "teacher"):
+        return None
+    return row.get("rationale")
 
 
 _INVALID = object()

@@ -17,6 +17,9 @@ LABEL_Q = "label"
 ANSWER_Q = "answer"
 QUALITY_Q = "rationale_quality"
 NOTE_Q = "note"
+# The editable rationale (teacher's as suggestion). Its own name: Argilla wants field and question
+# names unique, and the read-only `rationale` field stays for datasets created before this question.
+RATIONALE_Q = "rationale_edit"
 MAX_RECORD_BYTES = 512 * 1024
 TEACHER_AGENT = "teacher"
 
@@ -101,6 +104,11 @@ def dataset_name(recipe: Recipe) -> str:
     return recipe.review.dataset or recipe.name
 
 
+def wants_rationale_question(recipe: Recipe) -> bool:
+    """DSS rows carry a rationale a reviewer may have to rewrite when they change the answer."""
+    return recipe.teacher.format == "dss"
+
+
 def build_settings(recipe: Recipe):
     import argilla as rg
 
@@ -127,6 +135,11 @@ def build_settings(recipe: Recipe):
         ],
         questions=[
             answer_q,
+            *([rg.TextQuestion(
+                name=RATIONALE_Q, title="Rationale", required=False, use_markdown=False,
+                description="The teacher's rationale is pre-filled. If you change the answer, rewrite it so it argues "
+                "for your answer; otherwise the example trains without a rationale.",
+            )] if wants_rationale_question(recipe) else []),
             rg.RatingQuestion(
                 name=QUALITY_Q, title="Rationale quality", values=[1, 2, 3, 4, 5], required=False,
                 description="1 = wrong or useless, 5 = correct and helpful.",
@@ -181,7 +194,9 @@ def validate_row(recipe: Recipe, row: dict[str, Any]) -> str | None:
     return None
 
 
-def build_record(recipe: Recipe, row: dict[str, Any]):
+def build_record(recipe: Recipe, row: dict[str, Any], *, rationale_question: bool = True):
+    """The Argilla record for a curated row; `rationale_question`: the dataset has `RATIONALE_Q`
+    (datasets created before it existed do not), so the teacher's rationale is suggested there."""
     import argilla as rg
 
     task = recipe.task
@@ -191,6 +206,9 @@ def build_record(recipe: Recipe, row: dict[str, Any]):
         suggestion = rg.Suggestion(LABEL_Q, row["label"], score=score, agent=TEACHER_AGENT)
     else:
         suggestion = rg.Suggestion(ANSWER_Q, answer_text(row["label"]), score=score, agent=TEACHER_AGENT)
+    suggestions = [suggestion]
+    if rationale_question and (row.get("rationale") or "").strip():
+        suggestions.append(rg.Suggestion(RATIONALE_Q, row["rationale"], agent=TEACHER_AGENT))
     checks = row.get("checks") or {}
     validator = checks.get("validator") if isinstance(checks.get("validator"), str) else None
     metadata: dict[str, Any] = {
@@ -211,12 +229,18 @@ def build_record(recipe: Recipe, row: dict[str, Any]):
             "```json\n" + answer_text(row["label"]) + "\n```",
         },
         metadata=metadata,
-        suggestions=[suggestion],
+        suggestions=suggestions,
     )
 
 
-def check_compatible(dataset: Any, recipe: Recipe) -> None:
-    """An existing dataset must have the questions this recipe needs."""
+def has_rationale_question(dataset: Any) -> bool:
+    return any(q.name == RATIONALE_Q for q in dataset.settings.questions)
+
+
+def check_compatible(dataset: Any, recipe: Recipe) -> list[str]:
+    """An existing dataset must have the questions this recipe needs; returns warnings for what an
+    older dataset lacks but can do without (the editable rationale: a published Argilla dataset
+    cannot gain a question, so corrected rows from it train label-only)."""
     names = {q.name for q in dataset.settings.questions}
     need = {LABEL_Q if recipe.task.is_classification else ANSWER_Q, QUALITY_Q, NOTE_Q}
     if not need <= names:
@@ -229,3 +253,8 @@ def check_compatible(dataset: Any, recipe: Recipe) -> None:
         labels = list(q.labels) if hasattr(q, "labels") else []
         if labels and set(labels) != set(recipe.task.label_set):
             raise ReviewError(f"dataset '{dataset.name}' has labels {labels}, the recipe has {recipe.task.label_set}")
+    if wants_rationale_question(recipe) and not has_rationale_question(dataset):
+        return [f"dataset '{dataset.name}' was created without the editable rationale question "
+                f"'{RATIONALE_Q}': reviewers cannot rewrite rationales there, so a row whose answer they correct "
+                "trains without a rationale. Set review.dataset to a new name to get the question."]
+    return []

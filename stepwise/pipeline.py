@@ -42,6 +42,7 @@ class GateFailed(Exception):
 class RunOptions:
     offline: bool = False
     review: str | None = None  # override recipe.review.mode
+    accept_pending: bool = False  # pull with rows still pending: they train with the teacher's answer
     cpu: bool = False
     max_steps: int | None = None
     from_stage: str | None = None
@@ -99,21 +100,31 @@ def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    mode = opts.review or recipe.review.mode
-    if mode == "auto":
-        from curation.review import review_auto
-
-        summary = review_auto(recipe, run)
-        return f"auto-accepted {summary['counts']['auto_accepted']} rows"
     from curation import review as rv
 
+    # What was pushed decides how it is pulled: once this run pushed rows to Argilla, a recipe
+    # that says `review.mode: auto` still pulls the reviewers' work; only an explicit `--review
+    # auto` accepts without it, and says so.
     pushed = run.path / "review" / "push.json"
+    mode = opts.review or ("argilla" if pushed.exists() else recipe.review.mode)
+    if mode == "auto":
+        summary = rv.review_auto(recipe, run)
+        detail = f"auto-accepted {summary['counts']['auto_accepted']} rows"
+        if pushed.exists():
+            detail += f" (--review auto: the reviews in Argilla recorded by {pushed} are NOT used)"
+        return detail
     if not pushed.exists():
         report = rv.push(recipe, run)
         raise StageStopped(f"pushed {getattr(report, 'sent', '?')} records to Argilla for review; when reviewers are "
                            f"done run `stepwise run {recipe.source_path} --from review` to pull")
-    summary = rv.pull(recipe, run)
-    return f"pulled: {summary.get('counts')}"
+    try:
+        summary = rv.pull(recipe, run, accept_pending=opts.accept_pending)
+    except rv.ReviewPending as exc:
+        raise StageStopped(f"review: {exc}") from None
+    c = summary["counts"]
+    return (f"{c['submitted']} submitted ({c['corrected']} corrected, {c['rationale_dropped_after_correction']} "
+            f"rationales dropped), {c['discarded']} discarded, {c['pending']} pending, "
+            f"{c['reviewed_rows']} rows to export")
 
 
 def _export(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
@@ -222,7 +233,8 @@ PIPELINE: list[Stage] = [
     # --offline only forbids new requests; it never changes outputs, so it is not in the fingerprint
     Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate),
     Stage("curate", ("task", "data", "curation"), _curate_inputs, _curate),
-    Stage("review", ("review",), _files("curate/train.jsonl", "curate/val.jsonl"), _review, lambda o: o.review),
+    Stage("review", ("review",), _files("curate/train.jsonl", "curate/val.jsonl"), _review,
+          lambda o: (o.review, "accept_pending") if o.accept_pending else o.review),
     Stage("export", ("task", "training"), _files("review/reviewed.jsonl", "curate/train.jsonl", "curate/val.jsonl"),
           _export),
     Stage("configs", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl"), _configs),

@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         from_stage: str | None = typer.Option(None, "--from", help=f"Start at this stage ({', '.join(STAGES)})"),
         until_stage: str | None = typer.Option(None, "--until", help="Stop after this stage"),
         review: str | None = typer.Option(None, "--review", help="Override review.mode: auto | argilla"),
+        accept_pending: bool = typer.Option(
+            False, "--accept-pending",
+            help="Pull the review although rows are still pending: they train with the teacher's answer"),
         offline: bool = typer.Option(False, "--offline", help="Teacher responses from the cache only"),
         cpu: bool = typer.Option(False, "--cpu", help="Train with the CPU profile (no GPU)"),
         max_steps: int | None = typer.Option(None, "--max-steps", help="Cap optimizer steps (short demo runs)"),
@@ -53,7 +56,8 @@ def register(app: typer.Typer) -> None:
         r = load_or_exit(recipe)
         run = create_run(r) if new_run else resolve_run(r, run_dir, create=True)
         console.print(f"run directory: {run.path}", highlight=False)
-        opts = RunOptions(offline=offline, review=review, cpu=cpu, max_steps=max_steps, from_stage=from_stage,
+        opts = RunOptions(offline=offline, review=review, accept_pending=accept_pending, cpu=cpu,
+                          max_steps=max_steps, from_stage=from_stage,
                           until_stage=until_stage, force=force, progress=not no_progress, max_cost=max_cost)
 
         def on_stage(o) -> None:

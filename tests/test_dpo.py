@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from curation.export import export_rows
 from curation.preferences import NoCorrections, preference_pairs, run_export_preferences
-from pipelines.student import training_examples
 from stepwise.io import atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import load_recipe
 from stepwise.rundir import RunDir
@@ -92,15 +92,16 @@ def test_pairs_render_like_the_sft_export(tmp_path, dss):
     recipe, run = _run(tmp_path, _reviewed_rows(6), dss)
     row = _reviewed_rows(6)[0]
     pairs = preference_pairs(row, recipe)
-    assert len(pairs) == 1  # multitask: the [rationale] example is the same for both answers, so no pair
+    # The row's rationale is the teacher's, written for the teacher's answer: a corrected row trains
+    # label-only (SFT export and both sides of the pair), so there is one pair, on the label.
+    assert len(pairs) == 1
     kind, pair = pairs[0]
-    sft = dict(training_examples(recipe.task, row["input"], row["rationale"], row["label"], dss))[kind]
+    sft = dict(export_rows(row, recipe))[kind]
     assert pair["messages"] == sft[:-1]  # same system prompt + user turn as SFT
     assert pair["chosen"] == sft[-1] and pair["chosen"]["content"].endswith(f"<answer>{row['label']}</answer>")
     assert pair["rejected"]["content"].endswith(f"<answer>{row['review']['teacher_label']}</answer>")
     assert pair["chosen"] != pair["rejected"]
-    if dss == "cot":
-        assert pair["chosen"]["content"].startswith("<rationale>") and pair["rejected"]["content"].startswith("<rationale>")
+    assert "<rationale>" not in pair["chosen"]["content"] and row["rationale"] not in pair["chosen"]["content"]
     assert preference_pairs(_reviewed_rows(6)[1], recipe) == []  # not corrected: no pair
 
 

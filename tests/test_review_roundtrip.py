@@ -83,13 +83,16 @@ def test_push_annotate_pull_with_cli(env, tmp_path: Path) -> None:
     client = env.client()
     ds = client.datasets(name, workspace=ws)
     assert ds.settings.distribution.min_submitted == 2
-    assert {q.name for q in ds.settings.questions} == {"label", "rationale_quality", "note"}
+    assert {q.name for q in ds.settings.questions} == {"label", "rationale_edit", "rationale_quality", "note"}
     assert {f.name for f in ds.settings.fields} == {"input", "rationale", "teacher_answer"}
     assert {m.name for m in ds.settings.metadata} >= {"validator_status", "dedup_cluster_size", "self_consistency"}
     models = client.api.records.list(dataset_id=ds.id, limit=100, with_responses=False)
     first = next(m for m in models if m.external_id == "row-0000")
-    sugg = first.suggestions[0]
-    assert (sugg.value, sugg.score, sugg.agent) == ("billing", 0.4, "teacher")
+    sugg = {s.question_id: s for s in first.suggestions}
+    qid = {q.name: q.id for q in ds.settings.questions}
+    label_s, rationale_s = sugg[qid["label"]], sugg[qid["rationale_edit"]]
+    assert (label_s.value, label_s.score, label_s.agent) == ("billing", 0.4, "teacher")
+    assert (rationale_s.value, rationale_s.agent) == (rows[0]["rationale"], "teacher")  # editable, pre-filled
     meta = {m.name: m.value for m in first.metadata}
     assert meta["dedup_cluster_size"] == 1 and meta["validator_status"] == "ok" and meta["self_consistency"] == 0.4
 
@@ -114,10 +117,18 @@ def test_push_annotate_pull_with_cli(env, tmp_path: Path) -> None:
     assert len(record_ids(env, name, ws)) == 12
 
     res = runner.invoke(app, ["review", "pull", str(recipe.source_path), "--run-dir", str(run.path)])
+    assert res.exit_code == 3, res.output  # 8 rows still pending: nothing goes to training yet
+    assert "4 of 12 reviewed; re-run when done, or `--accept-pending`" in " ".join(res.output.split())
+    assert not (run.path / "review" / "reviewed.jsonl").exists() and run.stage_status("review") == "waiting"
+    res = runner.invoke(app, ["review", "pull", str(recipe.source_path), "--run-dir", str(run.path),
+                              "--accept-pending"])
     assert res.exit_code == 0, res.output
     reviewed = {r["id"]: r for r in read_jsonl(run.path / "review" / "reviewed.jsonl")}
     rejected = {r["id"]: r for r in read_jsonl(run.path / "review" / "rejected.jsonl")}
-    assert set(reviewed) == {"row-0000", "row-0001", "row-0004"}
+    pending = {k for k, r in reviewed.items() if r["review"]["status"] == "pending"}
+    assert pending == {"row-0003", *(f"row-{i:04d}" for i in range(5, 12))}  # accepted with the teacher's answer
+    assert all(reviewed[k]["review"]["accepted_pending"] for k in pending)
+    assert set(reviewed) - pending == {"row-0000", "row-0001", "row-0004"}
     assert reviewed["row-0000"]["review"]["status"] == "submitted" and not reviewed["row-0000"]["review"]["corrected"]
     assert reviewed["row-0000"]["review"]["rationale_quality"] == 4.5
     assert reviewed["row-0001"]["label"] == "general" and reviewed["row-0001"]["review"]["corrected"]
@@ -127,7 +138,7 @@ def test_push_annotate_pull_with_cli(env, tmp_path: Path) -> None:
     assert users == {a["username"], b["username"], c["username"]}
     assert rejected["row-0002"]["reason"] == "discarded_by_reviewer" and rejected["row-0002"]["detail"] == "duplicate ticket"
     assert {rejected[k]["reason"] for k in ("row-0050", "row-0051", "row-0052")} == {"invalid_for_review"}
-    assert "row-0003" not in reviewed and "row-0003" not in rejected  # pending: kept out of training
+    assert reviewed["row-0003"]["label"] == rows[3]["label"]  # one submit of the two needed: still the teacher's
     agreement = json.loads((run.path / "review" / "agreement.json").read_text())
     c_ = agreement["counts"]
     assert (c_["submitted"], c_["corrected"], c_["discarded"], c_["pending"]) == (3, 1, 1, 8)
@@ -140,7 +151,7 @@ def test_push_annotate_pull_with_cli(env, tmp_path: Path) -> None:
 
 
 def test_sample_push_sends_low_confidence_first(env, tmp_path: Path) -> None:
-    from curation.review import pull, push
+    from curation.review import ReviewPending, pull, push
 
     name = f"rt-sample-{uuid.uuid4().hex[:6]}"
     recipe, run = make_run(tmp_path, n_train=30, n_val=0, dataset=name, send="sample", sample_size=6)
@@ -148,10 +159,13 @@ def test_sample_push_sends_low_confidence_first(env, tmp_path: Path) -> None:
     assert rep.sent == 6 and rep.created == 6 and not rep.errors
     pushed = json.loads((run.path / "review" / "push.json").read_text())["pushed_ids"]
     assert len(pushed) == 6
-    summary = pull(recipe, run, log=lambda *_: None)
+    with pytest.raises(ReviewPending, match="0 of 6 reviewed"):
+        pull(recipe, run, log=lambda *_: None)
+    summary = pull(recipe, run, accept_pending=True, log=lambda *_: None)
     assert summary["counts"]["auto_accepted"] == 24 and summary["counts"]["pending"] == 6
     reviewed = read_jsonl(run.path / "review" / "reviewed.jsonl")
-    assert len(reviewed) == 24 and all(r["review"]["sampled"] is False for r in reviewed)
+    assert len(reviewed) == 30 and sum(r["review"].get("sampled") is False for r in reviewed) == 24
+    assert {r["id"] for r in reviewed if r["review"]["status"] == "pending"} == set(pushed)
 
 
 def test_pull_without_push_explains(env, tmp_path: Path) -> None:
@@ -162,3 +176,133 @@ def test_pull_without_push_explains(env, tmp_path: Path) -> None:
     recipe, run = make_run(tmp_path, dataset=f"never-{uuid.uuid4().hex[:6]}")
     res = CliRunner().invoke(app, ["review", "pull", str(recipe.source_path), "--run-dir", str(run.path)])
     assert res.exit_code == 2 and "review push" in res.output
+
+
+# -- what was pushed decides the pull; pending rows stop the run ----------------------------------
+
+
+def sdk_answer(ann_client, record, user_id: str, status: str, **values) -> None:
+    """One annotator's response through the SDK (their own client and API key)."""
+    import argilla as rg
+
+    responses = [rg.Response(q, v, user_id=user_id, status=status) for q, v in values.items()]
+    ann_client.api.records.create_record_response(record._server_id, rg.UserResponse(responses, _record=record).api_model())
+
+
+def test_run_pushes_stops_while_pending_and_trains_on_the_reviews(env, tmp_path: Path) -> None:
+    """Issue 20.1: a recipe with `review.mode: auto` is run with `--review argilla`: push, 6 of 10
+    answered by a second user (2 corrections, 1 discard), `stepwise run --from review` stops with
+    exit 3 until the other 4 are in, then exports the corrected labels without the discarded row."""
+    import argilla as rg
+    from typer.testing import CliRunner
+
+    from stepwise.cli import app
+
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    rows = [curated_row(i) for i in range(10)]
+    recipe, run = make_run(tmp_path, rows=rows, mode="auto", dataset=name)
+    runner = CliRunner()
+    run_cmd = ["run", str(recipe.source_path), "--run-dir", str(run.path), "--from", "review", "--until", "export",
+               "--no-progress"]
+
+    res = runner.invoke(app, [*run_cmd, "--review", "argilla"])
+    assert res.exit_code == 3, res.output
+    assert "pushed 10 records" in res.output
+    push_info = json.loads((run.path / "review" / "push.json").read_text())
+    assert (push_info["mode"], push_info["dataset"], len(push_info["pushed_ids"])) == ("argilla", name, 10)
+    assert push_info["rationale_question"] is True
+
+    (ann,) = make_annotators(env, 1, recipe.review.workspace)
+    ann_client = rg.Argilla(api_url=env.url, api_key=ann["api_key"], timeout=120)
+    # the record objects (server ids, the dataset's questions) as the owner sees them; annotators
+    # may not list a dataset's records, only answer them
+    ds = env.client().datasets(name, workspace=recipe.review.workspace)
+    records = {r.id: r for r in ds.records(with_responses=False)}
+    assert len(records) == 10
+    rewrite = "The customer cannot find our office, a general question about where we are."
+    first_six = {
+        # row 1 (teacher: technical) -> general, rationale rewritten; row 4 (teacher: technical) -> billing,
+        # rationale left as the teacher wrote it; row 2 discarded; rows 0, 3, 5 accepted as they are
+        "row-0000": ("submitted", {"label": "billing"}),
+        "row-0001": ("submitted", {"label": "general", "rationale_edit": rewrite}),
+        "row-0002": ("discarded", {"note": "not a real ticket"}),
+        "row-0003": ("submitted", {"label": "billing"}),
+        "row-0004": ("submitted", {"label": "billing", "rationale_edit": rows[4]["rationale"]}),
+        "row-0005": ("submitted", {"label": "general"}),
+    }
+    for rid, (status, values) in first_six.items():
+        sdk_answer(ann_client, records[rid], ann["id"], status, **values)
+
+    for extra in (["--review", "argilla"], []):  # the recipe says auto: the push still decides
+        res = runner.invoke(app, [*run_cmd, *extra])
+        assert res.exit_code == 3, res.output
+        assert "6 of 10 reviewed; re-run when done, or `--accept-pending`" in " ".join(res.output.split())
+        assert run.stage_status("review") == "waiting" and run.stage_status("export") != "done"
+    assert not (run.path / "export" / "train.chat.jsonl").exists()
+
+    res = runner.invoke(app, ["review", "status", str(recipe.source_path), "--run-dir", str(run.path)])
+    assert res.exit_code == 0, res.output
+    assert "6 of 10 reviewed" in res.output and "4 pending" in res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith(ann["username"]))
+    assert line.split()[1:] == ["5", "1", "0"]  # submitted, discarded, draft
+
+    res = runner.invoke(app, ["review", "pull", str(recipe.source_path), "--run-dir", str(run.path)])
+    assert res.exit_code == 3 and "6 of 10 reviewed" in res.output
+
+    for rid in ("row-0006", "row-0007", "row-0008", "row-0009"):
+        sdk_answer(ann_client, records[rid], ann["id"], "submitted", label=rows[int(rid[-1])]["label"])
+    res = runner.invoke(app, [*run_cmd, "--review", "argilla"])
+    assert res.exit_code == 0, res.output
+    assert run.stage_status("review") == "done" and run.stage_status("export") == "done"
+
+    chat = read_jsonl(run.path / "export" / "train.chat.jsonl")
+    lineage = read_jsonl(run.path / "export" / "train.lineage.jsonl")
+    answers = {(lin["id"], lin["kind"]): m["messages"][-1]["content"] for m, lin in zip(chat, lineage, strict=True)}
+    assert answers[("row-0001", "label")] == "<answer>general</answer>"
+    assert answers[("row-0004", "label")] == "<answer>billing</answer>"
+    assert not any(rid == "row-0002" for rid, _ in answers)  # discarded
+    assert {rid for rid, _ in answers} == {f"row-{i:04d}" for i in range(10)} - {"row-0002"}
+    # the rewritten rationale trains with its label; the unedited one (for `technical`) does not train at all
+    assert answers[("row-0001", "rationale")] == f"<rationale>{rewrite}</rationale>"
+    assert ("row-0004", "rationale") not in answers
+    sources = {lin["id"]: lin["rationale_source"] for lin in lineage}
+    assert (sources["row-0001"], sources["row-0004"], sources["row-0000"]) == ("reviewer", None, "teacher")
+    agreement = json.loads((run.path / "review" / "agreement.json").read_text())
+    c = agreement["counts"]
+    assert (c["submitted"], c["corrected"], c["discarded"], c["pending"]) == (9, 2, 1, 0)
+    assert (c["rationale_edited"], c["rationale_dropped_after_correction"]) == (1, 1)
+
+
+def test_pull_from_a_dataset_made_before_the_rationale_question(env, tmp_path: Path) -> None:
+    """A dataset created by an older stepwise (no `rationale_edit` question) still pushes (with a
+    warning) and pulls; a corrected row from it trains label-only."""
+    from curation.review import pull, push
+    from curation.review_argilla import RATIONALE_Q, build_settings
+
+    name = f"old-{uuid.uuid4().hex[:6]}"
+    recipe, run = make_run(tmp_path, rows=[curated_row(i) for i in range(3)], dataset=name)
+    import argilla as rg
+
+    settings = build_settings(recipe)
+    settings.questions = [q for q in settings.questions if q.name != RATIONALE_Q]
+    client = env.client()
+    ws = recipe.review.workspace
+    if client.workspaces(ws) is None:
+        rg.Workspace(name=ws, client=client).create()
+    rg.Dataset(name=name, workspace=ws, settings=settings, client=client).create()
+
+    logged: list[str] = []
+    rep = push(recipe, run, log=logged.append)
+    assert rep.sent == 3 and not rep.errors
+    assert any("without the editable rationale question" in m for m in logged), logged
+    assert json.loads((run.path / "review" / "push.json").read_text())["rationale_question"] is False
+
+    (ann,) = make_annotators(env, 1, ws)
+    ids = record_ids(env, name, ws)
+    answer(env, ann["api_key"], ids["row-0000"], "submitted", label="billing")
+    answer(env, ann["api_key"], ids["row-0001"], "submitted", label="general")
+    answer(env, ann["api_key"], ids["row-0002"], "submitted", label="general")
+    summary = pull(recipe, run, log=lambda *_: None)
+    assert summary["counts"]["corrected"] == 1 and summary["counts"]["rationale_dropped_after_correction"] == 1
+    fixed = next(r for r in read_jsonl(run.path / "review" / "reviewed.jsonl") if r["id"] == "row-0001")
+    assert fixed["label"] == "general" and fixed["rationale"] is None
