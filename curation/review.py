@@ -4,17 +4,22 @@ Two modes (`review.mode`):
 - `auto` (default): `review_auto` accepts every curated train/val row (`review.status =
   auto_accepted`). This is what `stepwise run` calls.
 - `argilla`: `push` sends rows to Argilla (records keyed by the row id, so a re-push updates them
-  in place and keeps annotators' responses); annotators accept, correct or discard them in the
-  web UI; `pull` writes the outcome:
+  in place and keeps annotators' responses) and records in `push.json` what it pushed where;
+  annotators accept, correct or discard them in the web UI, and may rewrite the rationale (an
+  editable question, the teacher's as suggestion); `pull` reads the dataset `push.json` names
+  (whatever `review.mode` says now) and writes the outcome:
     * submitted rows (>= `min_submitted` submitted responses, more submits than discards) with
       the reviewers' majority answer applied (`review.corrected` when it differs from the
-      teacher's),
+      teacher's) and their rationale settled (`settle_rationale`: a rewrite that passes
+      curation's rationale checks, else label-only for a corrected row),
     * discarded rows to `rejected.jsonl` with reason `discarded_by_reviewer`,
-    * pending rows (not reviewed enough yet) kept out of training unless
-      `accept_policy: submitted_or_pending`,
+    * pending rows (not reviewed enough yet): the pull stops (`ReviewPending`, exit 3) unless
+      `accept_policy: submitted_or_pending` or `--accept-pending` lets them train as the teacher
+      answered,
     * rows not in a sample (`send: sample`) stay `auto_accepted`.
   `agreement.json` has per-question agreement (percent, Cohen's and Fleiss' kappa) and the
-  teacher's accuracy against the reviewers.
+  teacher's accuracy against the reviewers. Talks to Argilla through its SDK only
+  (`curation.review_argilla`); the decisions and statistics here are our own code.
 """
 
 from __future__ import annotations
