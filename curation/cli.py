@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -20,7 +21,7 @@ def _run(recipe_path: Path, run_dir: Path | None):
     try:
         run = resolve_run(recipe, run_dir, create=False)
     except FileNotFoundError as exc:
-        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     return recipe, run
 
@@ -28,19 +29,21 @@ def _run(recipe_path: Path, run_dir: Path | None):
 def _bad_input(exc: Exception) -> typer.Exit:
     from stepwise.cli import EXIT_BAD_INPUT
 
-    console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
 def _call_reporting(stage, *args):
-    """Run a stage function: bad data files exit 2 with the message, warnings are printed after."""
+    """Run a stage function: bad data files (and recipe settings this install cannot honour, such as
+    semantic dedup without its model) exit 2 with the message, warnings are printed after."""
     from stepwise.io import DataFileError
+    from stepwise.recipe import RecipeError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = stage(*args)
-        except DataFileError as exc:
+        except (DataFileError, RecipeError) as exc:
             raise _bad_input(exc) from None
     for w in caught:
         console.print(f"[yellow]warning[/yellow] {w.message}", highlight=False, soft_wrap=True)
@@ -86,7 +89,7 @@ def register(app: typer.Typer) -> None:
             report = _call_reporting(run_curate, r, run)
         except TooFewTrainRows as exc:  # the files are written: show the funnel, then why it stopped
             print_funnel(json.loads((run.path / "curate" / "funnel.json").read_text(encoding="utf-8")))
-            console.print(f"[yellow]stopped[/yellow] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]stopped[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_STOPPED) from None
         print_funnel(report)
         console.print(f"[green]ok[/green] wrote {run.path / 'curate'}", highlight=False)

