@@ -94,7 +94,7 @@ def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     try:
         funnel = run_curate(recipe, run)
     except TooFewTrainRows as exc:  # a weak teacher is named here, not as a batch-size error at configs
-        raise StageStopped(f"curate: {exc}") from None
+        raise StageStopped(str(exc)) from None
     kept = funnel.get("kept") or {}
     return ", ".join(f"{k} {v}" for k, v in kept.items()) + f", rejected {funnel.get('rejected', 0)}"
 

@@ -4,6 +4,18 @@ Sections: stage status and timings, teacher cost and tokens, the curation funnel
 distribution before/after balance, dedup, review agreement, training loss, task metrics with
 confidence intervals, forgetting before/after with the gate's verdict, and links to artifacts.
 Each section reads only its stage's files and says plainly when that stage has not run.
+
+Every number is the one the run measured: stage status, seconds and detail come from the
+manifest's record of what `stepwise run` printed (`stages.<stage>.pipeline`, the wall time around
+the whole stage), else from the stage's own record; the report's own row says "this page". When
+generate replayed every response from the teacher cache, its time is the replay's, and it says so.
+
+A verdict over too little data says so instead of a green pass (thresholds below): the forgetting
+gate and student-vs-base comparisons show "too little data to judge" when the student trained on
+fewer than MIN_TRAIN_ROWS rows, a benchmark scored fewer than MIN_BENCHMARK_ITEMS questions, or the
+test split has fewer than MIN_TEST_ITEMS items. This is the report's reading only; the gate's exit
+code is `stepwise eval`'s. Per-class tables beyond MAX_CLASS_ROWS classes show the worst classes
+first and fold the rest behind a <details> toggle.
 """
 
 from __future__ import annotations
@@ -18,6 +30,13 @@ from typing import Any
 from stepwise.io import atomic_write_text, read_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import STAGES, RunDir, effective_status
+
+# "Too little data to judge" below these (see the module doc): with 20 items a 95% interval on an
+# accuracy is still about +-20 points, so anything smaller cannot back a pass.
+MIN_TRAIN_ROWS = 20
+MIN_TEST_ITEMS = 20
+MIN_BENCHMARK_ITEMS = 20
+MAX_CLASS_ROWS = 20  # per-class rows shown before the rest fold behind a toggle
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2733;padding:0 1rem}
@@ -75,15 +94,40 @@ def _missing(what: str) -> str:
 
 
 def _stages(run: RunDir) -> str:
+    """Status, seconds and detail as `stepwise run` printed them (the manifest's `pipeline` record),
+    else the stage's own record; the report's row is this page, still being written."""
     m = run.read_manifest()
     rows = []
     for name in STAGES:
-        info = m.get("stages", {}).get(name)
-        status = effective_status(info)
-        cls = {"done": "ok", "failed": "bad", "interrupted": "bad", "incomplete": "warn"}.get(status, "muted")
-        rows.append([_e(name), f'<span class="{cls}">{_e(status)}</span>',
-                     f"{info.get('wall_s', 0):.1f}" if info else "", _e((info or {}).get("error", ""))[:200]])
-    return _table(["stage", "status", "seconds", "error"], rows)
+        info = m.get("stages", {}).get(name) or {}
+        if name == "report":
+            rows.append([_e(name), '<span class="muted">this page</span>', "", ""])
+            continue
+        ran = info.get("pipeline") or {}
+        status = effective_status(info) if info.get("status") else "pending"
+        seconds, detail = info.get("wall_s"), str(info.get("error", ""))
+        if ran and status not in ("running", "interrupted"):
+            status, seconds, detail = ran.get("status", status), ran.get("wall_s"), str(ran.get("detail", ""))
+        cls = {"done": "ok", "failed": "bad", "interrupted": "bad", "gate_failed": "bad", "not_measured": "bad",
+               "incomplete": "warn", "stopped": "warn", "skipped": "ok"}.get(status, "muted")
+        secs = f"{seconds:.1f}" if isinstance(seconds, int | float) else ""
+        if status == "skipped" and isinstance(ran.get("earlier_wall_s"), int | float):
+            secs += f" (inputs unchanged; took {ran['earlier_wall_s']:.1f} when it ran)"
+        if name == "generate" and secs:
+            secs += _replay_note(info)
+        rows.append([_e(name), f'<span class="{cls}">{_e(status)}</span>', _e(secs), _e(detail[:300])])
+    return _table(["stage", "status", "seconds", "detail"], rows)
+
+
+def _replay_note(info: dict[str, Any]) -> str:
+    """Generate's time is the teacher's only when it asked the teacher: say when it was a replay."""
+    cache = info.get("cache") or {}
+    hits, sent = int(cache.get("hits") or 0), int(cache.get("requests_sent") or 0)
+    if hits and not sent:
+        return f" (replayed from cache: {hits} responses; the teacher's original time is not recorded)"
+    if hits:
+        return f" ({sent} requests to the teacher, {hits} responses from cache)"
+    return ""
 
 
 def _teacher(run: RunDir) -> str:
@@ -129,7 +173,9 @@ def _funnel(run: RunDir) -> str:
     ax.legend(loc="lower right")
     ax.set_title(f"curation funnel: {funnel.get('responses')} teacher responses -> kept {funnel.get('kept')}")
     rows = [[_e(s["step"]), s["in"], s["out"],
-             _e(", ".join(f"{k}: {v}" for k, v in s.get("removed", {}).items()) or "-")] for s in steps]
+             _e(", ".join(f"{k}: {v}" for k, v in s.get("removed", {}).items()) or "-")
+             + "".join(f"; kept after repair ({_e(k)}): {_e(v)}" for k, v in (s.get("repaired") or {}).items())]
+            for s in steps]
     acc = funnel.get("teacher_accuracy") or {}
     extra = (f"<p>Teacher accuracy against gold labels: <b>{acc['accuracy']:.1%}</b> "
              f"({acc.get('agree')}/{acc.get('rows_with_gold')}).</p>" if acc.get("accuracy") is not None else "")
@@ -152,11 +198,18 @@ def _balance(run: RunDir) -> str:
     plt = _plt()
     import numpy as np
 
+    many = len(labels) > MAX_CLASS_ROWS  # e.g. 151 classes: a fixed-width chart sorted by count, no names
+    if many:
+        labels.sort(key=lambda k: (-after.get(k, 0), -before.get(k, 0), k))
     x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(labels) + 2), 2.8))
+    fig, ax = plt.subplots(figsize=(9 if many else max(5, 0.55 * len(labels) + 2), 2.8))
     ax.bar(x - 0.2, [before.get(k, 0) for k in labels], 0.4, label="before balance", color="#90a4ae")
     ax.bar(x + 0.2, [after.get(k, 0) for k in labels], 0.4, label="after balance", color="#1565c0")
-    ax.set_xticks(x, labels, rotation=35, ha="right")
+    if many:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(labels)} classes, largest first (per-class counts: curate/funnel.json)")
+    else:
+        ax.set_xticks(x, labels, rotation=35, ha="right")
     ax.legend()
     ax.set_title("train label distribution")
     ratio = (max(after.values()) / max(1, min(after.values()))) if after else 0
@@ -239,6 +292,35 @@ def _training(run: RunDir) -> str:
     return _svg(fig) + _table(["config", "steps", "last train loss", "last eval loss", "files"], rows)
 
 
+def _train_rows(run: RunDir) -> int | None:
+    """Rows the student trained on: export's train rows (after review), else curate's count."""
+    stages = run.read_manifest().get("stages", {})
+    export = ((stages.get("export") or {}).get("export") or {}).get("train") or {}
+    if isinstance(export.get("rows"), int):
+        return export["rows"]
+    n = ((stages.get("curate") or {}).get("counts") or {}).get("train")
+    return n if isinstance(n, int) else None
+
+
+def _too_little(run: RunDir, *, test_items: int | None = None, benchmark_items: dict[str, int] | None = None) -> list[str]:
+    """Why a verdict over this run's data cannot be trusted (empty when it can)."""
+    why = []
+    rows = _train_rows(run)
+    if rows is not None and rows < MIN_TRAIN_ROWS:
+        why.append(f"the student trained on {rows} row{'s' * (rows != 1)} (< {MIN_TRAIN_ROWS})")
+    if test_items is not None and test_items < MIN_TEST_ITEMS:
+        why.append(f"{test_items} test item{'s' * (test_items != 1)} (< {MIN_TEST_ITEMS})")
+    small = {k: n for k, n in (benchmark_items or {}).items() if n < MIN_BENCHMARK_ITEMS}
+    if small:
+        why.append(", ".join(f"{k} scored on {n} questions" for k, n in small.items())
+                   + f" (< {MIN_BENCHMARK_ITEMS})")
+    return why
+
+
+def _too_little_html(why: list[str]) -> str:
+    return f'<span class="warn">too little data to judge</span> ({_e("; ".join(why))})'
+
+
 def _task(run: RunDir) -> str:
     task = _read_json(run.path / "eval" / "task.json")
     if not task:
@@ -252,19 +334,43 @@ def _task(run: RunDir) -> str:
             rows.append([_e(name), _fmt(v.get("value")), ci])
         else:
             rows.append([_e(name), _fmt(v), "-"])
+    n = task.get("n", task.get("items"))
     out = f"<p>Model: <code>{_e(task.get('model', {}).get('label') if isinstance(task.get('model'), dict) else task.get('model'))}</code>, "
-    out += f"{_e(task.get('n', task.get('items', '?')))} test items.</p>"
+    out += f"{_e(n if n is not None else '?')} test items.</p>"
+    why = _too_little(run, test_items=n if isinstance(n, int) else None)
+    if why:
+        out += f"<p>{_too_little_html(why)}: the intervals below are too wide to rank models.</p>"
     out += _table(["metric", "value", "95% CI (bootstrap)"], rows)
-    out += _base_comparison(task.get("base_comparison"))
+    for fix, count in (task.get("repairs") or {}).items():
+        if count:
+            out += f"<p>Repaired before scoring: {_e(fix)} on {_e(count)} of {_e(n)} answers.</p>"
+    out += _base_comparison(task.get("base_comparison"), why)
     per_class = (task.get("metrics") or {}).get("per_class") or task.get("per_class")
     if isinstance(per_class, dict):
-        out += _table(["class", "precision", "recall", "support"],
-                      [[_e(c), _fmt(m.get("precision")), _fmt(m.get("recall")), _e(m.get("support", ""))]
-                       for c, m in per_class.items() if isinstance(m, dict)])
+        out += _per_class(per_class)
     return out
 
 
-def _base_comparison(comp: dict | None) -> str:
+def _per_class(per_class: dict[str, Any]) -> str:
+    """Per-class table; beyond MAX_CLASS_ROWS classes, the worst (lowest F1, then most support)
+    first and the rest behind a toggle, so 150 classes do not push the other sections away."""
+    items = [(c, m) for c, m in per_class.items() if isinstance(m, dict)]
+    headers = ["class", "precision", "recall", "F1", "support"]
+
+    def row(c: str, m: dict[str, Any]) -> list[str]:
+        return [_e(c), _fmt(m.get("precision")), _fmt(m.get("recall")), _fmt(m.get("f1")), _e(m.get("support", ""))]
+
+    if len(items) <= MAX_CLASS_ROWS:
+        return _table(headers, [row(c, m) for c, m in items])
+    items.sort(key=lambda cm: (float(cm[1].get("f1") or 0.0), -int(cm[1].get("support") or 0), cm[0]))
+    head, rest = items[:MAX_CLASS_ROWS], items[MAX_CLASS_ROWS:]
+    return (f"<p>{len(items)} classes; the {MAX_CLASS_ROWS} with the lowest F1 first.</p>"
+            + _table(headers, [row(c, m) for c, m in head])
+            + f"<details><summary>the other {len(rest)} classes</summary>"
+            + _table(headers, [row(c, m) for c, m in rest]) + "</details>")
+
+
+def _base_comparison(comp: dict | None, too_little: list[str] | None = None) -> str:
     """Student vs base on the same test items (eval.task.compare_base)."""
     if not isinstance(comp, dict) or not comp.get("metrics"):
         return ""
@@ -274,22 +380,50 @@ def _base_comparison(comp: dict | None) -> str:
         ci = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" if isinstance(lo, float) and isinstance(hi, float) else "-"
         delta = f"{100 * m['delta']:+.1f}" if isinstance(m.get("delta"), float) else "-"
         rows.append([_e(name), _fmt(m.get("base")), _fmt(m.get("student")), delta, ci, _e(m.get("verdict", ""))])
-    verdict = '<span class="ok">' if comp.get("learned") else '<span class="bad">'
+    if too_little:
+        verdict = f"{_too_little_html(too_little)}; the comparison says: <span class='muted'>"
+    else:
+        verdict = '<span class="ok">' if comp.get("learned") else '<span class="bad">'
     out = (f"<p>Student vs base model <code>{_e(comp.get('base'))}</code> on the same {_e(comp.get('n_paired'))} "
            f"test items: {verdict}{_e(comp.get('summary', ''))}</span></p>")
     return out + _table(["metric", "base", "student", "student - base (pts)", "95% CI (paired bootstrap)", "verdict"],
                         rows)
 
 
+_GATE_TEXT = {"passed": ("ok", "PASSED"), "failed": ("bad", "FAILED"), "not_measured": ("bad", "NOT MEASURED"),
+              "not_configured": ("muted", "not configured"), "skipped": ("muted", "skipped")}
+
+
 def _forgetting(run: RunDir) -> str:
+    from evals.runner import recorded_gate
+
     report = _read_json(run.path / "eval" / "forgetting.json")
-    if not report:
+    if not run.stage_info("eval"):
         return _missing("forgetting evaluation")
-    gate = report.get("gate", {})
-    verdict = ('<span class="ok">PASSED</span>' if gate.get("passed")
-               else '<span class="bad">FAILED</span>')
-    benches = report.get("benchmarks") or {}
-    items = benches.items() if isinstance(benches, dict) else ((b.get("name"), b) for b in benches)
+    gate = recorded_gate(run)  # the verdict the last eval recorded, as `stepwise run` reads it
+    verdict_key = gate["verdict"]
+    cls, text = _GATE_TEXT.get(verdict_key, ("warn", verdict_key))
+    benches = (report or {}).get("benchmarks") or {}
+    items = list(benches.items() if isinstance(benches, dict) else ((b.get("name"), b) for b in benches))
+    why = _too_little(run, benchmark_items={n: int(b.get("n") or 0) for n, b in items}) if verdict_key in (
+        "passed", "failed") else []
+    if why and verdict_key == "passed":
+        verdict = f"{_too_little_html(why)}; the gate's own verdict: <span class='muted'>passed</span>"
+    else:
+        verdict = f'<span class="{cls}">{_e(text)}</span>'
+        if why:
+            verdict += f" ({_e('; '.join(why))})"
+    max_drop = gate.get("max_drop", ((report or {}).get("gate") or {}).get("max_drop"))
+    out = f"<p>Gate: {verdict}" + (f" (max drop {_e(max_drop)})" if max_drop is not None else "")
+    if gate.get("reason"):
+        out += f": {_e(gate['reason'])}"
+    out += "</p>"
+    for name, reason in (gate.get("not_measured") or {}).items():
+        out += f"<p class='bad'>{_e(name)}: not measured ({_e(reason)})</p>"
+    if not report:
+        return out
+    if verdict_key in ("skipped", "not_configured"):
+        out += "<p class='muted'>The table below is from an earlier forgetting eval of this run.</p>"
     rows, names, before, after = [], [], [], []
     for name, b in items:
         bf, af = b.get("before", {}), b.get("after", {})
@@ -299,9 +433,9 @@ def _forgetting(run: RunDir) -> str:
         before.append(float(bv or 0))
         after.append(float(av or 0))
         flag = " (in-domain: mixed into training)" if b.get("in_domain") else ""
-        rows.append([_e(name) + _e(flag), _fmt(bv), _fmt(av), _fmt(b.get("abs_change", b.get("delta"))),
-                     _fmt(b.get("rel_change")), '<span class="bad">drop</span>' if b.get("failed") else "ok"])
-    out = f"<p>Gate: {verdict} (max drop {_e(gate.get('max_drop', ''))})</p>"
+        rows.append([_e(name) + _e(flag), _e(b.get("n", "")), _fmt(bv), _fmt(av),
+                     _fmt(b.get("abs_change", b.get("delta"))), _fmt(b.get("rel_change")),
+                     '<span class="bad">drop</span>' if b.get("failed") else "ok"])
     if names:
         plt = _plt()
         import numpy as np
@@ -315,10 +449,19 @@ def _forgetting(run: RunDir) -> str:
         ax.legend()
         ax.set_title("general benchmarks before / after fine-tuning")
         out += _svg(fig)
-    out += _table(["benchmark", "before", "after", "change", "relative", "gate"], rows)
+    out += _table(["benchmark", "questions", "before", "after", "change", "relative", "gate"], rows)
     for tip in gate.get("mitigations") or report.get("mitigations") or []:
         out += f"<p class='muted'>- {_e(tip)}</p>"
     return out
+
+
+def _notes(run: RunDir) -> str:
+    """Every note a stage recorded (the same list `stepwise run` prints under its table)."""
+    stages = run.read_manifest().get("stages", {})
+    notes = [(name, str(n)) for name in STAGES for n in (stages.get(name) or {}).get("notes") or []]
+    if not notes:
+        return '<p class="muted">No stage recorded a note.</p>'
+    return "<ul>" + "".join(f"<li><b>{_e(stage)}</b>: {_e(n)}</li>" for stage, n in notes) + "</ul>"
 
 
 def _artifacts(run: RunDir) -> str:
@@ -338,7 +481,8 @@ def _artifacts(run: RunDir) -> str:
 SECTIONS = [
     ("Stages", _stages), ("Teacher", _teacher), ("Curation funnel", _funnel),
     ("Label distribution", _balance), ("Deduplication", _dedup), ("Review", _review),
-    ("Training", _training), ("Task metrics", _task), ("Forgetting", _forgetting), ("Artifacts", _artifacts),
+    ("Training", _training), ("Task metrics", _task), ("Forgetting", _forgetting), ("Notes", _notes),
+    ("Artifacts", _artifacts),
 ]
 
 
