@@ -321,14 +321,20 @@ def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, st
 
 
 def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
+    import httpx
+
     from curation.review_argilla import ReviewError, client_for, resolve_connection
 
     push_info, name, ws = _pushed_target(recipe, run)
     conn = resolve_connection(recipe)
-    client = client_for(conn)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the SDK warns when the dataset does not exist
-        dataset = client.datasets(name, workspace=ws)
+    try:
+        client = client_for(conn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the SDK warns when the dataset does not exist
+            dataset = client.datasets(name, workspace=ws)
+    except httpx.TransportError as exc:
+        raise ReviewError(f"cannot reach Argilla at {conn.url} ({exc}) to pull '{name}': start it with "
+                          "`stepwise review serve`, or set review.url / $ARGILLA_API_URL") from None
     if dataset is None:
         raise ReviewError(f"no dataset '{name}' in workspace '{ws}' at {conn.url}: run `stepwise review push` first")
     if push_info.get("dataset_id") and str(dataset.id) != push_info["dataset_id"]:

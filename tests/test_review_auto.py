@@ -284,3 +284,33 @@ def test_bulk_upsert_raises_the_sdks_errors() -> None:
         bulk_upsert(client, "d", _record_models(2))
     with pytest.raises(ValueError, match="more than 500"):
         bulk_upsert(client, "d", _record_models(501))
+
+
+# -- what was pushed decides the pull (the server-side round trip is in test_review_roundtrip) ------
+
+
+def test_explicit_review_auto_after_a_push_says_the_reviews_are_not_used(tmp_path: Path) -> None:
+    from stepwise.pipeline import RunOptions, run_pipeline
+
+    recipe, run = make_run(tmp_path, n_train=3, n_val=0, mode="argilla")
+    (run.stage_dir("review") / "push.json").write_text(json.dumps({"mode": "argilla", "dataset": "d", "workspace": "w",
+                                                               "pushed_ids": ["row-0000"]}))
+    out = run_pipeline(recipe, run, RunOptions(review="auto", from_stage="review", until_stage="review"))
+    review = next(o for o in out.outcomes if o.stage == "review")
+    assert review.status == "done" and "NOT used" in review.detail and "push.json" in review.detail
+
+
+def test_recipe_auto_after_a_push_pulls_instead_of_auto_accepting(tmp_path: Path, monkeypatch) -> None:
+    """No server here: the stage must try to reach Argilla (and fail saying so), never auto-accept."""
+    from stepwise.pipeline import RunOptions, run_pipeline
+
+    monkeypatch.setenv("ARGILLA_API_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("ARGILLA_API_KEY", "k")
+    recipe, run = make_run(tmp_path, n_train=3, n_val=0, mode="auto")
+    (run.stage_dir("review") / "push.json").write_text(json.dumps({"mode": "argilla", "dataset": "d", "workspace": "w",
+                                                               "pushed_ids": ["row-0000"]}))
+    out = run_pipeline(recipe, run, RunOptions(from_stage="review", until_stage="review"))
+    review = next(o for o in out.outcomes if o.stage == "review")
+    assert review.status == "failed" and out.exit_code == 13
+    assert "cannot reach Argilla at http://127.0.0.1:1" in review.detail and "'d'" in review.detail
+    assert not (run.path / "review" / "reviewed.jsonl").exists()
