@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -9,6 +10,20 @@ from rich.table import Table
 
 from stepwise.cli import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_STOPPED, console, load_or_exit
 from stepwise.io import DataFileError
+
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+
+
+def resume_command(command: str, recipe: Path, run_dir: Path, *flags: str) -> str:
+    """The exact command that resumes an interrupted run in the same run directory."""
+    return " ".join(shlex.quote(x) for x in ["stepwise", command, str(recipe), "--run-dir", str(run_dir), *flags])
+
+
+def print_interrupted(exc: KeyboardInterrupt, command: str) -> None:
+    """What Ctrl-C left behind, and how to go on (the message comes from GenerateInterrupted)."""
+    detail = str(exc) or "interrupted"
+    console.print(f"[yellow]{detail}[/yellow]", highlight=False, soft_wrap=True)
+    console.print(f"resume with: {command}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +36,8 @@ def register(app: typer.Typer) -> None:
         max_cost: float | None = typer.Option(None, "--max-cost", help="Stop before spending more than this (USD)"),
         ray: bool = typer.Option(False, "--ray", help="Run through distilabel's Ray integration"),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar"),
+        no_retry_unparsed: bool = typer.Option(False, "--no-retry-unparsed",
+                                               help="Keep malformed answers; do not ask those rows again"),
     ) -> None:
         """Ask the teacher for a rationale and label per input (cached, resumable, cost-capped)."""
         from pipelines.generate import GenerateError, run_generate
@@ -29,7 +46,13 @@ def register(app: typer.Typer) -> None:
         r = load_or_exit(recipe)
         run = create_run(r) if new_run else resolve_run(r, run_dir, create=True)
         try:
-            result = run_generate(r, run, offline=offline, max_cost=max_cost, progress=not no_progress, ray=ray)
+            result = run_generate(r, run, offline=offline, max_cost=max_cost, progress=not no_progress, ray=ray,
+                                  retry_unparsed=not no_retry_unparsed)
+        except KeyboardInterrupt as exc:
+            flags = [*(["--offline"] if offline else []), *(["--max-cost", f"{max_cost:g}"] if max_cost is not None else []),
+                     *(["--ray"] if ray else []), *(["--no-retry-unparsed"] if no_retry_unparsed else [])]
+            print_interrupted(exc, resume_command("generate", recipe, run.path, *flags))
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except (GenerateError, DataFileError) as exc:
             console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -41,7 +64,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"cache hits {result.cache_hits}, requests sent {s.sent} (retried {s.retried}, failed {s.failed}), "
                       f"tokens {s.input_tokens}+{s.output_tokens}, cost this run ${s.cost:.4f}", highlight=False)
         if result.stopped_reason:
-            console.print(f"[yellow]stopped[/yellow]: {result.stopped_reason}; run the same command to resume")
+            console.print(f"[yellow]stopped[/yellow]: {result.stopped_reason}; raise the cap to go on (what is cached "
+                          "is kept and not paid again)", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_STOPPED)
         if result.status_counts.get("error"):
             console.print(f"[yellow]{result.status_counts['error']} rows failed[/yellow]; they are retried on the next run "
@@ -52,13 +76,14 @@ def register(app: typer.Typer) -> None:
     def estimate(
         recipe: Path = typer.Argument(..., help="Recipe YAML"),
         sample: int = typer.Option(0, "--sample", help="Send N real requests (cached, not wasted) to measure output length"),
+        max_cost: float | None = typer.Option(None, "--max-cost", help="Cap for the sampled requests (default teacher.max_cost)"),
     ) -> None:
         """Price a generation run before it starts."""
         from pipelines.estimate import estimate_run
 
         r = load_or_exit(recipe)
         try:
-            est = estimate_run(r, sample=sample)
+            est = estimate_run(r, sample=sample, max_cost=max_cost)
         except DataFileError as exc:
             console.print(f"[red]error[/red] {exc}", highlight=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -66,3 +91,6 @@ def register(app: typer.Typer) -> None:
         for k, v in est.items():
             table.add_row(k, str(v))
         console.print(table)
+        if est.get("sample stopped"):
+            console.print(f"[yellow]stopped[/yellow]: {est['sample stopped']}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_STOPPED)

@@ -1,9 +1,10 @@
 """`stepwise estimate`: tokens and cost of a generation run before it starts.
 
-Prompt tokens are counted with the teacher's tokenizer when it is local, else approximated at
-~4 characters per token (no tokenizer download offline). Output tokens are bounded by
-`max_new_tokens`, or measured on `--sample N` real requests (which land in the cache and are
-not paid again by the run).
+Prompt tokens are counted with the teacher's tokenizer where one is known (`pipelines.tokens`: the
+local teacher's tokenizer with its chat template, `teacher.tokenizer`, tiktoken for OpenAI model
+names), else approximated at ~4 characters per token; the output names the method. Output tokens
+are bounded by `max_new_tokens`, or measured on `--sample N` real requests, which land in the
+cache (not paid again by the run) and count against `max_cost` like any other request.
 """
 
 from __future__ import annotations
@@ -11,51 +12,51 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.cache import ResponseCache
-from pipelines.generate import approx_tokens, cache_path, load_inputs, plan_requests, price_fn
+from pipelines.generate import cache_path, load_inputs, new_budget, plan_requests, price_fn
+from pipelines.tokens import prompt_counter
 from stepwise.recipe import Recipe
 
 
-def estimate_run(recipe: Recipe, sample: int = 0) -> dict[str, Any]:
+def count_prompt_tokens(recipe: Recipe, messages: list[list[dict[str, str]]]) -> tuple[int, str]:
+    """Prompt tokens of one request per row, and how they were counted."""
+    counter = prompt_counter(recipe)
+    return sum(counter.count(m) for m in messages), counter.method
+
+
+def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None) -> dict[str, Any]:
     rows = load_inputs(recipe)
     plan = plan_requests(recipe, rows)
     t = recipe.teacher
-    counter = approx_tokens
-    method = "approx (4 chars/token)"
-    if t.provider == "transformers":
-        from transformers import AutoTokenizer
-
-        from stepwise.models import resolve_model_dir
-
-        tok = AutoTokenizer.from_pretrained(resolve_model_dir(t.model))
-
-        def counter(msgs):  # noqa: F811 - exact count with the local tokenizer
-            return len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True))
-
-        method = "teacher tokenizer"
+    cap = max_cost if max_cost is not None else t.max_cost
     requests = len(rows) * t.num_rationales
-    prompt_tokens = sum(counter(m) for m in plan.messages) * t.num_rationales
+    per_row, method = count_prompt_tokens(recipe, plan.messages)
+    prompt_tokens = per_row * t.num_rationales
     cache = ResponseCache(cache_path(recipe))
-    cached = cache.get_many([k for ks in plan.keys for k in ks])
+    cached = cache.get_many(plan.base_keys())
     done = sum(1 for e in cached.values() if e.status == "ok")
     out_per_req = float(t.max_new_tokens)
     out_method = "max_new_tokens (upper bound)"
+    sample_note = None
     if sample:
         from pipelines.generate import _execute, _pending_jobs
 
-        sub = plan.__class__(plan.rows[:sample], plan.messages[:sample], [ks[:1] for ks in plan.keys[:sample]])
-        jobs = _pending_jobs(recipe, sub, cached)
-        if jobs:
-            _execute(recipe, jobs, cache, None, progress=True)
+        sub = plan.__class__(plan.rows[:sample], plan.messages[:sample], [ks[:1] for ks in plan.keys[:sample]],
+                             [chs[:1] for chs in plan.chains[:sample]])
+        jobs = [j for j in _pending_jobs(recipe, sub, cache.get_many(sub.chain_keys()), reask=False) if j.attempt == 0]
+        if jobs:  # the same ledger and cap as `stepwise generate`
+            stats = _execute(recipe, jobs, cache, new_budget(plan, cache, cap), progress=True)
+            sample_note = stats.stopped_reason
         got = [e for e in cache.get_many([ks[0] for ks in sub.keys]).values() if e.status == "ok"]
         if got:
             out_per_req = sum(e.output_tokens for e in got) / len(got)
             out_method = f"mean of {len(got)} sampled responses"
+    spent = cache.spend(plan.base_keys())
     cache.close()
     price = price_fn(recipe)
     remaining = max(0, requests - done)
     frac = remaining / requests if requests else 0.0
     est_out = out_per_req * requests
-    return {
+    out: dict[str, Any] = {
         "input rows": len(rows),
         "requests (rows x num_rationales)": requests,
         "already cached": done,
@@ -63,5 +64,9 @@ def estimate_run(recipe: Recipe, sample: int = 0) -> dict[str, Any]:
         "output tokens": f"{est_out:.0f} ({out_method})",
         "cost, whole run": f"${price(prompt_tokens, int(est_out)):.4f}",
         "cost, still to pay": f"${price(int(prompt_tokens * frac), int(est_out * frac)):.4f}",
-        "max_cost": t.max_cost if t.max_cost is not None else "none",
+        "spent so far (ledger)": f"${spent.total:.4f}",
+        "max_cost": cap if cap is not None else "none",
     }
+    if sample_note:
+        out["sample stopped"] = sample_note
+    return out

@@ -30,6 +30,8 @@ class Job:
     worst_case_cost: float = 0.0
     tries: int = 0
     row_input: Any = None  # the source row's input fields (distilabel tasks render from these)
+    base_key: str | None = None  # the row/sample's first-attempt key (the ledger sums spend by it)
+    attempt: int = 0  # 0 = first answer; n = n-th re-ask of a malformed answer (fresh sample seed)
 
 
 @dataclass
@@ -52,19 +54,45 @@ class FatalTeacherError(RuntimeError):
 
 @dataclass
 class Budget:
-    max_cost: float | None
-    spent: float = 0.0
-    reserved: float = 0.0
+    """The cost cap, kept as a ledger in the response cache (when one is given).
 
-    def try_reserve(self, amount: float) -> bool:
-        if self.max_cost is not None and self.spent + self.reserved + amount > self.max_cost:
+    `prior` is what earlier invocations spent on the same inputs (paid, plus requests a killed run
+    left in flight). Each request books its worst-case cost in the ledger before it is sent (the
+    check and the booking are one transaction, so Ray workers in other processes share the cap)
+    and the booking is replaced by the real cost when the response is stored."""
+
+    max_cost: float | None
+    cache: ResponseCache | None = None
+    session: str = ""
+    prior: float = 0.0
+    spent: float = 0.0  # this invocation, settled (in this process)
+    reserved: float = 0.0  # this invocation, in flight (in this process)
+
+    def try_reserve(self, amount: float, job: Job | None = None) -> bool:
+        if self.cache is not None and job is not None:
+            if not self.cache.reserve(job.key, job.base_key or job.key, amount, self.session,
+                                      cap=self.max_cost, prior=self.prior):
+                return False
+        elif self.max_cost is not None and self.prior + self.spent + self.reserved + amount > self.max_cost:
             return False
         self.reserved += amount
         return True
 
-    def settle(self, reserved: float, actual: float) -> None:
+    def settle(self, reserved: float, actual: float, job: Job | None = None, stored: bool = True) -> None:
+        """`stored`: the response went into the cache (its put_ok replaced the booking)."""
         self.reserved -= reserved
         self.spent += actual
+        if not stored and self.cache is not None and job is not None:
+            self.cache.release(job.key, self.session)
+
+    def total_spent(self) -> float:
+        if self.cache is not None:  # the ledger also sees other processes of this session (Ray)
+            return self.prior + self.cache.session_spend(self.session).paid
+        return self.prior + self.spent
+
+    def cap_message(self) -> str:
+        return (f"cost cap reached: spent ${self.total_spent():.4f} of ${self.max_cost or 0:.4f} "
+                f"(teacher.max_cost / --max-cost, over every run on these inputs)")
 
 
 def classify_error(exc: BaseException) -> tuple[str, bool, float | None]:
@@ -115,7 +143,7 @@ def _retry_after(exc: Any) -> float | None:
 
 
 def record_ok(cache: ResponseCache, job: Job, output: dict[str, Any], model: str,
-              price: Callable[[int, int], float], stats: RunStats) -> float:
+              price: Callable[[int, int], float], stats: RunStats, session: str | None = None) -> float:
     """Commit one completed response (a distilabel GenerateOutput) and count it; return its cost."""
     text = (output.get("generations") or [None])[0]
     if text is None:
@@ -124,7 +152,7 @@ def record_ok(cache: ResponseCache, job: Job, output: dict[str, Any], model: str
     itok = int((stat.get("input_tokens") or [0])[0] or 0)
     otok = int((stat.get("output_tokens") or [0])[0] or 0)
     cost = price(itok, otok)
-    cache.put_ok(job.key, text, itok, otok, cost, model)
+    cache.put_ok(job.key, text, itok, otok, cost, model, base_key=job.base_key, session=session)
     stats.completed += 1
     stats.input_tokens += itok
     stats.output_tokens += otok
@@ -139,7 +167,7 @@ def _backoff(tries: int, retry_after: float | None) -> float:
 
 
 async def run_async_jobs(
-    agenerate: Callable[[list[dict[str, str]]], Any],
+    agenerate: Callable[[Job], Any],
     jobs: list[Job],
     cache: ResponseCache,
     *,
@@ -151,7 +179,7 @@ async def run_async_jobs(
     on_progress: Callable[[RunStats], None] | None = None,
     stats: RunStats | None = None,
 ) -> RunStats:
-    """Send jobs through `agenerate(messages) -> GenerateOutput`; every outcome lands in the cache."""
+    """Send jobs through `agenerate(job) -> GenerateOutput`; every outcome lands in the cache."""
     stats = stats or RunStats()
     counter = itertools.count()
     queue: list[tuple[float, int, Job]] = [(0.0, next(counter), j) for j in jobs]
@@ -166,11 +194,11 @@ async def run_async_jobs(
         job.tries += 1
         stats.sent += 1
         try:
-            output = await agenerate(job.messages)
-            cost = record_ok(cache, job, output, model, price, stats)
-            budget.settle(reserved, cost)
+            output = await agenerate(job)
+            cost = record_ok(cache, job, output, model, price, stats, budget.session)
+            budget.settle(reserved, cost, job)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded row state
-            budget.settle(reserved, 0.0)
+            budget.settle(reserved, 0.0, job, stored=False)
             code, retriable, retry_after = classify_error(exc)
             if retriable and job.tries <= max_retries:
                 stats.retried += 1
@@ -196,12 +224,9 @@ async def run_async_jobs(
             delay = not_before - time.monotonic()
             if delay <= 0:
                 heapq.heappop(queue)
-                if not budget.try_reserve(job.worst_case_cost):
+                if not budget.try_reserve(job.worst_case_cost, job):
                     stop_dispatch = True
-                    stats.stopped_reason = (
-                        f"cost cap ${budget.max_cost:.4f} reached (spent ${budget.spent:.4f}, "
-                        f"${budget.reserved:.4f} in flight)"
-                    )
+                    stats.stopped_reason = "cap"  # worded below, once the requests in flight settled
                     heapq.heappush(queue, (not_before, next(counter), job))
                     continue
                 in_flight += 1
@@ -217,6 +242,8 @@ async def run_async_jobs(
         if in_flight:
             await wake.wait()
     stats.not_run = [job.key for _, _, job in queue]
+    if stats.stopped_reason == "cap":
+        stats.stopped_reason = budget.cap_message()
     if fatal:
         raise fatal[0]
     return stats
@@ -231,7 +258,7 @@ class _suppress_timeout:  # noqa: N801 - tiny context manager
 
 
 def run_sync_batches(
-    generate: Callable[[list[list[dict[str, str]]]], list[dict[str, Any]]],
+    generate: Callable[[list[Job]], list[dict[str, Any]]],
     jobs: list[Job],
     cache: ResponseCache,
     *,
@@ -246,28 +273,36 @@ def run_sync_batches(
     pending = list(jobs)
     while pending:
         batch, pending = pending[:batch_size], pending[batch_size:]
-        if not budget.try_reserve(sum(j.worst_case_cost for j in batch)):
-            stats.stopped_reason = f"cost cap ${budget.max_cost:.4f} reached"
+        booked: list[Job] = []
+        for job in batch:
+            if not budget.try_reserve(job.worst_case_cost, job):
+                break
+            booked.append(job)
+        if len(booked) < len(batch):
+            for job in booked:
+                budget.settle(job.worst_case_cost, 0.0, job, stored=False)
+            stats.stopped_reason = budget.cap_message()
             stats.not_run = [j.key for j in batch + pending]
             break
-        budget.settle(sum(j.worst_case_cost for j in batch), 0.0)
         try:
-            outputs = generate([j.messages for j in batch])
+            outputs = generate(batch)
             pairs = list(zip(batch, outputs, strict=True))
         except Exception:  # noqa: BLE001 - isolate the bad row instead of losing the batch
             pairs = []
             for job in batch:
                 try:
-                    pairs.append((job, generate([job.messages])[0]))
+                    pairs.append((job, generate([job])[0]))
                 except Exception as exc:  # noqa: BLE001
+                    budget.settle(job.worst_case_cost, 0.0, job, stored=False)
                     cache.put_error(job.key, f"{type(exc).__name__}: {str(exc)[:500]}", model)
                     stats.failed += 1
                     stats.errors[type(exc).__name__] = stats.errors.get(type(exc).__name__, 0) + 1
         for job, output in pairs:
             stats.sent += 1
             try:
-                budget.settle(0.0, record_ok(cache, job, output, model, price, stats))
+                budget.settle(job.worst_case_cost, record_ok(cache, job, output, model, price, stats, budget.session), job)
             except ValueError as exc:  # an empty generation is that row's error, not the run's
+                budget.settle(job.worst_case_cost, 0.0, job, stored=False)
                 cache.put_error(job.key, f"empty_generation: {exc}", model)
                 stats.failed += 1
                 stats.errors["empty_generation"] = stats.errors.get("empty_generation", 0) + 1

@@ -4,6 +4,12 @@ Every input row ends in a known state: a parsed response (`ok` or a named parse 
 with the last error text (retried by the next run up to `teacher.max_attempts`), or `not_run` when
 a cost cap stopped the run first. With `num_rationales` > 1 each sample is its own cached request;
 the majority label wins and its agreement rate is kept (self-consistency).
+
+An answer that does not parse (missing answer, label outside the set, broken JSON...) is asked
+again by the next run under a new cache key (the attempt number is part of it) with a fresh sample
+seed, up to `teacher.max_attempts` answers per sample; every earlier answer stays in the cache and
+its cost in the ledger. `--no-retry-unparsed` keeps the first answer. The cost cap is the ledger's:
+what every earlier run spent on these inputs counts against `max_cost`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +26,9 @@ from typing import Any
 from pipelines.cache import CacheEntry, ResponseCache, request_key
 from pipelines.constraints import constraint_fingerprint, dss_regex, server_params
 from pipelines.executor import Budget, FatalTeacherError, Job, RunStats, run_async_jobs, run_sync_batches
-from pipelines.parsing import LabelMatcher, parse_answer
+from pipelines.parsing import LabelMatcher, ParsedAnswer, parse_answer
 from pipelines.prompts import build_messages
+from pipelines.tokens import approx_tokens, prompt_counter
 from stepwise.io import DataFileError, atomic_write_jsonl, canonical_json, iter_records, sha256_text
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir, runs_root_for
@@ -28,6 +36,15 @@ from stepwise.rundir import RunDir, runs_root_for
 
 class GenerateError(RuntimeError):
     """The stage cannot proceed (offline cache miss, missing credentials); message says why."""
+
+
+class GenerateInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation; says what is safely cached (the CLI adds the resume command)."""
+
+    def __init__(self, answered: int, total: int, cache: Path):
+        self.answered, self.total, self.cache = answered, total, cache
+        super().__init__(f"interrupted: {answered} of {total} teacher requests are answered and safely cached in "
+                         f"{cache}; nothing paid for is lost")
 
 
 @dataclass
@@ -125,7 +142,15 @@ def cache_path(recipe: Recipe) -> Path:
 class Plan:
     rows: list[InputRow]
     messages: list[list[dict[str, str]]]
-    keys: list[list[str]]  # per row, one key per sample
+    keys: list[list[str]]  # per row, one first-attempt key per sample
+    # per row, per sample: the keys of answers 1..max_attempts (chains[i][s][0] == keys[i][s])
+    chains: list[list[list[str]]] = field(default_factory=list)
+
+    def base_keys(self) -> list[str]:
+        return [k for ks in self.keys for k in ks]
+
+    def chain_keys(self) -> list[str]:
+        return [k for chs in self.chains for ch in chs for k in ch]
 
 
 def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
@@ -133,11 +158,12 @@ def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
     params = generation_params(recipe)
     constraint = constraint_fingerprint(recipe.task, t)
     messages = [build_messages(recipe.task, r.input, t.format) for r in rows]
-    keys = [
-        [request_key(t.provider, t.model, m, params, constraint, s) for s in range(t.num_rationales)]
+    chains = [
+        [[request_key(t.provider, t.model, m, params, constraint, s, attempt=a) for a in range(t.max_attempts)]
+         for s in range(t.num_rationales)]
         for m in messages
     ]
-    return Plan(rows, messages, keys)
+    return Plan(rows, messages, [[ch[0] for ch in chs] for chs in chains], chains)
 
 
 def price_fn(recipe: Recipe):
@@ -145,9 +171,64 @@ def price_fn(recipe: Recipe):
     return lambda itok, otok: (itok * p.input_per_1k + otok * p.output_per_1k) / 1000.0
 
 
-def approx_tokens(messages: list[dict[str, str]]) -> int:
-    """~4 characters per token plus per-message overhead (used where no tokenizer is at hand)."""
-    return sum(len(m["content"]) // 4 + 4 for m in messages) + 3
+def reasks_allowed(recipe: Recipe, retry_unparsed: bool, offline: bool) -> bool:
+    """Whether malformed answers may be asked again now (a greedy local teacher would repeat itself)."""
+    t = recipe.teacher
+    return retry_unparsed and not offline and not (t.provider == "transformers" and t.temperature == 0)
+
+
+def sample_seed(recipe: Recipe, attempt: int) -> int:
+    return recipe.teacher.seed + attempt
+
+
+@dataclass
+class SampleState:
+    """One (row, sample)'s answers across attempts, read from the cache."""
+
+    answer_key: str | None = None  # the answer used (None: no answer yet)
+    answer: CacheEntry | None = None
+    parsed: ParsedAnswer | None = None
+    paid: list[CacheEntry] = field(default_factory=list)  # every answer in the chain (each was paid)
+    next_key: str | None = None  # the request to send now, if any
+    next_attempt: int = 0
+    error: CacheEntry | None = None  # the failed request at the head of the chain, if any
+
+
+def walk_chain(chain: list[str], cached: dict[str, CacheEntry], parse, max_attempts: int, reask: bool) -> SampleState:
+    st = SampleState()
+    best: tuple[int, int] | None = None
+    for a, key in enumerate(chain):
+        entry = cached.get(key)
+        if entry is not None and entry.status == "ok":
+            parsed = parse(entry.text)
+            st.paid.append(entry)
+            rank = (_STATUS_RANK.get(parsed.parse_status, 9), -a)  # best-formed answer, latest on ties
+            if best is None or rank < best:
+                best = rank
+                st.answer_key, st.answer, st.parsed = key, entry, parsed
+            if parsed.parse_status == "ok":
+                break
+            continue  # malformed: a later attempt may hold (or be asked for) a better answer
+        if a > 0 and not reask:
+            break  # no new re-asks now; keep the answers there are
+        st.error = entry
+        if entry is None or entry.attempts < max_attempts:
+            st.next_key, st.next_attempt = key, a
+        break
+    return st
+
+
+def _parser(recipe: Recipe):
+    task, fmt = recipe.task, recipe.teacher.format
+    matcher = LabelMatcher(task.label_set, task.label_aliases) if task.is_classification else None
+    return lambda text: parse_answer(text, task, fmt, matcher)
+
+
+def new_budget(plan: Plan, cache: ResponseCache, cap: float | None) -> Budget:
+    """This invocation's budget: the ledger's spend on these inputs so far counts against the cap."""
+    session = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    prior = cache.spend(plan.base_keys(), exclude_session=session)
+    return Budget(cap, cache, session, prior.total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +273,7 @@ def build_local_llm(recipe: Recipe, load: bool = True):
 
 
 def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost: float | None = None,
-                 progress: bool = True, ray: bool = False) -> GenerateResult:
+                 progress: bool = True, ray: bool = False, retry_unparsed: bool = True) -> GenerateResult:
     rows = load_inputs(recipe)
     if not rows:
         raise DataFileError(f"{recipe.data.input_files[0]}: no input rows")
@@ -203,11 +284,12 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
     if recipe.source_path:
         inputs.append(recipe.source_path)
     cap = max_cost if max_cost is not None else recipe.teacher.max_cost
+    reask = reasks_allowed(recipe, retry_unparsed, offline)
     with run.stage("generate", inputs=inputs) as st:
-        all_keys = [k for ks in plan.keys for k in ks]
-        cached = cache.get_many(all_keys)
-        hits = sum(1 for e in cached.values() if e.status == "ok")
-        todo = _pending_jobs(recipe, plan, cached)
+        all_keys = plan.base_keys()
+        cached = cache.get_many(plan.chain_keys())
+        hits = sum(1 for k in all_keys if k in cached and cached[k].status == "ok")
+        todo = _pending_jobs(recipe, plan, cached, reask)
         if offline and todo:
             missing_row = next(r for r, ks in zip(plan.rows, plan.keys, strict=True) if any(k in {j.key for j in todo} for k in ks))
             raise GenerateError(
@@ -215,22 +297,30 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                 f"{cache.path} (first missing row id={missing_row.id}); run without --offline to request them"
             )
         stats = RunStats()
+        budget = new_budget(plan, cache, cap)
         if todo:
-            if ray:
-                from pipelines.ray_runner import run_with_ray
+            try:
+                if ray:
+                    from pipelines.ray_runner import run_with_ray
 
-                stats = run_with_ray(recipe, todo, cache)
-            else:
-                stats = _execute(recipe, todo, cache, cap, progress)
-        cached = cache.get_many(all_keys)
+                    stats = run_with_ray(recipe, todo, cache, budget)
+                else:
+                    stats = _execute(recipe, todo, cache, budget, progress)
+            except KeyboardInterrupt:
+                now = cache.get_many(plan.chain_keys())
+                answered = sum(1 for chs in plan.chains for ch in chs if any(k in now and now[k].status == "ok" for k in ch))
+                raise GenerateInterrupted(answered, len(all_keys), cache.path) from None
+        cached = cache.get_many(plan.chain_keys())
         not_run = set(stats.not_run)
-        records = [_assemble(recipe, row, msgs, keys, cached, not_run)
-                   for row, msgs, keys in zip(plan.rows, plan.messages, plan.keys, strict=True)]
+        parse = _parser(recipe)
+        records = [_assemble(recipe, row, chains, cached, not_run, parse, reask)
+                   for row, chains in zip(plan.rows, plan.chains, strict=True)]
         atomic_write_jsonl(out_path, records)
         counts = Counter(r["parse_status"] for r in records)
         st.outputs(out_path)
         st.counts(rows=len(records), **{f"status_{k}": v for k, v in sorted(counts.items())})
-        total_cost = sum(r["cost"] for r in records)
+        ledger = cache.spend(all_keys)
+        reasked = sum(r.get("reasks", 0) for r in records)
         st.extra(
             teacher={"provider": recipe.teacher.provider, "model": recipe.teacher.model,
                      "base_url": recipe.teacher.base_url, "format": recipe.teacher.format,
@@ -239,7 +329,9 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                    "failed": stats.failed, "errors": stats.errors},
             tokens={"input": sum(r["usage"]["input_tokens"] for r in records),
                     "output": sum(r["usage"]["output_tokens"] for r in records)},
-            cost={"total_usd": round(total_cost, 6), "this_run_usd": round(stats.cost, 6), "max_cost": cap},
+            cost={"total_usd": round(ledger.paid, 6), "this_run_usd": round(stats.cost, 6), "max_cost": cap,
+                  "in_doubt_usd": round(ledger.in_doubt, 6)},
+            reasks={"answers_reasked": reasked, "enabled": reask},
         )
         if stats.stopped_reason:
             st.mark("incomplete")
@@ -248,27 +340,43 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
     return GenerateResult(out_path, len(records), dict(counts), stats, hits, stats.stopped_reason)
 
 
-def _pending_jobs(recipe: Recipe, plan: Plan, cached: dict[str, CacheEntry]) -> list[Job]:
+def _pending_jobs(recipe: Recipe, plan: Plan, cached: dict[str, CacheEntry], reask: bool = True) -> list[Job]:
     t = recipe.teacher
     price = price_fn(recipe)
+    paid = t.price.input_per_1k > 0 or t.price.output_per_1k > 0
+    counter = None
+    parse = _parser(recipe)
     jobs: list[Job] = []
     seen: set[str] = set()
-    for row, msgs, keys in zip(plan.rows, plan.messages, plan.keys, strict=True):
-        worst = price(approx_tokens(msgs), t.max_new_tokens)
-        for key in keys:
-            entry = cached.get(key)
-            if key in seen or (entry and (entry.status == "ok" or entry.attempts >= t.max_attempts)):
+    for row, msgs, chains in zip(plan.rows, plan.messages, plan.chains, strict=True):
+        for chain in chains:
+            state = walk_chain(chain, cached, parse, t.max_attempts, reask)
+            key = state.next_key
+            if key is None or key in seen:
                 continue
             seen.add(key)
-            jobs.append(Job(key=key, messages=msgs, worst_case_cost=worst, row_input=row.input))
+            if paid and counter is None:  # only a run that sends paid requests loads a tokenizer
+                counter = _safe_counter(recipe)
+            worst = price(counter.upper_bound(msgs), t.max_new_tokens) if counter is not None else 0.0
+            jobs.append(Job(key=key, messages=msgs, worst_case_cost=worst, row_input=row.input, base_key=chain[0],
+                            attempt=state.next_attempt))
     return jobs
 
 
-def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, cap: float | None, progress: bool) -> RunStats:
+def _safe_counter(recipe: Recipe):
+    """The teacher's prompt counter; a tokenizer that fails to load falls back to the byte bound."""
+    from pipelines.tokens import PromptCounter
+
+    try:
+        return prompt_counter(recipe)
+    except Exception as exc:  # noqa: BLE001 - the cap must still hold: bound by bytes
+        return PromptCounter(approx_tokens, f"approx ({type(exc).__name__})", False)
+
+
+def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budget, progress: bool) -> RunStats:
     from tqdm import tqdm
 
     t = recipe.teacher
-    budget = Budget(cap)
     bar = tqdm(total=len(jobs), desc=f"teacher {t.model}", unit="req", disable=not progress, dynamic_ncols=True)
 
     def on_progress(s: RunStats) -> None:
@@ -281,15 +389,19 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, cap: float |
         if t.provider == "transformers":
             llm = build_local_llm(recipe)
             gen_kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p}
-            return run_sync_batches(lambda batch: llm.generate(inputs=batch, **gen_kwargs), jobs, cache,
+            def generate(batch: list[Job]) -> list[dict[str, Any]]:
+                seed = sample_seed(recipe, max(j.attempt for j in batch))
+                return llm.generate(inputs=[j.messages for j in batch], seed=seed, **gen_kwargs)
+
+            return run_sync_batches(generate, jobs, cache,
                                     model=t.model, batch_size=t.batch_size, price=price_fn(recipe), budget=budget,
                                     on_progress=on_progress)
         llm = build_openai_llm(recipe)
         kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p,
                   **server_params(recipe.task, t)}
 
-        async def agenerate(messages: list[dict[str, str]]) -> Any:
-            return await llm.agenerate(input=messages, num_generations=1, **kwargs)
+        async def agenerate(job: Job) -> Any:
+            return await llm.agenerate(input=job.messages, num_generations=1, **request_kwargs(recipe, kwargs, job.attempt))
 
         try:
             return asyncio.run(run_async_jobs(agenerate, jobs, cache, model=t.model, concurrency=t.concurrency,
@@ -301,31 +413,40 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, cap: float |
         bar.close()
 
 
-def _assemble(recipe: Recipe, row: InputRow, messages: list[dict[str, str]], keys: list[str],
-              cached: dict[str, CacheEntry], not_run: set[str]) -> dict[str, Any]:
-    task, fmt = recipe.task, recipe.teacher.format
-    matcher = LabelMatcher(task.label_set, task.label_aliases) if task.is_classification else None
+def request_kwargs(recipe: Recipe, kwargs: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """A re-ask carries a fresh sample seed (OpenAI `seed`, passed through extra_body)."""
+    if not attempt:
+        return kwargs
+    return {**kwargs, "extra_body": {**(kwargs.get("extra_body") or {}), "seed": sample_seed(recipe, attempt)}}
+
+
+def _assemble(recipe: Recipe, row: InputRow, chains: list[list[str]], cached: dict[str, CacheEntry],
+              not_run: set[str], parse, reask: bool) -> dict[str, Any]:
+    fmt = recipe.teacher.format
     samples = []
     usage = {"input_tokens": 0, "output_tokens": 0}
-    cost, attempts, last_error = 0.0, 0, None
-    for key in keys:
-        entry = cached.get(key)
-        if entry is None or entry.status != "ok":
+    cost, attempts, last_error, reasks = 0.0, 0, None, 0
+    for chain in chains:
+        state = walk_chain(chain, cached, parse, recipe.teacher.max_attempts, reask)
+        for entry in state.paid:  # every answer was paid for, also the ones a re-ask replaced
+            usage["input_tokens"] += entry.input_tokens
+            usage["output_tokens"] += entry.output_tokens
+            cost += entry.cost
+        reasks += max(0, len(state.paid) - 1)
+        attempts = max(attempts, len(state.paid), state.error.attempts if state.error else 0)
+        if state.answer is None:
+            entry, key = state.error, state.next_key or chain[0]
             status = "not_run" if entry is None else "error"  # never tried vs. tried and failed
             err = entry.error if entry else ("not attempted: " + ("cost cap reached" if key in not_run else "pending"))
             last_error = err
-            attempts = max(attempts, entry.attempts if entry else 0)
             samples.append({"rationale": None, "label": None, "answer_text": None, "parse_status": status,
                             "raw": None, "cache_key": key, "error": err})
             continue
-        parsed = parse_answer(entry.text, task, fmt, matcher)
-        usage["input_tokens"] += entry.input_tokens
-        usage["output_tokens"] += entry.output_tokens
-        cost += entry.cost
-        attempts = max(attempts, entry.attempts)
+        parsed = state.parsed
+        assert parsed is not None
         samples.append({"rationale": parsed.rationale, "label": parsed.label, "answer_text": parsed.answer_text,
-                        "parse_status": parsed.parse_status, "parse_detail": parsed.detail, "raw": entry.text,
-                        "cache_key": key, "error": None})
+                        "parse_status": parsed.parse_status, "parse_detail": parsed.detail, "raw": state.answer.text,
+                        "cache_key": state.answer_key, "error": None, "answers": len(state.paid)})
     chosen, agreement = _self_consistency(samples)
     return {
         "id": row.id, "input": row.input, "gold": row.gold, "source": row.source, "format": fmt,
@@ -333,7 +454,7 @@ def _assemble(recipe: Recipe, row: InputRow, messages: list[dict[str, str]], key
         "parse_status": chosen["parse_status"], "parse_detail": chosen.get("parse_detail"), "raw": chosen["raw"],
         "samples": samples, "agreement": agreement, "usage": usage, "cost": round(cost, 8),
         "error": chosen.get("error") or (last_error if chosen["parse_status"] in ("error", "not_run") else None),
-        "attempts": attempts,
+        "attempts": attempts, "reasks": reasks,
     }
 
 

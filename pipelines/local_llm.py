@@ -61,12 +61,12 @@ class LocalTransformersLLM(LLM):
 
     def generate(  # type: ignore[override]
         self, inputs: list[Any], num_generations: int = 1, max_new_tokens: int = 128,
-        temperature: float = 0.7, top_p: float = 1.0, **_: Any,
+        temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None, **_: Any,
     ) -> list[dict[str, Any]]:
         import torch
 
         prompts = [self.render(list(messages)) for messages in inputs]
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed if seed is None else seed)  # re-asks of malformed answers pass a fresh seed
         outputs: list[list[str]] = [[] for _ in prompts]
         sampling = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
         if temperature > 0:

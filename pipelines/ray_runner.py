@@ -4,7 +4,10 @@ The pending jobs become rows of a `LoadDataFromDicts` step feeding `DSSTask`, an
 with `pipeline.ray()` (a local Ray instance, or the cluster named by `RAY_ADDRESS`). The cache and
 resume guarantees are the same as the local path because `DSSTask` reads and commits our SQLite
 cache row by row; distilabel's own pipeline cache is off (`use_cache=False`), since resuming through
-it is what hangs. Needs the optional extra: `pip install 'stepwise[ray]'`.
+it is what hangs. The cost cap is the same ledger too: each worker books a row's worst case in the
+cache's ledger before sending it (one SQLite transaction checks and books, so workers in other
+processes share the cap) and skips the row once the cap is reached. Needs the optional extra:
+`pip install 'stepwise[ray]'`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from pathlib import Path
 
 from pipelines.cache import ResponseCache
 from pipelines.constraints import server_params
-from pipelines.executor import Job, RunStats
+from pipelines.executor import Budget, Job, RunStats
 from stepwise.recipe import Recipe
 
 
-def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache) -> RunStats:
+def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budget) -> RunStats:
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -33,9 +36,10 @@ def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache) -> RunSt
     from pipelines.generate import build_local_llm, build_openai_llm
 
     t = recipe.teacher
-    before = cache.count_ok()
     by_key = {j.key: j for j in jobs}
-    rows = [{"input": j.row_input, "cache_key": j.key} for j in jobs]
+    before = cache.get_many(list(by_key))
+    rows = [{"input": j.row_input, "cache_key": j.key, "base_key": j.base_key or j.key, "attempt": j.attempt,
+             "worst_case_cost": j.worst_case_cost, "seed": t.seed + j.attempt} for j in jobs]
     if t.provider == "transformers":
         llm = build_local_llm(recipe, load=False)
         gen_kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p}
@@ -51,13 +55,26 @@ def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache) -> RunSt
             llm=llm, task_spec=recipe.task.model_dump(mode="json"), teacher_format=t.format,
             cache_path=str(cache.path), generation_kwargs=gen_kwargs, input_batch_size=max(1, t.concurrency),
             price_per_1k=(t.price.input_per_1k, t.price.output_per_1k),
+            max_cost=budget.max_cost, budget_prior=budget.prior, budget_session=budget.session,
         )
         load >> task
     pipeline.ray().run(use_cache=False)
     after = cache.get_many(list(by_key))
+
+    def attempted(key: str) -> bool:  # a request that was sent left a new or updated cache row
+        old, new = before.get(key), after.get(key)
+        return new is not None and (old is None or new.attempts != old.attempts or new.status != old.status)
+
+    not_run = [k for k in by_key if not attempted(k)]
+    spent = cache.session_spend(budget.session)
+    usage = [after[k] for k in by_key if attempted(k) and after[k].status == "ok"]
     return RunStats(
-        sent=len(jobs),
-        completed=cache.count_ok() - before,
-        failed=sum(1 for e in after.values() if e.status == "error"),
-        not_run=[k for k in by_key if k not in after],
+        sent=len(jobs) - len(not_run),
+        completed=len(usage),
+        failed=sum(1 for k in by_key if attempted(k) and after[k].status == "error"),
+        input_tokens=sum(e.input_tokens for e in usage),
+        output_tokens=sum(e.output_tokens for e in usage),
+        cost=spent.paid,
+        not_run=not_run,
+        stopped_reason=budget.cap_message() if not_run and budget.max_cost is not None else None,
     )

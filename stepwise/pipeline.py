@@ -50,6 +50,7 @@ class RunOptions:
     force: bool = False
     progress: bool = True
     max_cost: float | None = None
+    retry_unparsed: bool = True  # ask malformed teacher answers again (--no-retry-unparsed: keep them)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Stage:
 def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     from pipelines.generate import run_generate
 
-    res = run_generate(recipe, run, offline=opts.offline, max_cost=opts.max_cost, progress=opts.progress)
+    res = run_generate(recipe, run, offline=opts.offline, max_cost=opts.max_cost, progress=opts.progress,
+                       retry_unparsed=opts.retry_unparsed)
     if res.stopped_reason:
         raise StageStopped(res.stopped_reason)
     return ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items()))

@@ -144,7 +144,9 @@ class TeacherSpec(StrictModel):
     concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(4, ge=0, le=20, description="Client retries per request (429/5xx/timeouts).")
-    max_attempts: int = Field(3, ge=1, le=100, description="Runs that may retry a failing row before it stays failed.")
+    max_attempts: int = Field(3, ge=1, le=100, description=(
+        "Runs that may retry a failing row before it stays failed; also the most answers asked for a row whose "
+        "answer does not parse (each re-ask is a new paid request with a fresh sample seed)."))
     constrained_decoding: bool = Field(True, description="Constrain output to the DSS format / label set / JSON.")
     guided_decoding: Literal["auto", "response_format", "vllm", "none"] = Field(
         "auto", description="How a server is constrained: JSON-schema response_format, vLLM guided params."
@@ -154,7 +156,11 @@ class TeacherSpec(StrictModel):
     cache: str | None = Field(None, description="Response cache path (default: <runs root>/teacher_cache.sqlite).")
     device: str = Field("cpu", description="Device for local transformers teachers.")
     batch_size: int = Field(4, ge=1, le=512, description="Batch size for local transformers teachers.")
-    seed: int = Field(0, description="Sampling seed for local teachers.")
+    seed: int = Field(0, description="Sampling seed for local teachers (re-asks of malformed answers add the attempt).")
+    tokenizer: str | None = Field(None, description=(
+        "Tokenizer that counts prompt tokens for `stepwise estimate` and the cost cap: a local HF tokenizer "
+        "(known name or path) or `tiktoken:<encoding>`. Default: the local teacher's own, tiktoken for OpenAI "
+        "model names, else a 4-characters-per-token guess."))
 
 
 class MinHashSpec(StrictModel):

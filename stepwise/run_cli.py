@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         cpu: bool = typer.Option(False, "--cpu", help="Train with the CPU profile (no GPU)"),
         max_steps: int | None = typer.Option(None, "--max-steps", help="Cap optimizer steps (short demo runs)"),
         max_cost: float | None = typer.Option(None, "--max-cost", help="Teacher cost cap for this run (USD)"),
+        no_retry_unparsed: bool = typer.Option(False, "--no-retry-unparsed",
+                                               help="Keep malformed teacher answers; do not ask those rows again"),
         force: bool = typer.Option(False, "--force", help="Re-run stages even when their inputs did not change"),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars"),
     ) -> None:
@@ -58,14 +60,25 @@ def register(app: typer.Typer) -> None:
         console.print(f"run directory: {run.path}", highlight=False)
         opts = RunOptions(offline=offline, review=review, accept_pending=accept_pending, cpu=cpu,
                           max_steps=max_steps, from_stage=from_stage,
-                          until_stage=until_stage, force=force, progress=not no_progress, max_cost=max_cost)
+                          until_stage=until_stage, force=force, progress=not no_progress, max_cost=max_cost,
+                          retry_unparsed=not no_retry_unparsed)
 
         def on_stage(o) -> None:
             color = _COLORS.get(o.status, "white")
             console.print(f"[{color}]{o.status:>11}[/{color}] {o.stage:<9} {o.wall_s:7.1f}s  {o.detail}",
                           highlight=False, soft_wrap=True)
 
-        summary = run_pipeline(r, run, opts, on_stage=on_stage)
+        try:
+            summary = run_pipeline(r, run, opts, on_stage=on_stage)
+        except KeyboardInterrupt as exc:  # Ctrl-C: say what is kept and how to go on
+            from pipelines.cli import EXIT_INTERRUPTED, print_interrupted, resume_command
+
+            flags = [f"--{k}={v}" if v is not True else f"--{k}" for k, v in (
+                ("review", review), ("offline", offline or None),
+                ("cpu", cpu or None), ("max-steps", max_steps), ("max-cost", max_cost),
+                ("no-retry-unparsed", no_retry_unparsed or None), ("until", until_stage)) if v is not None]
+            print_interrupted(exc, resume_command("run", recipe, run.path, *flags))
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         table = Table("stage", "status", "seconds", "detail", title=f"stepwise run {r.name}")
         for o in summary.outcomes:
             color = _COLORS.get(o.status, "white")

@@ -4,7 +4,12 @@ It answers in the DSS format (picking a label from the prompt's `Labels:` line b
 or a JSON query for structured tasks) and can inject faults per request: 429 with Retry-After,
 500/503, timeouts, dropped connections, truncated bodies, malformed JSON, wrong format and labels
 outside the set. Faults come from a seeded rate or from a per-input script, so end states are
-exact. Every request is logged (input, outcome), which is what the no-double-pay tests assert on.
+exact. `malformed_rate` makes a share of answers malformed (no <answer>, or a label outside the set)
+decided by a hash of the input and the request's `seed`, like a sampling teacher: the same request
+gets the same answer, a re-ask with a fresh seed gets a fresh draw. `tokenizer` (a local HF
+tokenizer, known name or path) makes the reported prompt usage that of a real server (the
+chat-templated prompt, as vLLM counts it) instead of a word count. Every request is logged (input,
+outcome, seed, usage), which is what the no-double-pay and cost tests assert on.
 `hold_after=N` parks every request after the N-th completion until `release()`, so a test can
 kill the client at a known point with requests in flight.
 """
@@ -40,6 +45,8 @@ class StubConfig:
     timeout_sleep_s: float = 30.0
     hold_after: int | None = None
     log_path: Path | None = None
+    malformed_rate: float = 0.0
+    tokenizer: str | None = None
 
 
 class OpenAIStub(LoopbackServer):
@@ -53,6 +60,11 @@ class OpenAIStub(LoopbackServer):
         self.parked = 0  # requests waiting at the hold gate
         self._release = threading.Event()
         self._stopping = threading.Event()
+        self._count_prompt = None
+        if self.config.tokenizer:
+            from pipelines.tokens import hf_chat_counter
+
+            self._count_prompt = hf_chat_counter(self.config.tokenizer)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -120,7 +132,7 @@ class OpenAIStub(LoopbackServer):
         return counts
 
     # -- request handling -----------------------------------------------------------------------
-    def _decide(self, user: str) -> str:
+    def _decide(self, user: str, seed: Any = None) -> str:
         with self._lock:
             attempt = self._attempts.get(user, 0)
             self._attempts[user] = attempt + 1
@@ -129,10 +141,14 @@ class OpenAIStub(LoopbackServer):
                     return outcomes[attempt] if attempt < len(outcomes) else "ok"
             if self.config.fault_rate and self._rng.random() < self.config.fault_rate:
                 return self._rng.choice(self.config.fault_kinds)
+        if self.config.malformed_rate:
+            draw = hashlib.sha256(f"{self.config.seed}|{seed}|{user}".encode()).digest()
+            if int.from_bytes(draw[:8], "big") / 2**64 < self.config.malformed_rate:
+                return ("garbage", "wrong_label")[draw[8] % 2]
         return "ok"
 
-    def _record(self, user: str, outcome: str, key: str) -> None:
-        entry = {"t": time.time(), "key": key, "input": user, "outcome": outcome}
+    def _record(self, user: str, outcome: str, key: str, **extra: Any) -> None:
+        entry = {"t": time.time(), "key": key, "input": user, "outcome": outcome, **extra}
         with self._lock:
             self.log.append(entry)
             if outcome in ("ok", "garbage", "wrong_label", "length"):
@@ -159,7 +175,7 @@ class OpenAIStub(LoopbackServer):
                 self._record(user, "aborted", key)
                 handler.close_connection = True
                 return
-        outcome = self._decide(user)
+        outcome = self._decide(user, body.get("seed"))
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
             if _client_gone(handler.connection):  # the client died while we "generated"
@@ -190,12 +206,16 @@ class OpenAIStub(LoopbackServer):
             handler._send(200, None, raw=b'{"id": "x", "choices": [{"message": ')
         else:
             payload = self._completion(body, user, outcome)
-            self._record(user, outcome, key)
+            self._record(user, outcome, key, seed=body.get("seed"), usage=payload["usage"])
             handler._send(200, payload)
 
     def _completion(self, body: dict[str, Any], user: str, outcome: str) -> dict[str, Any]:
         text = answer_for(user, body, outcome)
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        messages = body.get("messages", [])
+        if self._count_prompt is not None:
+            prompt_tokens = self._count_prompt([{"role": m["role"], "content": str(m.get("content", ""))} for m in messages])
+        else:
+            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = max(1, len(text.split()))
         finish = "length" if outcome == "length" else "stop"
         return {
@@ -251,10 +271,11 @@ def main() -> None:  # `python -m stepwise.testing.openai_stub --port 8011 --lat
     ap.add_argument("--latency", type=float, default=0.0)
     ap.add_argument("--fault-rate", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--malformed-rate", type=float, default=0.0, help="share of answers malformed (seeded by request)")
     ap.add_argument("--log", type=Path)
     args = ap.parse_args()
     stub = OpenAIStub(StubConfig(latency_s=args.latency, fault_rate=args.fault_rate, seed=args.seed,
-                                 log_path=args.log), port=args.port).start()
+                                 malformed_rate=args.malformed_rate, log_path=args.log), port=args.port).start()
     print(f"stub listening on {stub.base_url}", flush=True)
     try:
         while True:
