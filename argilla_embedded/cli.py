@@ -182,6 +182,10 @@ def auto(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     typer.echo(f"review (auto): {summary['counts']['auto_accepted']} rows accepted -> {run.path / 'review'}")
+    pushed = run.path / "review" / "push.json"
+    if pushed.exists():  # asked for explicitly, but the reviews made in Argilla must not vanish unsaid
+        typer.echo(f"warning: {pushed} records rows pushed to Argilla; their reviews are NOT used. "
+                   "`stepwise review pull` applies them.", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curation.review import training_rationale
+from curation.review import rationale_source, training_rationale
 from pipelines.student import training_examples
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
@@ -60,13 +60,6 @@ def export_rows(row: dict[str, Any], recipe: Recipe) -> list[tuple[str, list[dic
     # A reviewer-corrected row never trains with the rationale written for the teacher's answer.
     return training_examples(recipe.task, row["input"], training_rationale(row), row["label"],
                              recipe.training.dss_output)
-
-
-def rationale_source(row: dict[str, Any]) -> str | None:
-    """Where the rationale a row trains with came from (`teacher`, `reviewer`, ...), None without one."""
-    if row.get("general") or not training_rationale(row):
-        return None
-    return row.get("rationale_source") or "teacher"
 
 
 def _source_rows(run: RunDir) -> tuple[dict[str, list[dict[str, Any]]], list[Path], str]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curation.review import training_rationale
+from curation.review import rationale_source, training_rationale
 from curation.review_agreement import canonical
 from pipelines.student import training_examples
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
@@ -99,7 +99,8 @@ def run_export_preferences(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                 for kind, pair in found:
                     pairs.append(pair)
                     lineage.append({"id": row["id"], "kind": kind, "chosen": row["label"],
-                                    "rejected": row["review"]["teacher_label"]})
+                                    "rejected": row["review"]["teacher_label"],
+                                    "rationale_source": rationale_source(row)})
             path, lin = out_dir / f"{name}.jsonl", out_dir / f"{name}.lineage.jsonl"
             atomic_write_jsonl(path, pairs)
             atomic_write_jsonl(lin, lineage)

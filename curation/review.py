@@ -622,6 +622,14 @@ def training_rationale(row: dict[str, Any]) -> str | None:
     return row.get("rationale")
 
 
+def rationale_source(row: dict[str, Any]) -> str | None:
+    """Where the rationale a row trains with came from (`teacher`, `reviewer`, ...); None when it
+    trains without one. Recorded per example in the export and preference lineage."""
+    if row.get("general") or not training_rationale(row):
+        return None
+    return row.get("rationale_source") or "teacher"
+
+
 _INVALID = object()
 
 

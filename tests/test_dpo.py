@@ -116,6 +116,9 @@ def test_export_preferences_cli_writes_pairs_and_manifest(tmp_path):
     lineage = [r for _, r in iter_jsonl(run.path / "export" / "preferences.lineage.jsonl")]
     expected = [r["id"] for r in rows if r["review"]["corrected"] and r["split"] == "train"]
     assert [x["id"] for x in lineage] == expected and len(out) == len(expected)
+    # the fixture's rationale is the teacher's (for the rejected answer): no pair trains with it
+    assert all(x["rationale_source"] is None for x in lineage)
+    assert not any("The customer writes" in r["chosen"]["content"] for r in out)
     assert all(set(r) == {"messages", "chosen", "rejected"} for r in out)
     val = [r for _, r in iter_jsonl(run.path / "export" / "preferences.val.jsonl")]
     assert len(val) == (1 if rows[-1]["review"]["corrected"] else 0)
