@@ -415,7 +415,7 @@ def _forgetting(run: RunDir) -> str:
             verdict += f" ({_e('; '.join(why))})"
     max_drop = gate.get("max_drop", ((report or {}).get("gate") or {}).get("max_drop"))
     out = f"<p>Gate: {verdict}" + (f" (max drop {_e(max_drop)})" if max_drop is not None else "")
-    if gate.get("reason"):
+    if gate.get("reason") and not gate.get("not_measured"):  # those are listed one per line below
         out += f": {_e(gate['reason'])}"
     out += "</p>"
     for name, reason in (gate.get("not_measured") or {}).items():
