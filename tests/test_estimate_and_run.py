@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 from typer.testing import CliRunner
 
+from pipelines.cache import ResponseCache
 from pipelines.estimate import estimate_run
-from pipelines.generate import run_generate
+from pipelines.generate import cache_path, load_inputs, plan_requests, run_generate
 from stepwise.cli import app
 from stepwise.pipeline import STAGE_EXIT, RunOptions, run_pipeline
 from stepwise.recipe import load_recipe
-from stepwise.testing.openai_stub import OpenAIStub
+from stepwise.testing.openai_stub import OpenAIStub, StubConfig
 from tests.test_generate import make_rows, setup_recipe
 
 
@@ -140,3 +143,56 @@ teacher:
   model: stub-teacher
   base_url: http://127.0.0.1:9/v1
 """
+
+
+def test_estimate_counts_prompt_tokens_as_the_teacher_bills_them(tmp_path):
+    """The stub reports usage like vLLM (SmolLM2's tokenizer over the chat-templated prompt); an
+    estimate that names that tokenizer lands within 5% of what the teacher then reports."""
+    with OpenAIStub(StubConfig(tokenizer="smollm2-135m-instruct")) as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(12))
+        assert "unknown server" in estimate_run(recipe)["prompt tokens"]  # no tokenizer known: says it guessed
+        recipe.source_path.write_text(recipe.source_path.read_text() + "  tokenizer: smollm2-135m-instruct\n")
+        recipe = load_recipe(recipe.source_path)
+        est = estimate_run(recipe)
+        assert "smollm2-135m-instruct" in est["prompt tokens"]
+        counted = int(est["prompt tokens"].split()[0])
+        run_generate(recipe, run, progress=False)
+        billed = sum(e["usage"]["prompt_tokens"] for e in stub.log if "usage" in e)
+        assert len(stub.completed()) == 12 and abs(counted - billed) <= 0.05 * billed, (counted, billed)
+
+
+def test_estimate_of_the_support_tickets_example_matches_its_recorded_usage(tmp_path):
+    """The bundled cache holds what the local teacher counted for each prompt (issue 20 item 8: the
+    estimate said 192 tokens for 96 rows)."""
+    src = Path(__file__).resolve().parents[1] / "examples" / "support-tickets"
+    shutil.copytree(src, tmp_path / "ex", ignore=shutil.ignore_patterns("runs", "*.sqlite-*"))
+    recipe = load_recipe(tmp_path / "ex" / "recipe.yaml")
+    est = estimate_run(recipe)
+    counted = int(est["prompt tokens"].split()[0])
+    assert "teacher tokenizer" in est["prompt tokens"]
+    plan = plan_requests(recipe, load_inputs(recipe))
+    cache = ResponseCache(cache_path(recipe))
+    recorded = cache.get_many(plan.base_keys())
+    cache.close()
+    assert len(recorded) == len(plan.rows) == 96
+    billed = sum(e.input_tokens for e in recorded.values())
+    assert billed > 100 * 96 and abs(counted - billed) <= 0.05 * billed, (counted, billed)
+
+
+def test_estimate_sample_is_capped_by_the_same_ledger(tmp_path):
+    with OpenAIStub() as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(10))
+        # a worst case of ~$1.2 per request (byte-bounded prompt, 384 tokens at $2/1K): $2 admits one at a time
+        est = estimate_run(recipe, sample=8, max_cost=2.0)
+        assert "spent $" in est["sample stopped"] and "of $2.0000" in est["sample stopped"]
+        sampled = len(stub.completed())
+        assert 0 < sampled < 8
+        cache = ResponseCache(cache_path(recipe))
+        assert cache.spend(plan_requests(recipe, load_inputs(recipe)).base_keys()).total <= 2.0
+        cache.close()
+        # generate sees what the sample spent: the same cap sends nothing more than fits
+        result = run_generate(recipe, run, progress=False, max_cost=2.0)
+        assert result.stopped_reason and "of $2.0000" in result.stopped_reason
+        billed = sum((e["usage"]["prompt_tokens"] + 2 * e["usage"]["completion_tokens"]) / 1000
+                     for e in stub.log if "usage" in e)
+        assert billed <= 2.0
