@@ -7,6 +7,12 @@ rows lost or None, and, after a SIGKILL at 50% of completions and a restart, how
 completed rows were requested (and paid) again.
 
     .venv/bin/python benchmarks/bench_generate.py --rows 2000 --concurrency 32 --latency 0.1 --fault-rate 0.05
+
+`--malformed-rate R --runs N` measures re-asks instead: the stub answers a share R of requests
+malformed (seeded by the request, so a re-ask with a fresh seed draws again), `stepwise generate`
+runs N times, and the rows still unparsed after each run are printed. `--cap C --kill-after K`
+measures the cost cap across resumes: the first run is SIGKILLed after K answers, then resumed
+until it stops on the cap; the teacher's bill after each run is printed.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ teacher:
   timeout_s: 10
   constrained_decoding: false
   max_new_tokens: 128
+  price: {{input_per_1k: {price_in}, output_per_1k: {price_out}}}
 runs_dir: runs
 """
 
@@ -68,10 +75,11 @@ with open(out, "w") as fh:
 """
 
 
-def start_stub(latency: float, fault_rate: float, log: Path, seed: int) -> tuple[subprocess.Popen, str]:
+def start_stub(latency: float, fault_rate: float, log: Path, seed: int,
+               malformed_rate: float = 0.0) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [PY, "-m", "stepwise.testing.openai_stub", "--latency", str(latency), "--fault-rate", str(fault_rate),
-         "--seed", str(seed), "--log", str(log)],
+         "--seed", str(seed), "--log", str(log), "--malformed-rate", str(malformed_rate)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     line = proc.stdout.readline()
@@ -100,7 +108,8 @@ def wait_for(log: Path, n: int, proc: subprocess.Popen, timeout: float = 600) ->
         time.sleep(0.05)
 
 
-def setup_workdir(work: Path, rows: int, base_url: str, concurrency: int, retries: int) -> tuple[Path, list[dict]]:
+def setup_workdir(work: Path, rows: int, base_url: str, concurrency: int, retries: int,
+                  price: tuple[float, float] = (0.0, 0.0)) -> tuple[Path, list[dict]]:
     sys.path.insert(0, str(REPO))
     from pipelines.prompts import build_messages
     from stepwise.recipe import load_recipe
@@ -115,7 +124,8 @@ def setup_workdir(work: Path, rows: int, base_url: str, concurrency: int, retrie
     inputs = [{"id": f"q{i:05d}", "text": f"[{i}] {texts[i % len(texts)]}"} for i in range(rows)]
     (work / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs))
     recipe_path = work / "recipe.yaml"
-    recipe_path.write_text(RECIPE.format(base_url=base_url, concurrency=concurrency, retries=retries))
+    recipe_path.write_text(RECIPE.format(base_url=base_url, concurrency=concurrency, retries=retries,
+                                         price_in=price[0], price_out=price[1]))
     recipe = load_recipe(recipe_path)
     chat_rows = [{"id": r["id"], "messages": build_messages(recipe.task, {"text": r["text"]}, "dss")} for r in inputs]
     return recipe_path, chat_rows
@@ -194,6 +204,67 @@ def scenario(name: str, args, kill: bool) -> dict:
         stub.wait(timeout=10)
 
 
+def billed(log: Path, price: tuple[float, float]) -> float:
+    """The teacher's bill: usage of every answer it sent, at the recipe's prices."""
+    total = 0.0
+    for line in log.read_text().splitlines() if log.exists() else []:
+        e = json.loads(line)
+        if "usage" in e:
+            total += (e["usage"]["prompt_tokens"] * price[0] + e["usage"]["completion_tokens"] * price[1]) / 1000
+    return total
+
+
+def malformed_scenario(args) -> None:
+    """Rows still unparsed after each of `--runs` runs at `--malformed-rate`."""
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-malformed-"))
+    log = work / "stub.log"
+    stub, base_url = start_stub(args.latency, 0.0, log, args.seed, args.malformed_rate)
+    try:
+        recipe, _ = setup_workdir(work, args.rows, base_url, args.concurrency, args.retries)
+        for i in range(1, args.runs + 1):
+            t0 = time.time()
+            subprocess.run([PY, "-m", "stepwise", "generate", str(recipe), "--run-dir", str(work / "run"),
+                            "--no-progress", *(["--no-retry-unparsed"] if args.no_retry_unparsed else [])],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows = [json.loads(x) for x in (work / "run" / "generate" / "responses.jsonl").read_text().splitlines()]
+            unparsed = Counter(r["parse_status"] for r in rows if r["parse_status"] != "ok")
+            answers = sum(1 for _ in completed_log(log))
+            print(json.dumps({"run": i, "rows": len(rows), "unparsed": sum(unparsed.values()),
+                              "unparsed %": round(100 * sum(unparsed.values()) / len(rows), 2),
+                              "by status": dict(unparsed), "answers paid so far": answers,
+                              "wall_s": round(time.time() - t0, 1)}), flush=True)
+    finally:
+        stub.send_signal(signal.SIGINT)
+        stub.wait(timeout=10)
+
+
+def cap_scenario(args) -> None:
+    """Spend after a SIGKILL and each resume under one `--cap` (USD): it must never pass the cap."""
+    price = (args.price_in, args.price_out)
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-cap-"))
+    log = work / "stub.log"
+    stub, base_url = start_stub(args.latency, 0.0, log, args.seed)
+    try:
+        recipe, _ = setup_workdir(work, args.rows, base_url, args.concurrency, args.retries, price)
+        cmd = [PY, "-m", "stepwise", "generate", str(recipe), "--run-dir", str(work / "run"), "--no-progress",
+               "--max-cost", str(args.cap)]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(log, args.kill_after, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(json.dumps({"invocation": "first (SIGKILL)", "answers": len(completed_log(log)),
+                          "billed_usd": round(billed(log, price), 4), "cap_usd": args.cap}), flush=True)
+        for i in range(1, args.runs + 1):
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            said = next((ln for ln in p.stderr.splitlines() if "spent $" in ln), "")
+            print(json.dumps({"invocation": f"resume {i}", "exit": p.returncode, "answers": len(completed_log(log)),
+                              "billed_usd": round(billed(log, price), 4), "cap_usd": args.cap,
+                              "said": said.split("stopped: ")[-1].split(";")[0]}), flush=True)
+    finally:
+        stub.send_signal(signal.SIGINT)
+        stub.wait(timeout=10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2000)
@@ -203,8 +274,21 @@ def main() -> None:
     ap.add_argument("--retries", type=int, default=4)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--resume-timeout", type=float, default=180)
+    ap.add_argument("--malformed-rate", type=float, default=None, help="re-ask benchmark: share of malformed answers")
+    ap.add_argument("--no-retry-unparsed", action="store_true", help="re-ask benchmark: the old behaviour")
+    ap.add_argument("--runs", type=int, default=3, help="generate runs (re-ask) or resumes (cap)")
+    ap.add_argument("--cap", type=float, default=None, help="cap benchmark: max_cost in USD")
+    ap.add_argument("--kill-after", type=int, default=100, help="cap benchmark: SIGKILL after this many answers")
+    ap.add_argument("--price-in", type=float, default=0.15, help="cap benchmark: USD per 1K prompt tokens")
+    ap.add_argument("--price-out", type=float, default=0.6, help="cap benchmark: USD per 1K output tokens")
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.malformed_rate is not None:
+        malformed_scenario(args)
+        return
+    if args.cap is not None:
+        cap_scenario(args)
+        return
     ideal = args.concurrency / args.latency
     print(f"# {args.rows} prompts, concurrency {args.concurrency}, latency {args.latency}s, "
           f"{args.fault_rate:.0%} faults (429/500/503/drop); ideal = {ideal:.0f} rows/s; goal >= {0.9 * ideal:.0f}")
