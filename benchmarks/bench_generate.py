@@ -250,15 +250,17 @@ def cap_scenario(args) -> None:
                "--max-cost", str(args.cap)]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(log, args.kill_after, proc)
-        os.kill(proc.pid, signal.SIGKILL)
+        first = "first (SIGKILL)" if proc.poll() is None else f"first (ended before the kill, exit {proc.poll()})"
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        print(json.dumps({"invocation": "first (SIGKILL)", "answers": len(completed_log(log)),
-                          "billed_usd": round(billed(log, price), 4), "cap_usd": args.cap}), flush=True)
+        print(json.dumps({"invocation": first, "answers": len(completed_log(log)),
+                          "billed_usd": round(billed(log, price), 6), "cap_usd": args.cap}), flush=True)
         for i in range(1, args.runs + 1):
             p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             said = next((ln for ln in p.stderr.splitlines() if "spent $" in ln), "")
             print(json.dumps({"invocation": f"resume {i}", "exit": p.returncode, "answers": len(completed_log(log)),
-                              "billed_usd": round(billed(log, price), 4), "cap_usd": args.cap,
+                              "billed_usd": round(billed(log, price), 6), "cap_usd": args.cap,
                               "said": said.split("stopped: ")[-1].split(";")[0]}), flush=True)
     finally:
         stub.send_signal(signal.SIGINT)
@@ -279,8 +281,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="generate runs (re-ask) or resumes (cap)")
     ap.add_argument("--cap", type=float, default=None, help="cap benchmark: max_cost in USD")
     ap.add_argument("--kill-after", type=int, default=100, help="cap benchmark: SIGKILL after this many answers")
-    ap.add_argument("--price-in", type=float, default=0.15, help="cap benchmark: USD per 1K prompt tokens")
-    ap.add_argument("--price-out", type=float, default=0.6, help="cap benchmark: USD per 1K output tokens")
+    ap.add_argument("--price-in", type=float, default=0.00015, help="cap benchmark: USD per 1K prompt tokens")
+    ap.add_argument("--price-out", type=float, default=0.0006, help="cap benchmark: USD per 1K output tokens")
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.malformed_rate is not None:
