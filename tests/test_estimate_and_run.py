@@ -172,7 +172,7 @@ def test_estimate_of_the_support_tickets_example_matches_its_recorded_usage(tmp_
     assert "teacher tokenizer" in est["prompt tokens"]
     plan = plan_requests(recipe, load_inputs(recipe))
     cache = ResponseCache(cache_path(recipe))
-    recorded = cache.get_many(plan.base_keys())
+    recorded = cache.get_many([k for ks in plan.keys for k in ks])
     cache.close()
     assert len(recorded) == len(plan.rows) == 96
     billed = sum(e.input_tokens for e in recorded.values())
@@ -182,14 +182,17 @@ def test_estimate_of_the_support_tickets_example_matches_its_recorded_usage(tmp_
 def test_estimate_sample_is_capped_by_the_same_ledger(tmp_path):
     with OpenAIStub() as stub:
         recipe, run = setup_recipe(tmp_path, stub, make_rows(10))
+        recipe.source_path.write_text(recipe.source_path.read_text() + "  max_cost: 2.0\n")
+        recipe = load_recipe(recipe.source_path)
         # a worst case of ~$1.2 per request (byte-bounded prompt, 384 tokens at $2/1K): $2 admits one at a time
-        est = estimate_run(recipe, sample=8, max_cost=2.0)
+        est = estimate_run(recipe, sample=8)
         assert "spent $" in est["sample stopped"] and "of $2.0000" in est["sample stopped"]
         sampled = len(stub.completed())
         assert 0 < sampled < 8
         cache = ResponseCache(cache_path(recipe))
         assert cache.spend(plan_requests(recipe, load_inputs(recipe)).base_keys()).total <= 2.0
         cache.close()
+        assert est["max_cost"] == 2.0
         # generate sees what the sample spent: the same cap sends nothing more than fits
         result = run_generate(recipe, run, progress=False, max_cost=2.0)
         assert result.stopped_reason and "of $2.0000" in result.stopped_reason
