@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS responses (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ledger_sessions (
+    session TEXT PRIMARY KEY,
+    booked REAL NOT NULL DEFAULT 0
+);
 """
 
 LEDGER = """
@@ -183,7 +187,7 @@ class ResponseCache:
                     (key, base_key or key, cost, input_tokens, output_tokens, session, now),
                 )
                 if session is not None:
-                    self._drop_reservation(key, session)
+                    self._book(session, cost - self._drop_reservation(key, session))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -205,11 +209,21 @@ class ResponseCache:
         return int(row[0]) if row else 1
 
     # -- the spend ledger -------------------------------------------------------------------
-    def _drop_reservation(self, key: str, session: str) -> None:
+    def _drop_reservation(self, key: str, session: str) -> float:
+        """Remove one reservation of `session` for `key`; return its amount (0 if there was none)."""
+        row = self._conn.execute(
+            "SELECT id, cost FROM ledger WHERE kind='reserved' AND session=? AND key=? LIMIT 1", (session, key)
+        ).fetchone()
+        if row is None:
+            return 0.0
+        self._conn.execute("DELETE FROM ledger WHERE id=?", (row[0],))
+        return float(row[1])
+
+    def _book(self, session: str, delta: float) -> None:
+        # a running total per session, so checking the cap does not re-sum the ledger per request
         self._conn.execute(
-            "DELETE FROM ledger WHERE id = (SELECT id FROM ledger WHERE kind='reserved' AND session=? AND key=? LIMIT 1)",
-            (session, key),
-        )
+            """INSERT INTO ledger_sessions (session, booked) VALUES (?, ?)
+               ON CONFLICT(session) DO UPDATE SET booked = booked + excluded.booked""", (session, delta))
 
     def reserve(self, key: str, base_key: str, amount: float, session: str, *, cap: float | None,
                 prior: float = 0.0) -> bool:
@@ -221,9 +235,8 @@ class ResponseCache:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 if cap is not None:
-                    (mine,) = self._conn.execute(
-                        "SELECT COALESCE(SUM(cost), 0) FROM ledger WHERE session=?", (session,)).fetchone()
-                    if prior + mine + amount > cap + 1e-12:
+                    row = self._conn.execute("SELECT booked FROM ledger_sessions WHERE session=?", (session,)).fetchone()
+                    if prior + (row[0] if row else 0.0) + amount > cap + 1e-12:
                         self._conn.execute("ROLLBACK")
                         return False
                 self._conn.execute(
@@ -231,6 +244,7 @@ class ResponseCache:
                        VALUES (?, ?, 'reserved', ?, ?, ?)""",
                     (key, base_key, amount, session, time.time()),
                 )
+                self._book(session, amount)
                 self._conn.execute("COMMIT")
                 return True
             except BaseException:
@@ -240,7 +254,13 @@ class ResponseCache:
     def release(self, key: str, session: str) -> None:
         """A request that settled without a response (an error: nothing billed) frees its reservation."""
         with self._lock:
-            self._drop_reservation(key, session)
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._book(session, -self._drop_reservation(key, session))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
 
     def spend(self, base_keys: list[str], exclude_session: str | None = None) -> Spend:
         """What the ledger holds for these rows: paid, and reservations of runs that never settled."""

@@ -395,5 +395,7 @@ def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, comman
                               text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         assert Counter(r["parse_status"] for r in by_id(RunDir(tmp_path / "run")).values()) == {"ok": 20}
-        assert set(Counter(e["input"] for e in stub.completed()).values()) == {1}  # nothing paid twice
+        # answered twice at most: the (concurrency=2) requests in flight at Ctrl-C, which the server may
+        # still have finished after the client let go; the ledger keeps them as spend in doubt
+        assert sum(n - 1 for n in Counter(e["input"] for e in stub.completed()).values()) <= 2
         cache.close()
