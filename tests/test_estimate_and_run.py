@@ -199,3 +199,22 @@ def test_estimate_sample_is_capped_by_the_same_ledger(tmp_path):
         billed = sum((e["usage"]["prompt_tokens"] + 2 * e["usage"]["completion_tokens"]) / 1000
                      for e in stub.log if "usage" in e)
         assert billed <= 2.0
+
+
+def test_estimate_names_its_counter_for_an_openai_model(tmp_path):
+    """An OpenAI model name is counted with tiktoken when its encoding is at hand; otherwise the
+    estimate says it guessed, and why (offline, tiktoken cannot fetch its encoding file)."""
+    (tmp_path / "inputs.jsonl").write_text(json.dumps({"text": "my card was charged twice"}) + "\n")
+    (tmp_path / "recipe.yaml").write_text(
+        "name: oa\ntask:\n  name: t\n  classes: [billing, technical]\n  instructions: Classify.\n"
+        "data:\n  inputs: inputs.jsonl\nteacher:\n  provider: openai\n  model: gpt-4o-mini\n")
+    est = estimate_run(load_recipe(tmp_path / "recipe.yaml"))
+    method = est["prompt tokens"].split(" ", 1)[1]
+    try:
+        import tiktoken
+
+        tiktoken.encoding_for_model("gpt-4o-mini")
+    except Exception:  # noqa: BLE001 - not installed, or its encoding file cannot be fetched offline
+        assert method.startswith("(approx (4 chars/token; tiktoken"), method
+    else:
+        assert method == "(tiktoken for gpt-4o-mini)", method
