@@ -65,7 +65,8 @@ def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: 
         old, new = before.get(key), after.get(key)
         return new is not None and (old is None or new.attempts != old.attempts or new.status != old.status)
 
-    not_run = [k for k in by_key if not attempted(k)]
+    # rows never sent: with a cap, the cap refused them; without one they are simply still pending
+    not_run = [k for k in by_key if not attempted(k)] if budget.max_cost is not None else []
     spent = cache.session_spend(budget.session)
     usage = [after[k] for k in by_key if attempted(k) and after[k].status == "ok"]
     return RunStats(
