@@ -137,44 +137,38 @@ def _export(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _configs(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    if recipe.training.backend == "openai":  # hosted fine-tuning: the API takes the chat JSONL as it is
-        with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
-            st.extra(backend="openai")
-        return "training.backend openai: no configs (hosted fine-tuning)"
-    from training.checks import check_config
-    from training.configgen import generate_configs, write_configs
+    from training.configs_stage import OPENAI_NOTE, write_checked_configs
 
-    configs = generate_configs(recipe, run_dir=run.path, relative_to=Path.cwd())
-    out_dir = run.stage_dir("configs")
-    with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
-        paths = write_configs(configs, out_dir)
-        problems = []
-        for path in paths:
-            report = check_config(path, profile=recipe.training.profile, num_gpus=recipe.training.num_gpus)
-            problems += [p.format(report.label) for p in report.problems if p.level == "error"]
-        if problems:
-            raise ValueError("generated config failed checks:\n" + "\n".join(problems))
-        st.outputs(*paths)
-        picked = [gc.name for gc in configs if gc.auto_pick == gc.modality] or [configs[0].name]
-        st.counts(configs=len(paths))
-        st.extra(train_config=picked[0], auto_pick=configs[0].auto_pick)
-    return f"{len(paths)} configs, training {picked[0]}"
+    # the same function as `stepwise configs --run-dir`: a failed check fails the stage (ConfigsFailed)
+    outcome = write_checked_configs(recipe, run=run, relative_to=Path.cwd())
+    if outcome.backend == "openai":
+        return OPENAI_NOTE
+    return f"{len(outcome.paths)} configs, training {outcome.train_config}"
 
 
 def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     if recipe.training.backend == "openai":
         return _train_openai(recipe, run)
+    import sys
+
     from training.launcher import train
 
     info = run.stage_info("configs") or {}
     name = info.get("train_config")
-    if not name:
-        raise ValueError("no config recorded by the configs stage")
-    config = run.path / "configs" / f"{name}.yaml"
-    result = train(config, run_dir=run.path, cpu=opts.cpu, max_steps=opts.max_steps, base_dir=Path.cwd())
-    losses = result.train_losses  # floats, one per optimizer step
-    last = f", last loss {losses[-1]:.4f}" if losses else ""
-    return f"{name}: {len(losses)} steps in {result.wall_s:.0f}s{last}"
+    if info.get("status") != "done" or not name:
+        raise ValueError(f"the configs stage has not finished (status {info.get('status', 'not run')}): run "
+                         f"`stepwise run {recipe.source_path} --from configs` (or `stepwise configs --run-dir`)")
+    config = run.path / info.get("train_config_path", f"configs/{name}.yaml")  # an absolute path stays itself
+
+    def on_event(kind: str, payload: Any) -> None:
+        if kind == "note":  # resuming from a checkpoint, or an earlier model moved aside
+            print(f"train: {payload}", file=sys.stderr, flush=True)
+
+    result = train(config, run_dir=run.path, cpu=opts.cpu, max_steps=opts.max_steps, base_dir=Path.cwd(),
+                   on_event=on_event)
+    losses = result.train_losses  # floats, one per logged optimizer step, from the trainer state
+    resumed = f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
+    return f"{name}: {len(losses)} steps{resumed} in {result.wall_s:.0f}s, last loss {losses[-1]:.4f}"
 
 
 def _train_openai(recipe: Recipe, run: RunDir) -> str:

@@ -290,3 +290,57 @@ def test_default_batch_fits_tiny_training_data(tmp_path, backend):
     [gc] = generate_configs(recipe, run_dir=run_dir, relative_to=partly)
     assert gc.config["gradient_accumulation_steps"] == 2
     assert gc.config["micro_batch_size"] * 2 <= rows and gc.config["micro_batch_size"] < 4
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from stepwise.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_configs_cli_records_the_train_config_so_run_from_train_finds_it(tmp_path, monkeypatch):
+    """`stepwise configs --run-dir` and `stepwise run`'s configs stage are one function: the CLI
+    records `train_config`, so `stepwise run --from train` trains what it wrote."""
+    from training.testing import use_fake_trainer
+
+    _, run_dir = make_run(tmp_path, "modality: lora\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n",
+                          n_train=8, n_val=0)
+    monkeypatch.chdir(tmp_path)
+    res = _cli("configs", tmp_path / "recipe.yaml", "--run-dir", run_dir)
+    assert res.exit_code == 0, res.output
+    info = json.loads((run_dir / "manifest.json").read_text())["stages"]["configs"]
+    assert info["status"] == "done" and info["train_config"] == "tiny-train-lora"
+    assert info["train_config_path"] == "configs/tiny-train-lora.yaml" and (run_dir / info["train_config_path"]).exists()
+
+    use_fake_trainer(monkeypatch, tmp_path)  # the training itself is test_training_cpu's; here: which config
+    res = _cli("run", tmp_path / "recipe.yaml", "--run-dir", run_dir, "--from", "train", "--until", "train",
+               "--no-progress")
+    assert res.exit_code == 0, res.output
+    stage = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]
+    assert stage["status"] == "done" and stage["config"] == "tiny-train-lora"
+    assert any(i["path"] == "configs/tiny-train-lora.yaml" for i in stage["inputs"])
+
+
+def test_a_failed_config_check_is_not_recorded_done(tmp_path, monkeypatch):
+    """A batch the recipe pins larger than the data fails the check: the CLI exits 2 and the stage is
+    recorded `failed` with no train_config; the pipeline's configs stage (the same function) fails too."""
+    from stepwise.pipeline import STAGE_EXIT, RunOptions, run_pipeline
+    from stepwise.recipe import load_recipe
+    from stepwise.rundir import RunDir
+
+    extra = "modality: lora\nmicro_batch_size: 4\ngradient_accumulation_steps: 4\nsample_packing: false\n"
+    _, run_dir = make_run(tmp_path, extra, n_train=3, n_val=1)
+    monkeypatch.chdir(tmp_path)
+    res = _cli("configs", tmp_path / "recipe.yaml", "--run-dir", run_dir)
+    assert res.exit_code == 2, res.output
+    info = json.loads((run_dir / "manifest.json").read_text())["stages"]["configs"]
+    assert info["status"] == "failed" and "train_config" not in info
+    assert "16 examples per optimizer step" in info["error"]
+
+    summary = run_pipeline(load_recipe(tmp_path / "recipe.yaml"), RunDir(run_dir),
+                           RunOptions(from_stage="configs", until_stage="train", progress=False))
+    outcomes = {o.stage: o for o in summary.outcomes}
+    assert outcomes["configs"].status == "failed" and "16 examples per optimizer step" in outcomes["configs"].detail
+    assert outcomes["train"].status == "not_run" and summary.exit_code == STAGE_EXIT["configs"]

@@ -26,7 +26,8 @@ def _print_report(report, quiet_ok: bool = False) -> None:
 def configs_cmd(
     recipe: Path | None = typer.Argument(None, help="Recipe YAML"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run whose export/ data the configs train on"),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default axolotl_configs/<recipe>/)"),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: <run>/configs/ with --run-dir, "
+                                    "else axolotl_configs/<recipe>/)"),
     check: list[Path] = typer.Option([], "--check", help="Check a (hand-edited) Axolotl config instead"),
     cpu: bool = typer.Option(False, "--cpu", help="With --check: check against the CPU profile"),
     no_data: bool = typer.Option(False, "--no-data", help="Do not read the exported data (stable templates)"),
@@ -50,40 +51,49 @@ def configs_cmd(
         raise typer.Exit(EXIT_BAD_INPUT)
 
     from stepwise.cli import load_or_exit
-    from training.configgen import generate_configs, write_configs
+    from training.configs_stage import OPENAI_NOTE, ConfigsFailed, write_checked_configs
 
     r = load_or_exit(recipe)
     run = None
     if run_dir is not None:
         from stepwise.rundir import resolve_run
 
-        run = resolve_run(r, run_dir, create=False)
+        try:
+            run = resolve_run(r, run_dir, create=False)
+        except FileNotFoundError as exc:
+            console.print(f"[red]error[/red] {exc}", highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    # the same function as `stepwise run`'s configs stage: inside a run it writes <run>/configs/ and
+    # records the stage (train_config) only when every config passed its checks
     try:
-        configs = generate_configs(r, run_dir=run.path if run else None, use_data=not no_data, relative_to=Path.cwd())
+        outcome = write_checked_configs(r, run=run, out_dir=out, use_data=not no_data,
+                                        allow_missing_data=allow_missing_data, relative_to=Path.cwd())
+        failed = False
+    except ConfigsFailed as exc:
+        outcome, failed = exc.outcome, True
     except ValueError as exc:
         console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    out_dir = out or Path("axolotl_configs") / r.name
-    paths = write_configs(configs, out_dir)
+    if outcome.backend == "openai":
+        console.print(OPENAI_NOTE, highlight=False)
+        return
     table = Table("config", "modality", "peak GB", "fits", "checks")
-    failed = False
-    for gc, path in zip(configs, paths, strict=True):
-        report = check_config(path, profile=r.training.profile, num_gpus=r.training.num_gpus,
-                              allow_missing_data=allow_missing_data or no_data)
+    for gc, path, report in zip(outcome.configs, outcome.paths, outcome.reports, strict=True):
         _print_report(report, quiet_ok=True)
-        failed |= not report.ok
         est = gc.estimate
         pick = " (auto)" if gc.auto_pick == gc.modality else ""
         table.add_row(str(path), gc.modality + pick, f"{est.total_gb:.2f}" if est else "?",
                       ("yes" if est.fits(r.training.gpu_memory_gb) else "no") if est else "?",
                       "[green]ok[/green]" if report.ok else "[red]failed[/red]")
     Console(stderr=True).print(table)
-    if run is not None:
-        with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
-            st.outputs(*paths)
-            st.counts(configs=len(paths))
     if failed:
+        if run is not None:
+            console.print(f"[red]configs stage failed[/red] in {run.path}: fix the recipe's `training` section and "
+                          "run this again", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
+    if run is not None:
+        console.print(f"configs stage done in {run.path}; `stepwise run` trains {outcome.train_config}",
+                      highlight=False)
 
 
 def plan_cmd(
@@ -191,7 +201,9 @@ def train_cmd(
 
     def on_event(kind: str, payload) -> None:
         if kind == "phase":
-            console.print(f"[bold]{payload}[/bold] ...")
+            console.print(f"[bold]{payload}[/bold] ...", highlight=False)
+        elif kind == "note":  # resuming, or an earlier model moved aside
+            console.print(f"[yellow]note[/yellow] {payload}", highlight=False, soft_wrap=True)
         elif kind == "loss":
             if payload["kind"] == "train":
                 console.print(f"  step {payload['step']:>5}  loss {payload['loss']:.4f}  lr {payload['learning_rate']}"
@@ -207,8 +219,9 @@ def train_cmd(
     except TrainError as exc:
         console.print(f"[red]error[/red] {exc}")
         raise typer.Exit(EXIT_STAGE_FAILED) from None
-    console.print(f"[green]done[/green] {result.name}: {len(result.train_losses)} steps in {result.wall_s:.0f}s; "
-                  f"logs and loss.csv in {result.out_dir}", highlight=False)
+    resumed = f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
+    console.print(f"[green]done[/green] {result.name}: {len(result.train_losses)} steps{resumed} in "
+                  f"{result.wall_s:.0f}s; logs and loss.csv in {result.out_dir}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

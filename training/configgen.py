@@ -4,9 +4,10 @@ Defaults follow the seeds: LoRA r=16 with `lora_alpha` = 4 x r (the DSS paper's 
 dropout 0.05, all linear layers (or the attention projections), LR 2e-5 full / 2e-4 LoRA-QLoRA,
 cosine schedule with 10% warmup, epochs by data size (3 under 1,000 examples, 2 under 10,000,
 else 1), QLoRA as NF4 with double quantisation, gradient checkpointing, sample packing when the
-examples are much shorter than `sequence_len`. Modality `auto` writes every modality and the
-planner (`training.vram`) marks the one the paper's rule picks: full if it fits the GPU, else
-LoRA, else QLoRA.
+examples are much shorter than `sequence_len`, a checkpoint every `training.save_every_steps`
+steps (the last `save_total_limit` kept; `stepwise train` resumes from them). Modality `auto`
+writes every modality and the planner (`training.vram`) marks the one the paper's rule picks:
+full if it fits the GPU, else LoRA, else QLoRA.
 
 Data: the run's `export/train.chat.jsonl` and `val.chat.jsonl` (OpenAI chat rows) as Axolotl
 `type: chat_template` datasets. With `use_data=False` (the committed example configs) nothing is
@@ -456,8 +457,12 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
     cfg["logging_steps"] = 1
     if val is not None:
         cfg["evals_per_epoch"] = 4
-    cfg["saves_per_epoch"] = 1
-    cfg["save_total_limit"] = 2
+    # A bounded interval, not once per epoch: a killed run loses at most save_every_steps steps
+    # (`stepwise train` resumes from the last complete checkpoint); HF also saves at the end, and
+    # that checkpoint's trainer_state.json is the run's loss record.
+    cfg["save_strategy"] = "steps"
+    cfg["save_steps"] = spec.save_every_steps
+    cfg["save_total_limit"] = spec.save_total_limit
     if spec.deepspeed:
         cfg["deepspeed"] = deepspeed_config(3 if spec.deepspeed == "zero3" else 2)
     elif spec.fsdp:
@@ -477,6 +482,8 @@ def _header(recipe_label: str, name: str, modality: str, data: DataInfo, base: P
         f"  stepwise train <this file> --run-dir {run_label}        (preprocess + train, logs and loss.csv in the run)",
         "  or: axolotl preprocess <this file> && axolotl train <this file>",
         "  several GPUs: accelerate launch -m axolotl.cli.train <this file>",
+        f"Checkpoints every {spec.save_every_steps} steps (training.save_every_steps), the last "
+        f"{spec.save_total_limit} kept; `stepwise train` resumes a killed run from the last complete one",
         "Data (OpenAI chat JSONL written by `stepwise export`):",
     ]
     for label, path, rows, digest in (("train", data.train, data.train_rows, data.train_sha256),

@@ -5,18 +5,21 @@ The config is checked (training.checks), then a resolved copy is written to
 `dataset_prepared_path` inside the run, the CPU profile applied with `--cpu`, `max_steps` with
 `--max-steps`. Axolotl runs its own entry points, preprocess then train (`axolotl_cmd`), or
 `accelerate launch --num_processes N -m axolotl.cli.train` when several GPUs are visible, with
-the offline environment. Output goes to `preprocess.log` / `train.log`; the loss lines Axolotl's
-trainer prints are parsed into `loss.csv` as they arrive, and the stage is recorded in the run's
-manifest (`train`, inputs: data + config; outputs: loss.csv, the model/adapter files).
+the offline environment. Output goes to `preprocess.log` / `train.log`.
+
+Checkpoints and resuming (training.checkpoints): the same config (same resolved content and data)
+resumes from its last complete checkpoint after a kill, passed to Axolotl as
+`resume_from_checkpoint`; a changed config moves the earlier output aside first, so a trained
+model is never overwritten. The loss curve (`loss.csv`, the manifest's `train` stage) is read
+from the trainer's own `trainer_state.json` log history when training ends; a run that recorded
+no loss fails the stage.
 """
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -29,14 +32,20 @@ import yaml
 
 from stepwise.io import atomic_write_text
 from stepwise.rundir import RunDir
+from training.checkpoints import (
+    LOSS_FIELDS,
+    NoLossRecorded,
+    config_identity,
+    prepare_output_dir,
+    recorded_losses,
+)
 from training.configgen import apply_cpu_profile, dump_yaml
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
 }
-LOSS_FIELDS = ["step", "epoch", "loss", "eval_loss", "grad_norm", "learning_rate", "kind"]
-_DICT_LINE = re.compile(r"\{'(?:loss|eval_loss|train_runtime)'[^{}]*\}")
+__all__ = ["LOSS_FIELDS", "OFFLINE_ENV", "TrainError", "TrainResult", "merge_lora", "train"]
 
 
 class TrainError(RuntimeError):
@@ -51,6 +60,9 @@ class TrainResult:
     losses: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int | None = None
+    global_step: int | None = None
+    moved_aside: Path | None = None
 
     @property
     def train_losses(self) -> list[float]:
@@ -121,39 +133,9 @@ def resolve_config(cfg: dict[str, Any], *, base_dir: Path, out_dir: Path, prepar
         out = apply_cpu_profile(out, local_model_config_dir(str(out.get("base_model", ""))))
     if max_steps:
         out["max_steps"] = max_steps
-        out["save_strategy"] = "no"  # a few smoke steps: save the final model only
-        out.pop("saves_per_epoch", None)
-        out.pop("evals_per_epoch", None)
+        out.pop("evals_per_epoch", None)  # a few smoke steps: no evals (checkpoints stay: the last holds the losses)
         out["eval_strategy"] = "no"
     return out
-
-
-def parse_log_line(line: str, state: dict[str, Any]) -> dict[str, Any] | None:
-    """A loss row from one of the dicts HF's trainer prints, or None."""
-    m = _DICT_LINE.search(line)
-    if not m:
-        return None
-    try:
-        d = ast.literal_eval(m.group(0))
-    except (ValueError, SyntaxError):
-        return None
-
-    def num(key: str) -> float | None:
-        v = d.get(key)
-        try:
-            return float(v) if v is not None else None
-        except (TypeError, ValueError):
-            return None
-
-    if "train_runtime" in d:
-        state["summary"] = {k: num(k) for k in d}
-        return None
-    if "loss" in d:
-        state["step"] = state.get("step", 0) + 1
-        return {"step": state["step"], "epoch": num("epoch"), "loss": num("loss"), "eval_loss": None,
-                "grad_norm": num("grad_norm"), "learning_rate": num("learning_rate"), "kind": "train"}
-    return {"step": state.get("step", 0), "epoch": num("epoch"), "loss": None, "eval_loss": num("eval_loss"),
-            "grad_norm": None, "learning_rate": None, "kind": "eval"}
 
 
 def _run(cmd: list[str], log_path: Path, env: dict[str, str], on_line: Callable[[str], None] | None) -> int:
@@ -205,10 +187,23 @@ def train(
             p = Path(str(ds.get("path", ""))).expanduser()
             if not (p if p.is_absolute() else base_dir / p).exists():
                 raise TrainError(f"{config_path}: {ds.get('path')} not found: run `stepwise export --preferences` first")
-    out_dir = run.stage_dir("train") / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if str(cfg.get("save_strategy", "")).lower() == "no":
+        raise TrainError(f"{config_path}: save_strategy: no leaves no checkpoint and no trainer state (the loss record "
+                         "and the point a killed run resumes from); remove it (training.save_every_steps sets the "
+                         "interval)")
+    out_dir = run.path / "train" / name
     resolved = resolve_config(cfg, base_dir=base_dir, out_dir=out_dir, prepared=run.path / "train" / "prepared",
                               cpu=cpu, max_steps=max_steps)
+    data_files = [Path(ds["path"]) for s in ("datasets", "test_datasets") for ds in resolved.get(s) or []
+                  if Path(str(ds.get("path"))).exists()]
+    identity, payload = config_identity(resolved, data_files)
+    plan = prepare_output_dir(run, name, identity, payload, stage=stage_name, source=config_path)
+    # Resume explicitly from the last complete checkpoint (or not at all): Axolotl's auto-resume would
+    # take the highest-numbered folder even when a kill left it half-written.
+    resolved["resume_from_checkpoint"] = str(plan.resume_from.resolve()) if plan.resume_from else None
+    resolved["auto_resume_from_checkpoints"] = False
+    if resolved["resume_from_checkpoint"] is None:
+        resolved.pop("resume_from_checkpoint")
     resolved_path = out_dir / "axolotl.yaml"
     header = f"# Resolved by `stepwise train` from {config_path}{' (cpu profile)' if cpu else ''}\n"
     atomic_write_text(resolved_path, header + dump_yaml(resolved))
@@ -221,12 +216,11 @@ def train(
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
 
-    data_files = [Path(ds["path"]) for s in ("datasets", "test_datasets") for ds in resolved.get(s) or []
-                  if Path(str(ds.get("path"))).exists()]
-    result = TrainResult(name=name, out_dir=out_dir, config_path=resolved_path)
-    loss_csv = out_dir / "loss.csv"
-    state: dict[str, Any] = {}
+    result = TrainResult(name=name, out_dir=out_dir, config_path=resolved_path, resumed_from_step=plan.resume_step,
+                         moved_aside=plan.moved_aside)
     emit = on_event or (lambda kind, payload: None)
+    for line in plan.describe():
+        emit("note", line)
     started = time.time()
     with run.stage(stage_name, inputs=[*data_files, config_path], params={"config": name, "cpu": cpu,
                                                                        "max_steps": max_steps}) as st:
@@ -235,35 +229,43 @@ def train(
                   lambda line: emit("log", line))
         if rc != 0:
             raise TrainError(f"axolotl preprocess failed (exit {rc}); see {out_dir / 'preprocess.log'}")
-        emit("phase", "train")
-        with loss_csv.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOSS_FIELDS)
-            writer.writeheader()
-
-            def on_line(line: str) -> None:
-                row = parse_log_line(line, state)
-                if row:
-                    writer.writerow(row)
-                    fh.flush()
-                    result.losses.append(row)
-                    emit("loss", row)
-                emit("log", line)
-
-            rc = _run(train_cmd, out_dir / "train.log", env, on_line)
+        emit("phase", f"train (log: {out_dir / 'train.log'})")
+        rc = _run(train_cmd, out_dir / "train.log", env, lambda line: emit("log", line))
         if rc != 0:
             raise TrainError(f"axolotl train failed (exit {rc}); see {out_dir / 'train.log'}")
         result.wall_s = round(time.time() - started, 2)
-        result.summary = state.get("summary", {})
-        produced = [p for p in sorted(out_dir.iterdir()) if p.suffix in {".safetensors", ".json"} and p.is_file()]
-        st.outputs(loss_csv, resolved_path, *produced)
-        losses = result.train_losses
-        st.counts(steps=len(losses))
-        st.extra(config=name, final_loss=losses[-1] if losses else None, first_loss=losses[0] if losses else None,
-                 gpus=gpus, cpu=cpu)
-        atomic_write_text(out_dir / "summary.json", json.dumps(
-            {"config": name, "wall_s": result.wall_s, "steps": len(losses), "first_loss": losses[0] if losses else None,
-             "final_loss": losses[-1] if losses else None, "trainer": result.summary}, indent=2) + "\n")
+        finish(result, st, extra={"gpus": gpus, "cpu": cpu}, emit=emit)
     return result
+
+
+def finish(result: TrainResult, st: Any, *, extra: dict[str, Any], emit: Callable[[str, Any], None],
+           summary_extra: dict[str, Any] | None = None, skip_outputs: tuple[str, ...] = ()) -> None:
+    """Both backends: losses from the trainer state -> loss.csv, summary.json and the manifest's stage."""
+    out_dir = result.out_dir
+    try:
+        rows, trainer_summary, state, state_path = recorded_losses(out_dir)
+    except NoLossRecorded as exc:
+        raise TrainError(f"{exc}; see {out_dir / 'train.log'}") from None
+    result.losses, result.summary = rows, trainer_summary
+    result.global_step = state.get("global_step")
+    loss_csv = out_dir / "loss.csv"
+    with loss_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOSS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        emit("loss", row)
+    losses = result.train_losses
+    facts = {"config": result.name, "wall_s": result.wall_s, "steps": len(losses), "global_step": result.global_step,
+             "resumed_from_step": result.resumed_from_step, "first_loss": losses[0], "final_loss": losses[-1],
+             "train_runtime_s": trainer_summary.get("train_runtime"), "trainer_state": str(state_path.relative_to(out_dir)),
+             **(summary_extra or {})}
+    atomic_write_text(out_dir / "summary.json", json.dumps({**facts, "trainer": trainer_summary}, indent=2) + "\n")
+    produced = [p for p in sorted(out_dir.iterdir()) if p.suffix in {".safetensors", ".json"} and p.is_file()
+                and p.name not in skip_outputs]
+    st.outputs(loss_csv, result.config_path, *produced)
+    st.counts(steps=len(losses))
+    st.extra(**{**{k: v for k, v in facts.items() if k not in ("wall_s", "steps")}, **extra})
 
 
 def merge_lora(resolved_config: Path, *, adapter_dir: Path | None = None, log_path: Path | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""Test helpers: a small recipe and an exported run (chat JSONL written with the student format)."""
+"""Test helpers: a small recipe, an exported run (chat JSONL written with the student format), and
+a stand-in trainer process for fast launcher tests."""
 
 from __future__ import annotations
 
@@ -72,3 +73,56 @@ def make_run(tmp: Path, extra: str = "", n_train: int = 12, n_val: int = 4) -> t
     run_dir = tmp / "runs" / recipe.name / "r1"
     write_export(recipe, run_dir, n_train, n_val)
     return recipe, run_dir
+
+
+# A stand-in for Axolotl's train process: writes what HF's Trainer writes (checkpoint-<step>/ with
+# weights and trainer_state.json every 2 steps, the final weights), prints nothing, resumes from
+# the config's resume_from_checkpoint. FAKE_TRAIN_MODE=stdout_only prints a loss line and records
+# no state; no_loss records steps without a loss; FAKE_DIE_AFTER=<step> dies like a kill.
+FAKE_TRAINER = r'''
+import json, os, pathlib, sys
+import yaml
+
+cfg = yaml.safe_load(open(sys.argv[1]))
+out = pathlib.Path(cfg["output_dir"])
+out.mkdir(parents=True, exist_ok=True)
+mode = os.environ.get("FAKE_TRAIN_MODE", "state")
+lr = float(cfg["learning_rate"])
+with (out / "fake_calls.jsonl").open("a") as fh:
+    fh.write(json.dumps({"resume": cfg.get("resume_from_checkpoint"), "lr": lr}) + "\n")
+if mode == "stdout_only":
+    print("{'loss': '1.5', 'grad_norm': '1.0', 'learning_rate': '0.0002', 'epoch': '1.0'}", flush=True)
+    sys.exit(0)
+start, history = 0, []
+if cfg.get("resume_from_checkpoint"):
+    state = json.loads((pathlib.Path(cfg["resume_from_checkpoint"]) / "trainer_state.json").read_text())
+    start, history = state["global_step"], state["log_history"]
+total = 4
+for step in range(start + 1, total + 1):
+    entry = {"step": step, "epoch": step / total, "learning_rate": lr, "grad_norm": 1.0}
+    if mode != "no_loss":
+        entry["loss"] = 2.0 / step + lr
+    history.append(entry)
+    if step % 2 == 0:
+        ck = out / f"checkpoint-{step}"
+        ck.mkdir(exist_ok=True)
+        (ck / "adapter_model.safetensors").write_text(f"weights lr={lr} step={step}")
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": history}))
+    if os.environ.get("FAKE_DIE_AFTER") == str(step):
+        os._exit(137)
+(out / "adapter_model.safetensors").write_text(f"weights lr={lr} final")
+(out / "adapter_config.json").write_text("{}")
+'''
+
+
+def use_fake_trainer(monkeypatch, tmp: Path) -> Path:
+    """Point the Axolotl launcher's preprocess and train commands at the stand-in (pytest monkeypatch)."""
+    import sys
+
+    from training import launcher
+
+    script = tmp / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER, encoding="utf-8")
+    monkeypatch.setattr(launcher, "axolotl_cmd", lambda command, config, *a: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(launcher, "train_command", lambda config, gpus: [sys.executable, str(script), str(config)])
+    return script
