@@ -70,7 +70,7 @@ def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: 
     spent = cache.session_spend(budget.session)
     usage = [after[k] for k in by_key if attempted(k) and after[k].status == "ok"]
     return RunStats(
-        sent=len(jobs) - len(not_run),
+        sent=sum(1 for k in by_key if attempted(k)),
         completed=len(usage),
         failed=sum(1 for k in by_key if attempted(k) and after[k].status == "error"),
         input_tokens=sum(e.input_tokens for e in usage),
