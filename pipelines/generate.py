@@ -218,6 +218,27 @@ def walk_chain(chain: list[str], cached: dict[str, CacheEntry], parse, max_attem
     return st
 
 
+def owed_requests(recipe: Recipe, *, offline: bool, retry_unparsed: bool) -> int:
+    """How many requests a generate run would send now (failed rows under `max_attempts`,
+    malformed answers to re-ask), read from the cache without loading a tokenizer. `stepwise run`
+    re-runs generate when this is > 0 even though its inputs did not change."""
+    if offline:
+        return 0
+    plan = plan_requests(recipe, load_inputs(recipe))
+    path = cache_path(recipe)
+    if not path.exists():
+        return sum(len(chains) for chains in plan.chains)
+    cache = ResponseCache(path)
+    try:
+        cached = cache.get_many(plan.chain_keys())
+    finally:
+        cache.close()
+    parse, reask = _parser(recipe), reasks_allowed(recipe, retry_unparsed, offline)
+    t = recipe.teacher
+    return sum(1 for chains in plan.chains for chain in chains
+               if walk_chain(chain, cached, parse, t.max_attempts, reask).next_key is not None)
+
+
 def _parser(recipe: Recipe):
     task, fmt = recipe.task, recipe.teacher.format
     matcher = LabelMatcher(task.label_set, task.label_aliases) if task.is_classification else None

@@ -75,6 +75,9 @@ class Stage:
     inputs: Callable[[Recipe, RunDir], list[Path]]
     run: Callable[[Recipe, RunDir, RunOptions], str]
     options: Callable[[RunOptions], Any] = lambda o: None
+    # work left over although the inputs did not change (e.g. teacher requests still owed): a
+    # reason to run the stage again instead of skipping it, or None
+    owed: Callable[[Recipe, RunDir, RunOptions], str | None] = lambda r, run, o: None
 
 
 # -- stage bodies ------------------------------------------------------------------------------
@@ -216,6 +219,13 @@ def _generate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
     return [p for p in (recipe.resolve(f) for f in recipe.data.input_files) if p is not None]
 
 
+def _generate_owed(recipe: Recipe, run: RunDir, opts: RunOptions) -> str | None:
+    from pipelines.generate import owed_requests
+
+    n = owed_requests(recipe, offline=opts.offline, retry_unparsed=opts.retry_unparsed)
+    return f"{n} teacher requests still owed (failed or malformed answers to ask again)" if n else None
+
+
 def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
     paths = [run.path / "generate" / "responses.jsonl"]
     for extra in (recipe.data.test_file, recipe.curation.general_mix.file if recipe.curation.general_mix else None):
@@ -227,7 +237,8 @@ def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
 
 PIPELINE: list[Stage] = [
     # --offline only forbids new requests; it never changes outputs, so it is not in the fingerprint
-    Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate),
+    Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate,
+          owed=_generate_owed),
     Stage("curate", ("task", "data", "curation"), _curate_inputs, _curate),
     Stage("review", ("review",), _files("curate/train.jsonl", "curate/val.jsonl"), _review,
           lambda o: (o.review, "accept_pending") if o.accept_pending else o.review),
@@ -310,7 +321,8 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
         fp = fingerprint(stage, recipe, run, opts)
         info = run.stage_info(stage.name) or {}
         forced = opts.force or stage.name == "report" or (opts.from_stage == stage.name)
-        if not forced and recorded.get(stage.name) == fp and info.get("status") == "done":
+        if not forced and recorded.get(stage.name) == fp and info.get("status") == "done" \
+                and not stage.owed(recipe, run, opts):
             outcome = StageOutcome(stage.name, "skipped", 0.0, "inputs unchanged")
             if stage.name == "eval":  # the recorded gate still decides the exit code
                 passed, gate_text = _gate_passed(run, recipe)

@@ -399,3 +399,24 @@ def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, comman
         # still have finished after the client let go; the ledger keeps them as spend in doubt
         assert sum(n - 1 for n in Counter(e["input"] for e in stub.completed()).values()) <= 2
         cache.close()
+
+
+def test_stepwise_run_asks_again_what_the_teacher_still_owes(tmp_path):
+    """The generate stage's inputs did not change, but a malformed answer is owed a re-ask: the
+    next `stepwise run` must not skip generate; once nothing is owed, it skips."""
+    from stepwise.pipeline import RunOptions, run_pipeline
+
+    with OpenAIStub(StubConfig(script={"row000": ["garbage", "ok"]})) as stub:
+        recipe, run = setup_recipe(tmp_path, stub, make_rows(3))
+        opts = RunOptions(until_stage="generate", progress=False)
+        first = run_pipeline(recipe, run, opts)
+        assert first.outcomes[0].status == "done" and by_id(run)["row000"]["parse_status"] == "missing_answer"
+        sent = len(stub.log)
+        # --no-retry-unparsed owes nothing: skipped, nothing sent
+        kept = run_pipeline(recipe, run, RunOptions(until_stage="generate", progress=False, retry_unparsed=False))
+        assert kept.outcomes[0].status == "skipped" and len(stub.log) == sent
+        second = run_pipeline(recipe, run, opts)
+        assert second.outcomes[0].status == "done" and len(stub.log) == sent + 1
+        assert by_id(run)["row000"]["parse_status"] == "ok"
+        third = run_pipeline(recipe, run, opts)
+        assert third.outcomes[0].status == "skipped" and len(stub.log) == sent + 1
