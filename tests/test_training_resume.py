@@ -258,3 +258,25 @@ def test_trl_run_killed_after_a_checkpoint_resumes(tmp_path):
     assert f"resuming from {out_dir.resolve() / f'checkpoint-{killed_at}'}" in (out_dir / "train.log").read_text()
     with (out_dir / "loss.csv").open() as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh) if r["kind"] == "train"] == list(range(1, 5))
+
+
+def test_stepwise_run_resumes_the_train_stage_after_a_kill(tmp_path, fake_trainer, monkeypatch):
+    """`stepwise run` trains through the same launcher: a killed train stage (exit 16) resumes on the
+    next run from the last complete checkpoint and says so in the stage's detail."""
+    from stepwise.pipeline import STAGE_EXIT, RunOptions, run_pipeline
+    from stepwise.recipe import load_recipe
+    from stepwise.rundir import RunDir
+    from training.configs_stage import write_checked_configs
+
+    recipe, run_dir = make_run(tmp_path, EXTRA, n_train=8, n_val=0)
+    monkeypatch.chdir(tmp_path)
+    write_checked_configs(recipe, run=RunDir(run_dir))
+    opts = RunOptions(from_stage="train", until_stage="train", progress=False)
+    monkeypatch.setenv("FAKE_DIE_AFTER", "3")
+    first = run_pipeline(load_recipe(tmp_path / "recipe.yaml"), RunDir(run_dir), opts)
+    assert first.exit_code == STAGE_EXIT["train"]
+    monkeypatch.delenv("FAKE_DIE_AFTER")
+    again = run_pipeline(load_recipe(tmp_path / "recipe.yaml"), RunDir(run_dir), opts)
+    [train] = [o for o in again.outcomes if o.stage == "train"]
+    assert again.exit_code == 0 and train.status == "done", train.detail
+    assert "4 steps (resumed at step 2)" in train.detail

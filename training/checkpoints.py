@@ -107,6 +107,7 @@ class OutputPlan:
     identity: str
     resume_from: Path | None = None
     resume_step: int | None = None
+    total_steps: int | None = None  # the trainer's max_steps, as recorded in the checkpoint
     moved_aside: Path | None = None
     removed_incomplete: list[Path] | None = None
 
@@ -118,8 +119,11 @@ class OutputPlan:
         for p in self.removed_incomplete or []:
             lines.append(f"removed {p.name}: a kill left it half-written (no trainer state), nothing can resume from it")
         if self.resume_from is not None:
-            lines.append(f"resuming from {self.resume_from.name} (step {self.resume_step}, the last complete checkpoint "
-                         "of this config)")
+            of = f" of {self.total_steps}" if self.total_steps else ""
+            lines.append(f"resuming from {self.resume_from.name} (step {self.resume_step}{of}, the last complete "
+                         "checkpoint of this config)"
+                         + ("; training had finished: nothing left to train, the model is saved again from it"
+                            if self.total_steps and (self.resume_step or 0) >= self.total_steps else ""))
         return lines
 
 
@@ -141,6 +145,7 @@ def prepare_output_dir(run: RunDir, name: str, identity: str, payload: dict[str,
         plan.removed_incomplete = sorted(stale)
         if last is not None:
             plan.resume_from, plan.resume_step = last, last_step
+            plan.total_steps = (_state(last) or {}).get("max_steps")
         elif has_trained_output(out_dir):  # a finished model without checkpoints: keep it, train afresh beside
             plan.moved_aside = _move_aside(run, out_dir, recorded, stage=stage)
     out_dir.mkdir(parents=True, exist_ok=True)
