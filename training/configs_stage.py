@@ -73,8 +73,7 @@ def write_checked_configs(
             raise ConfigsFailed(outcome)
         return outcome
     with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
-        _generate(recipe, outcome, run, out_dir or run.stage_dir("configs"), use_data, allow_missing_data,
-                  relative_to)
+        _generate(recipe, outcome, run, out_dir or run.path / "configs", use_data, allow_missing_data, relative_to)
         if outcome.backend == "openai":
             st.extra(backend="openai")
             return outcome
