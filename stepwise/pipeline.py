@@ -159,7 +159,8 @@ def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     info = run.stage_info("configs") or {}
     name = info.get("train_config")
     if info.get("status") != "done" or not name:
-        raise ValueError(f"the configs stage has not finished (status {info.get('status', 'not run')}): run "
+        why = f": {info['error'].splitlines()[-1]}" if info.get("error") else ""
+        raise ValueError(f"the configs stage has not finished (status {info.get('status', 'not run')}{why}): run "
                          f"`stepwise run {recipe.source_path} --from configs` (or `stepwise configs --run-dir`)")
     config = run.path / info.get("train_config_path", f"configs/{name}.yaml")  # an absolute path stays itself
 
