@@ -54,7 +54,7 @@ def test_annotator_corrects_a_label_in_the_real_ui(argilla_srv, tmp_path: Path, 
         pytest.fail("chromium is missing: make setup (scripts/setup_argilla.sh) installs Debian's chromium")
     import argilla as rg
 
-    from curation.review import pull, push
+    from curation.review import ReviewPending, pull, push
 
     monkeypatch.setenv("ARGILLA_API_URL", argilla_srv.url)
     monkeypatch.setenv("ARGILLA_API_KEY", argilla_srv.api_key)
@@ -88,6 +88,9 @@ def test_annotator_corrects_a_label_in_the_real_ui(argilla_srv, tmp_path: Path, 
             teacher = LABELS[row_number % 3]
             correction = LABELS[(row_number + 1) % 3]
             page.screenshot(path=str(ARTIFACTS / "argilla_review_before.png"))
+            # the editable rationale question starts from the teacher's rationale (its suggestion)
+            boxes = page.get_by_role("textbox")
+            box_values = [boxes.nth(i).inner_text().strip() for i in range(boxes.count())]
             page.locator("label", has_text=re.compile(rf"^\s*\d?\s*{correction}\s*$")).first.click()
             page.get_by_role("button", name="4", exact=True).click()
             page.get_by_role("textbox").last.click()
@@ -110,9 +113,19 @@ def test_annotator_corrects_a_label_in_the_real_ui(argilla_srv, tmp_path: Path, 
     assert resp.values["rationale_quality"]["value"] == 4
     assert resp.values["note"]["value"] == "corrected in the browser test"
 
-    summary = pull(recipe, run, log=lambda *_: None)
+    kinds = ["a charge", "a crash", "a general question"]
+    assert f"The ticket mentions {kinds[row_number % 3]}, so it is {teacher}." in box_values, box_values
+
+    # 5 rows are still pending: a pull stops unless told to accept them
+    with pytest.raises(ReviewPending, match="1 of 6 reviewed"):
+        pull(recipe, run, log=lambda *_: None)
+    summary = pull(recipe, run, accept_pending=True, log=lambda *_: None)
     reviewed = {r["id"]: r for r in read_jsonl(run.path / "review" / "reviewed.jsonl")}
     row = reviewed[f"row-{row_number:04d}"]
     assert row["label"] == correction and row["review"]["corrected"] and row["review"]["teacher_label"] == teacher
     assert row["review"]["responses"][0]["user"] == username
     assert summary["counts"]["submitted"] == 1 and summary["counts"]["pending"] == 5
+    # the annotator changed the label but left the pre-filled teacher rationale as it was: the
+    # teacher's reasoning (for the old label) must not train with the new label
+    assert row["rationale"] is None and row["review"]["teacher_rationale"].endswith(f"so it is {teacher}.")
+    assert summary["counts"]["rationale_dropped_after_correction"] == 1
