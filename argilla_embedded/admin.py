@@ -1,6 +1,6 @@
 """One-shot setup of the embedded server's database (runs inside `.venv-argilla`).
 
-`python -m argilla_embedded.admin init` reads `{"username", "password", "api_key", "workspace"}`
+`python -m stepwise.argilla_embedded.admin init` reads `{"username", "password", "api_key", "workspace"}`
 as JSON on stdin (secrets never go on a command line), migrates the SQLite database under
 `ARGILLA_HOME_PATH` to the latest revision and creates the owner user and workspace when
 missing. One process does both, so argilla-server is imported once.
@@ -64,9 +64,8 @@ async def _reconcile() -> list[str]:
     from argilla_server.models import Dataset, Record, Response
     from argilla_server.search_engine import SearchEngine
     from sqlalchemy import func, select
-
-    from argilla_embedded.search_engine import ENGINE_NAME, index_path
-    from argilla_embedded.sqlite_index import IndexError_, open_index
+    from stepwise.argilla_embedded.search_engine import ENGINE_NAME, index_path
+    from stepwise.argilla_embedded.sqlite_index import IndexError_, open_index
 
     index = open_index(index_path())
     fixed: list[str] = []
@@ -99,7 +98,7 @@ async def _reconcile() -> list[str]:
 
 def main(argv: list[str]) -> int:
     if argv[:1] != ["init"]:
-        print("usage: python -m argilla_embedded.admin init < credentials.json", file=sys.stderr)
+        print("usage: python -m stepwise.argilla_embedded.admin init < credentials.json", file=sys.stderr)
         return 2
     creds = json.loads(sys.stdin.read())
     from argilla_server.cli.database.migrate import migrate_db

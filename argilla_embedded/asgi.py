@@ -1,7 +1,7 @@
 """ASGI entry point for the embedded server: the plugin registers before the app is built.
 
-Run inside `.venv-argilla`: `uvicorn argilla_embedded.asgi:app`, with
-`ARGILLA_SEARCH_ENGINE=stepwise-sqlite` (set by `argilla_embedded.server`).
+Run inside `.venv-argilla`: `uvicorn stepwise.argilla_embedded.asgi:app`, with
+`ARGILLA_SEARCH_ENGINE=stepwise-sqlite` (set by `stepwise.argilla_embedded.server`).
 
 The app is wrapped in `CloseAfterBulk`: a bulk records request (up to 500 records, ~0.6 CPU
 seconds with 384-d vectors) ends its connection. Uvicorn's web workers each accept connections
@@ -14,9 +14,9 @@ records on loopback costs nothing measurable; other requests keep their connecti
 """
 # ruff: noqa: I001  (the plugin must be imported before the app is built)
 
-import argilla_embedded.search_engine  # noqa: F401  (registers the engine)
+import stepwise.argilla_embedded.search_engine  # noqa: F401  (registers the engine)
 from argilla_server import app as argilla_app
-from argilla_embedded import patches
+from stepwise.argilla_embedded import patches
 
 patches.apply()
 

@@ -1,7 +1,7 @@
 """argilla-server 2.8 search-engine plugin backed by `sqlite_index.SqliteIndex`.
 
 Imported inside `.venv-argilla` (the server's Python) before `argilla_server.app`, by
-`argilla_embedded.asgi` and `argilla_embedded.worker`. It registers the engine under
+`stepwise.argilla_embedded.asgi` and `stepwise.argilla_embedded.worker`. It registers the engine under
 `ENGINE_NAME`; the server picks it with `ARGILLA_SEARCH_ENGINE=stepwise-sqlite`.
 
 The index file is `$STEPWISE_ARGILLA_INDEX`, else `search-index.sqlite` in `ARGILLA_HOME_PATH`
@@ -46,8 +46,7 @@ from argilla_server.search_engine.base import (
     TermsMetrics,
     TextQuery,
 )
-
-from argilla_embedded.sqlite_index import Hits, SqliteIndex, open_index
+from stepwise.argilla_embedded.sqlite_index import Hits, SqliteIndex, open_index
 
 ENGINE_NAME = "stepwise-sqlite"
 

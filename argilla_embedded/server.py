@@ -176,8 +176,9 @@ class EmbeddedServer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("ARGILLA_")}
+        # `stepwise.argilla_embedded` comes from the package installed into the server's venv (without
+        # dependencies, by scripts/setup_argilla.sh), not from a path into this venv's libraries.
         env.update(
-            PYTHONPATH=str(REPO),
             TMPDIR=str(tmp),
             ARGILLA_HOME_PATH=str(self.home),
             ARGILLA_REDIS_URL=f"redis://127.0.0.1:{info.redis_port}/0",
@@ -207,8 +208,8 @@ class EmbeddedServer:
     def _markers(self, info: ServerInfo) -> dict[str, str]:
         return {
             "redis": f"127.0.0.1:{info.redis_port}",
-            "worker": "argilla_embedded.worker",
-            "server": "argilla_embedded.asgi",
+            "worker": "stepwise.argilla_embedded.worker",
+            "server": "stepwise.argilla_embedded.asgi",
         }
 
     def alive(self, info: ServerInfo | None = None) -> dict[str, bool]:
@@ -256,7 +257,7 @@ class EmbeddedServer:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / "admin.log", "ab") as log:
             proc = subprocess.run(
-                [str(argilla_python()), "-m", "argilla_embedded.admin", "init"],
+                [str(argilla_python()), "-m", "stepwise.argilla_embedded.admin", "init"],
                 input=json.dumps(asdict(creds)).encode(), env=env, cwd=self.state, stdout=log, stderr=subprocess.STDOUT,
                 timeout=600,
             )
@@ -296,12 +297,12 @@ class EmbeddedServer:
             self._init_database(info, creds)
             if not alive.get("worker"):
                 info.pids["worker"] = self._spawn(
-                    "worker", [str(py), "-m", "argilla_embedded.worker"], self._env(info, "worker")
+                    "worker", [str(py), "-m", "stepwise.argilla_embedded.worker"], self._env(info, "worker")
                 )
             if not alive.get("server"):
-                self._kill(info.pids.get("server"), "argilla_embedded.asgi")
+                self._kill(info.pids.get("server"), "stepwise.argilla_embedded.asgi")
                 argv = [
-                    str(py), "-m", "uvicorn", "argilla_embedded.asgi:app", "--host", info.host, "--port", str(info.port),
+                    str(py), "-m", "uvicorn", "stepwise.argilla_embedded.asgi:app", "--host", info.host, "--port", str(info.port),
                     "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5",
                     "--workers", str(self.web_workers),
                 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from argilla_embedded.server import Credentials, EmbeddedServer, ServerInfo, free_port
+from stepwise.argilla_embedded.server import Credentials, EmbeddedServer, ServerInfo, free_port
 
 _LOCK = threading.Lock()
 _SHARED: SharedServer | None = None

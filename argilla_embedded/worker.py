@@ -1,16 +1,16 @@
 """The server's background worker (rq) with our search engine registered first.
 
-`python -m argilla_embedded.worker` inside `.venv-argilla`. argilla-server's own `worker`
+`python -m stepwise.argilla_embedded.worker` inside `.venv-argilla`. argilla-server's own `worker`
 command loads no plugin, and its jobs call `SearchEngine.get_by_name(...)`.
 """
 
 from __future__ import annotations
 
-import argilla_embedded.search_engine  # noqa: F401  (registers the engine)
+import stepwise.argilla_embedded.search_engine  # noqa: F401  (registers the engine)
 
 
 def main() -> None:
-    from argilla_embedded import patches
+    from stepwise.argilla_embedded import patches
 
     patches.apply()
     from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION

@@ -13,7 +13,7 @@ shingles (normalised words, 5-grams), 128 permutations, threshold 0.8:
 - datasketch-naive: `MinHash.update` per shingle, `MinHashLSH(threshold)` insert + query;
 - rensa: `RMinHash.from_token_sets` (bulk, Rust), `RMinHashLSH(threshold, 128, 16 bands)`,
   candidates filtered by `RMinHash.jaccard >= threshold`;
-- stepwise: `curation.minhash.near_duplicate_pairs` (vectorised signatures, 2 processes, numpy
+- stepwise: `stepwise.curation.minhash.near_duplicate_pairs` (vectorised signatures, 2 processes, numpy
   banding tuned for recall, verification by estimate/exact Jaccard);
 - stepwise-datasketch-lsh: the same signatures fed to `datasketch.MinHashLSH` (only up to 200k).
 
@@ -100,7 +100,7 @@ def build_corpus(n: int, seed: int = 0) -> list[str]:
 
 def shingle_strings(texts: list[str], batch: int = 20000) -> list[list[str]]:
     """Every method's shingles: normalised words (stepwise's batch tokenizer, the same for all), 5-grams."""
-    from curation.minhash import word_tokens
+    from stepwise.curation.minhash import word_tokens
 
     out: list[list[str]] = []
     for s in range(0, len(texts), batch):
@@ -122,7 +122,7 @@ def shingle_strings(texts: list[str], batch: int = 20000) -> list[list[str]]:
 
 
 def ground_truth(texts: list[str], threshold: float) -> np.ndarray:
-    from curation.minhash import _group_pairs, exact_jaccard, shingle_batch
+    from stepwise.curation.minhash import _group_pairs, exact_jaccard, shingle_batch
 
     sb = shingle_batch(texts, NGRAM)
     off, h = sb.offsets, sb.hashes
@@ -140,7 +140,7 @@ def ground_truth(texts: list[str], threshold: float) -> np.ndarray:
     brk = np.flatnonzero(tok[1:] != tok[:-1]) + 1
     starts = np.concatenate([[0], brk])
     sizes = np.diff(np.concatenate([starts, [tok.size]]))
-    import curation.minhash as mh
+    import stepwise.curation.minhash as mh
 
     saved, mh.GROUP_ALL_PAIRS = mh.GROUP_ALL_PAIRS, 1 << 30  # truth needs every pair
     try:
@@ -193,7 +193,7 @@ def m_rensa(texts: list[str]) -> np.ndarray:
 
 
 def m_stepwise(texts: list[str], backend: str = "numpy") -> np.ndarray:
-    from curation.minhash import near_duplicate_pairs
+    from stepwise.curation.minhash import near_duplicate_pairs
 
     pairs, _ = near_duplicate_pairs(texts, THRESHOLD, num_perm=NUM_PERM, ngram=NGRAM, backend=backend,
                                     processes=2)
@@ -218,9 +218,8 @@ def _status_mb(key: str) -> float:
 def child(method: str, corpus: Path, out: Path) -> None:
     import datasketch  # noqa: F401 - imports are not part of the timing
     import rensa  # noqa: F401
-
-    import curation.minhash  # noqa: F401
-    import curation.text  # noqa: F401
+    import stepwise.curation.minhash  # noqa: F401
+    import stepwise.curation.text  # noqa: F401
 
     texts = json.loads(corpus.read_text(encoding="utf-8"))
     base = _status_mb("VmRSS")

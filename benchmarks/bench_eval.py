@@ -147,7 +147,7 @@ def cli_cmd(task_dir: str, batch_size: int, device: str, out: Path) -> list[str]
 
 def run_concurrent(root: Path, n: int, rep: int, batch_size: int, device: str) -> dict:
     """Both tools at the same time on the same task (the stepwise stderr is kept for errors)."""
-    from evals.benchmarks import prepare_tasks
+    from stepwise.evals.benchmarks import prepare_tasks
 
     prep = root / f"prep-{n}-{rep}"
     prepare_tasks(["mmlu"], n, 0, prep)
@@ -212,7 +212,7 @@ def main() -> None:
                         task_dir = row["stepwise"]["task_dir"]
                     else:
                         if task_dir is None:  # render the same task YAML + subset without running a model
-                            from evals.benchmarks import prepare_tasks
+                            from stepwise.evals.benchmarks import prepare_tasks
 
                             prep_dir = root / f"prep-{n}-{rep}"
                             prepare_tasks(["mmlu"], n, 0, prep_dir)

@@ -111,7 +111,8 @@ def wait_for(log: Path, n: int, proc: subprocess.Popen, timeout: float = 600) ->
 def setup_workdir(work: Path, rows: int, base_url: str, concurrency: int, retries: int,
                   price: tuple[float, float] = (0.0, 0.0)) -> tuple[Path, list[dict]]:
     sys.path.insert(0, str(REPO))
-    from pipelines.prompts import build_messages
+    from stepwise.pipelines.prompts import build_messages
+
     from stepwise.recipe import load_recipe
 
     src = REPO.parent / "shared" / "data" / "banking77" / "train.jsonl"

@@ -2,7 +2,7 @@
 
 Each method trains with the TRL backend (`training.backend: trl`, the same SFTTrainer, data,
 batch size and number of optimizer steps, so only the PEFT method differs) on the exported data
-of a demo run, then is evaluated on the same test items by the eval code (`evals.task_eval`,
+of a demo run, then is evaluated on the same test items by the eval code (`stepwise.evals.task_eval`,
 generation through the peft adapter), and `stepwise compare`'s table is built from the results
 (trainable parameters, peak memory, wall time, accuracy with CIs, paired difference vs the first).
 The untrained base model is scored too, as the floor.
@@ -49,18 +49,19 @@ def main() -> None:
                     help="Only build the compare table from result dirs of earlier runs (<out>/<method>)")
     args = ap.parse_args()
     if args.compare_only:
-        from evals.compare import compare_runs, markdown
+        from stepwise.evals.compare import compare_runs, markdown
 
         print(markdown(compare_runs(list(args.compare_only))))
         return
 
-    from evals.compare import compare_runs, markdown
-    from evals.modelref import count_parameters, resolve_model
-    from evals.task_eval import evaluate_task, load_test_rows, predictions_path
+    from stepwise.evals.compare import compare_runs, markdown
+    from stepwise.evals.modelref import count_parameters, resolve_model
+    from stepwise.evals.task_eval import evaluate_task, load_test_rows, predictions_path
+    from stepwise.training.configgen import write_configs
+    from stepwise.training.trl_backend import generate_trl_configs, train
+
     from stepwise.io import atomic_write_json, atomic_write_jsonl
     from stepwise.recipe import load_recipe
-    from training.configgen import write_configs
-    from training.trl_backend import generate_trl_configs, train
 
     base_recipe = load_recipe(args.recipe)
     run_dir = args.run_dir.resolve()

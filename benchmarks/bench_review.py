@@ -4,7 +4,7 @@
 
 Starts its own embedded server in a temporary state dir (free loopback ports), logs N records
 with metadata, a suggestion and a `dim`-d vector through the bulk API the way `stepwise review push`
-sends them (SDK record models, `curation.review_argilla.bulk_upsert`), then times the calls
+sends them (SDK record models, `stepwise.review.argilla.bulk_upsert`), then times the calls
 the web UI makes, through the server:
 - list:        the annotator's queue (POST /me/datasets/{id}/records/search, pending for me)
 - filter:      metadata terms + range filters and a suggestion-score filter
@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from argilla_embedded.server import EmbeddedServer, free_port  # noqa: E402
-from curation.review_argilla import Connection, bulk_upsert, client_for  # noqa: E402
+from stepwise.argilla_embedded.server import EmbeddedServer, free_port  # noqa: E402
+from stepwise.review.argilla import Connection, bulk_upsert, client_for  # noqa: E402
 
 WORDS = ["refund", "charge", "card", "invoice", "crash", "login", "password", "error", "shipping", "delay", "parcel", "office", "hours", "account", "upgrade", "plan", "cancel", "subscription", "screen", "mobile", "browser", "payment", "bank", "transfer"]
 LABELS = ["billing", "technical", "shipping", "account", "general"]

@@ -12,7 +12,8 @@ import hashlib
 from collections import Counter, defaultdict
 from typing import Any
 
-from curation.funnel import Rejection, StepOutcome
+from stepwise.curation.funnel import Rejection, StepOutcome
+
 from stepwise.recipe import Recipe
 
 

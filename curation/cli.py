@@ -81,7 +81,8 @@ def register(app: typer.Typer) -> None:
         """Validate, filter, dedup, decontaminate, balance and split teacher responses."""
         import json
 
-        from curation.curate import TooFewTrainRows, run_curate
+        from stepwise.curation.curate import TooFewTrainRows, run_curate
+
         from stepwise.cli import EXIT_STOPPED
 
         r, run = _run(recipe, run_dir)
@@ -103,7 +104,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write the training files: OpenAI chat JSONL (+ line-aligned lineage); with --preferences, the
         DPO preference pairs from rows reviewers corrected."""
-        from curation.export import run_export
+        from stepwise.curation.export import run_export
 
         r, run = _run(recipe, run_dir)
         if preferences:
@@ -120,7 +121,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _export_preferences(recipe, run) -> None:
-    from curation.preferences import NoCorrections, run_export_preferences
+    from stepwise.review.preferences import NoCorrections, run_export_preferences
+
     from stepwise.io import DataFileError
 
     try:

@@ -4,7 +4,7 @@ benchmark, and say which reference row they overlapped.
 Two tests, first match wins (by text, not by id: ids are only unique within one file): a shared word n-gram
 (`contamination.ngram`, 13 by default, as in the GPT-3 / Llama decontamination reports; inputs
 shorter than n words must equal a reference text); and MinHash similarity >= `minhash_threshold`
-(signatures from `curation.minhash`, references in a `datasketch.MinHashLSH` index that every
+(signatures from `stepwise.curation.minhash`, references in a `datasketch.MinHashLSH` index that every
 training row queries, candidates verified by exact Jaccard).
 
 Benchmark texts are read from the repo's bundled subsets (`evals/data/<benchmark>/*.jsonl`); when a
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stepwise.curation.funnel import Rejection, StepOutcome
+from stepwise.curation.text import normalize, split_input
 
-from curation.funnel import Rejection, StepOutcome
-from curation.text import normalize, split_input
 from stepwise.io import iter_jsonl
 from stepwise.recipe import Recipe
 
@@ -64,7 +64,7 @@ def benchmark_reference(name: str) -> Reference | None:
 def _folder_of(name: str) -> str:
     """A benchmark's data folder: the recipe may name it as the forgetting eval does
     (`truthfulqa_mc1`, aliases), and its texts live under the folder (`truthfulqa_mc`)."""
-    from evals.benchmarks import bundled_folder
+    from stepwise.evals.benchmarks import bundled_folder
 
     try:
         return bundled_folder(name)
@@ -124,7 +124,7 @@ class Decontaminator:
         return out
 
     def _minhash(self, texts: list[str]) -> list[tuple[int, int, float]]:
-        from curation.minhash import MinHasher, datasketch_index, recall_bands, verify_pairs
+        from stepwise.curation.minhash import MinHasher, datasketch_index, recall_bands, verify_pairs
 
         hasher = MinHasher(self.mh.num_perm, self.mh.ngram, self.mh.shingle, self.seed)
         sig, sh = hasher.signatures(self.flat_texts + texts, keep_shingles=True)

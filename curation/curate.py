@@ -1,6 +1,6 @@
 """The curate stage: `generate/responses.jsonl` -> `curate/{train,val,test,rejected}.jsonl` + `funnel.json`.
 
-Steps, in order (each one a function from rows to kept rows + reasons, see `curation.funnel`):
+Steps, in order (each one a function from rows to kept rows + reasons, see `stepwise.curation.funnel`):
 validate -> filter -> dedup_exact -> dedup_near -> dedup_semantic -> split -> decontaminate ->
 balance -> general_mix. The test split is cut before decontamination (so training rows are
 checked against it) and before balancing (so it keeps the real class distribution); a held-out
@@ -15,15 +15,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from curation.balance import balance_step
-from curation.contamination import contamination_step
-from curation.dedup import exact_step, near_step, semantic_step
-from curation.filters import filter_step
-from curation.funnel import Funnel, StepOutcome
-from curation.labels import curated_gold_labels
-from curation.mixing import mix_step
-from curation.splits import stratified_split
-from curation.validate import validate_step
+from stepwise.curation.balance import balance_step
+from stepwise.curation.contamination import contamination_step
+from stepwise.curation.dedup import exact_step, near_step, semantic_step
+from stepwise.curation.filters import filter_step
+from stepwise.curation.funnel import Funnel, StepOutcome
+from stepwise.curation.labels import curated_gold_labels
+from stepwise.curation.mixing import mix_step
+from stepwise.curation.splits import stratified_split
+from stepwise.curation.validate import validate_step
+
 from stepwise.io import (
     DataFileError,
     atomic_write_json,

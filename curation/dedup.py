@@ -9,7 +9,7 @@ Rows are visited best first; a row is removed when it duplicates a row already k
 `dedup_cluster_size` (1 + the rows removed against them).
 
 Rows whose inputs have structured context fields (e.g. an index mapping) are duplicates only when
-that context is identical (see `curation.text.split_input`).
+that context is identical (see `stepwise.curation.text.split_input`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from stepwise.curation.funnel import Rejection, StepOutcome
+from stepwise.curation.text import answer_text, normalize, split_input, text_hash
 
-from curation.funnel import Rejection, StepOutcome
-from curation.text import answer_text, normalize, split_input, text_hash
 from stepwise.recipe import Recipe, RecipeError
 
 _STATUS_RANK = {"ok": 0, "missing_rationale": 1}
@@ -90,7 +90,7 @@ def exact_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
 
 
 def near_step(rows: list[dict[str, Any]], recipe: Recipe, processes: int = 1) -> StepOutcome:
-    from curation.minhash import near_duplicate_pairs
+    from stepwise.curation.minhash import near_duplicate_pairs
 
     spec = recipe.curation.dedup
     mh = spec.minhash
@@ -109,7 +109,7 @@ def near_step(rows: list[dict[str, Any]], recipe: Recipe, processes: int = 1) ->
 
 
 def semantic_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
-    from curation.semantic import similar_pairs
+    from stepwise.curation.semantic import similar_pairs
 
     spec = recipe.curation.dedup
     sem = spec.semantic
@@ -118,7 +118,7 @@ def semantic_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
     texts, contexts = zip(*(dedup_text(r, recipe, spec.minhash.over) for r in rows), strict=True)
     found = similar_pairs(list(texts), sem.threshold, sem.model)
     if found is None:  # enabled but not installed: an error, never a step skipped in silence
-        from curation.semantic import missing_model_problem
+        from stepwise.curation.semantic import missing_model_problem
 
         raise RecipeError([f"curation.dedup.semantic.model: {missing_model_problem(sem.model)}"])
     pairs, sims = found

@@ -1,12 +1,12 @@
 """The export stage: curated (or reviewed) rows -> OpenAI chat `messages` JSONL for training.
 
 Reads `review/reviewed.jsonl` when the review stage is `done` in the manifest, else curate's
-train/val. Task rows become chat examples through `pipelines.student.training_examples` (the one
+train/val. Task rows become chat examples through `stepwise.pipelines.student.training_examples` (the one
 definition of the student format, shared with evaluation: `multitask`, `cot` or `label_only`, with
 the task's system prompt the model will see at inference); general-mix rows keep their own
 messages. `{split}.lineage.jsonl` is line-aligned with `{split}.chat.jsonl` and records each
 row's `rationale_source` (`teacher`, `reviewer`, or null when the row trains label-only, e.g. a
-reviewer changed the answer but not the teacher's rationale, see `curation.review`).
+reviewer changed the answer but not the teacher's rationale, see `stepwise.review.stage`).
 
 Every example is measured with the student's tokenizer and chat template. With
 `training.sequence_len` set, examples that do not fit are left out and listed in
@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curation.review import rationale_source, training_rationale
-from pipelines.student import training_examples
+from stepwise.pipelines.student import training_examples
+from stepwise.review.stage import rationale_source, training_rationale
+
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir

@@ -11,8 +11,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from curation.funnel import Rejection, StepOutcome
-from curation.text import split_input, words
+from stepwise.curation.funnel import Rejection, StepOutcome
+from stepwise.curation.text import split_input, words
+
 from stepwise.recipe import Recipe
 
 

@@ -4,7 +4,7 @@ A gold label in an input file or in `data.test_file` that is not exactly one of 
 (a typo, another case) would be quietly normalised or scored as a miss, so `stepwise validate`
 and `stepwise curate` refuse it (exit 2), naming the file, the line and the label, with the class
 it was probably meant to be. `task.label_aliases` stays the explicit way to accept a spelling.
-The teacher's answers are matched leniently elsewhere (`pipelines.parsing.LabelMatcher`); this
+The teacher's answers are matched leniently elsewhere (`stepwise.pipelines.parsing.LabelMatcher`); this
 check is for the data the user owns.
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.parsing import normalize_label
+from stepwise.pipelines.parsing import normalize_label
+
 from stepwise.io import iter_records
 from stepwise.recipe import Recipe
 

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from curation.text import normalize
+from stepwise.curation.text import normalize
 
 _U64 = np.uint64
 _MIX = _U64(0x9E3779B97F4A7C15)  # golden-ratio odd constant for combining tokens into shingles

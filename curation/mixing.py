@@ -14,7 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from curation.funnel import StepOutcome
+from stepwise.curation.funnel import StepOutcome
+
 from stepwise.io import DataFileError, iter_records
 from stepwise.recipe import Recipe
 

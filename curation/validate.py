@@ -1,11 +1,11 @@
 """Step 1: parse and validate teacher outputs per task type, and check rationales.
 
 - classification: the label must be one of the classes after normalisation and the alias map
-  (the shared `pipelines.parsing.LabelMatcher`); agreement with gold is teacher accuracy, and
+  (the shared `stepwise.pipelines.parsing.LabelMatcher`); agreement with gold is teacher accuracy, and
   (`curation.on_gold_mismatch: drop`) a row whose teacher label contradicts gold is dropped,
   since its rationale argues for a wrong answer.
 - structured JSON: must parse; for `validator: opensearch_query_dsl` it must validate against the
-  vendored OpenSearch spec (`curation.dsl_schema`), the failing JSON path in the detail. A bare
+  vendored OpenSearch spec (`stepwise.curation.dsl_schema`), the failing JSON path in the detail. A bare
   query clause is wrapped as `{"query": ...}` first (`dsl_schema.wrap_bare_query`, the repair
   eval applies too), noted in the row's `checks.repaired` and counted in the funnel's `repaired`.
   Answers are canonicalised (sorted keys) so later steps compare meaning, not formatting.
@@ -21,9 +21,10 @@ import json
 import re
 from typing import Any
 
-from curation.funnel import Rejection, StepOutcome
-from curation.text import normalize, split_input
-from pipelines.parsing import LabelMatcher
+from stepwise.curation.funnel import Rejection, StepOutcome
+from stepwise.curation.text import normalize, split_input
+from stepwise.pipelines.parsing import LabelMatcher
+
 from stepwise.io import canonical_json
 from stepwise.recipe import Recipe, TaskSpec
 
@@ -147,7 +148,7 @@ class Validator:
         canonical = canonical_json(label)
         label = json.loads(canonical)  # sorted keys, no formatting left
         if self.task.validator == "opensearch_query_dsl":
-            from curation.dsl_schema import BARE_QUERY_REPAIR, validate_search_body, wrap_bare_query
+            from stepwise.curation.dsl_schema import BARE_QUERY_REPAIR, validate_search_body, wrap_bare_query
 
             label, wrapped = wrap_bare_query(label)
             problem = validate_search_body(label)
@@ -174,7 +175,7 @@ class Validator:
         """A quoted or gold DSL object in the form answers are kept in (bare clause wrapped)."""
         if self.task.validator != "opensearch_query_dsl":
             return obj
-        from curation.dsl_schema import wrap_bare_query
+        from stepwise.curation.dsl_schema import wrap_bare_query
 
         return wrap_bare_query(obj)[0]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stepwise.evals.classification import macro_f1
+from stepwise.evals.modelref import ModelRef
+from stepwise.evals.stats import _percentiles, bootstrap_indices, paired_diff, sign_flip_p
+from stepwise.evals.task_eval import HEADLINE_TASK, evaluate_task
 
-from evals.classification import macro_f1
-from evals.modelref import ModelRef
-from evals.stats import _percentiles, bootstrap_indices, paired_diff, sign_flip_p
-from evals.task_eval import HEADLINE_TASK, evaluate_task
 from stepwise.io import atomic_write_json, atomic_write_jsonl, canonical_json, read_jsonl, sha256_text
 from stepwise.recipe import Recipe
 

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from evals.stats import bootstrap_indices, mean_ci
+from stepwise.evals.stats import bootstrap_indices, mean_ci
 
 INVALID = "<invalid>"
 

@@ -134,8 +134,9 @@ def register(app: typer.Typer) -> None:
         """Did the student learn the task, and did it forget what it knew? Writes eval/task.json and
         eval/forgetting.json; exits 4 when forgetting exceeds eval.forgetting.max_drop, or when a
         configured forgetting benchmark could not be measured (the gate's `not_measured` verdict)."""
-        from evals.runner import gate_summary, run_eval
-        from evals.task_eval import ContaminationError
+        from stepwise.evals.runner import gate_summary, run_eval
+        from stepwise.evals.task_eval import ContaminationError
+
         from stepwise.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, load_or_exit
         from stepwise.rundir import resolve_run
 
@@ -169,7 +170,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Side by side: task metrics, forgetting deltas, trainable parameters, peak memory and wall
         time per run, with paired significance tests against the first run."""
-        from evals.compare import compare_runs, write_compare
+        from stepwise.evals.compare import compare_runs, write_compare
+
         from stepwise.cli import EXIT_BAD_INPUT
 
         try:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from stepwise.evals.stats import paired_diff
 
-from evals.stats import paired_diff
 from stepwise.io import atomic_write_json, atomic_write_text, read_jsonl
 
 
@@ -84,7 +84,7 @@ def describe(run: dict[str, Any]) -> dict[str, Any]:
     training = (run["recipe"].get("training") or {}) if isinstance(run["recipe"], dict) else {}
     teacher = (run["recipe"].get("teacher") or {}) if isinstance(run["recipe"], dict) else {}
     axo, summary = _axolotl_facts(_train_dir(model_info))
-    if summary.get("backend") == "trl":  # training.trl_backend: lora / ia3 / prefix_tuning / prompt_tuning
+    if summary.get("backend") == "trl":  # stepwise.training.trl_backend: lora / ia3 / prefix_tuning / prompt_tuning
         modality = summary.get("modality")
     elif axo:
         modality = axo.get("adapter") or "full"

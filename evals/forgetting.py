@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evals.benchmarks import PreparedTask
-from evals.modelref import ModelRef
-from evals.stats import mean_ci, paired_diff
+from stepwise.evals.benchmarks import PreparedTask
+from stepwise.evals.modelref import ModelRef
+from stepwise.evals.stats import mean_ci, paired_diff
+
 from stepwise.io import atomic_write_json, sha256_text
 
 MITIGATIONS = [

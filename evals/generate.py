@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from evals.modelref import ModelRef
+from stepwise.evals.modelref import ModelRef
 
 STOP = "</answer>"
 Messages = list[dict[str, str]]

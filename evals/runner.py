@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.base_compare import BASE_PREDICTIONS, BASE_REPORT, compare_to_base, evaluate_base_task
-from evals.benchmarks import prepare_tasks
-from evals.forgetting import (
+from stepwise.evals.base_compare import BASE_PREDICTIONS, BASE_REPORT, compare_to_base, evaluate_base_task
+from stepwise.evals.benchmarks import prepare_tasks
+from stepwise.evals.forgetting import (
     FAILED,
     NOT_MEASURED,
     PASSED,
@@ -22,14 +22,15 @@ from evals.forgetting import (
     forgetting_report,
     probe_endpoint_logprobs,
 )
-from evals.modelref import ModelRef, count_parameters, newest_trained_model, resolve_model
-from evals.task_eval import (
+from stepwise.evals.modelref import ModelRef, count_parameters, newest_trained_model, resolve_model
+from stepwise.evals.task_eval import (
     HEADLINE_TASK,
     check_contamination,
     evaluate_task,
     load_test_rows,
     predictions_path,
 )
+
 from stepwise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
@@ -119,7 +120,7 @@ def pick_models(
 def _pick_hosted(
     recipe: Recipe, run: RunDir, model: str | None, base: str | None, *, need_base: bool,
 ) -> tuple[ModelRef, ModelRef | None]:
-    from training.openai_ft import fine_tuned_model_of, resolve_base_url
+    from stepwise.training.openai_ft import fine_tuned_model_of, resolve_base_url
 
     spec = recipe.training.openai
     url = resolve_base_url(spec)
@@ -164,7 +165,7 @@ def in_domain_benchmarks(recipe: Recipe, run: RunDir) -> set[str]:
 
 def _pool_benchmarks(path: str) -> set[str]:
     try:
-        from curation.mixing import in_domain_benchmarks as curation_in_domain
+        from stepwise.curation.mixing import in_domain_benchmarks as curation_in_domain
     except ImportError:
         return {b for b in ("gsm8k", "mmlu", "hellaswag", "arc_easy", "arc_challenge") if b in path.lower()}
     return set(curation_in_domain(Path(path)))

@@ -1,8 +1,8 @@
-"""The schema validator for structured answers, injected into `evals.structured.score_item`.
+"""The schema validator for structured answers, injected into `stepwise.evals.structured.score_item`.
 
 For `task.validator: opensearch_query_dsl` we use curation's validator of OpenSearch query DSL
 bodies (curation vendors the OpenSearch spec; evals does not duplicate it). It is found by name in
-the `curation` package; whatever it returns (a list of errors, a bool, `(ok, errors)`, an object
+the `stepwise.curation` package; whatever it returns (a list of errors, a bool, `(ok, errors)`, an object
 with `.errors`/`.ok`, or an exception) is adapted to "a list of error strings, empty when valid".
 """
 
@@ -14,10 +14,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from evals.structured import SchemaValidator
+from stepwise.evals.structured import SchemaValidator
 
-_CANDIDATE_MODULES = ("curation.schemas", "curation.validators", "curation.validate", "curation.dsl",
-                      "curation.opensearch", "curation.validation", "curation.checks")
+_CURATION = "stepwise.curation"
+_CANDIDATE_MODULES = tuple(f"{_CURATION}.{name}" for name in (
+    "schemas", "validators", "validate", "dsl", "opensearch", "validation", "checks"))
 _NAME = re.compile(r"^(validate|check)_?\w*(dsl|opensearch|search_body|query)\w*$|^\w*(dsl|opensearch)\w*_(errors|validate|validator)$")
 
 
@@ -49,12 +50,12 @@ def adapt(fn: Callable[[Any], Any]) -> SchemaValidator:
 def find_curation_validator() -> tuple[SchemaValidator, str] | None:
     """(validator, 'module.function') from the curation package, or None when it has none yet."""
     try:
-        pkg = importlib.import_module("curation")
+        pkg = importlib.import_module(_CURATION)
     except ImportError:
         return None
     names = list(_CANDIDATE_MODULES)
     for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
-        full = f"curation.{mod.name}"
+        full = f"{_CURATION}.{mod.name}"
         if full not in names and any(k in mod.name for k in ("schema", "valid", "dsl", "opensearch")):
             names.append(full)
     for name in names:
@@ -70,18 +71,18 @@ def find_curation_validator() -> tuple[SchemaValidator, str] | None:
 
 
 def opensearch_validator() -> tuple[SchemaValidator, str] | None:
-    """curation.dsl_schema.validate_search_body on the answer as curation accepts it: a bare query
+    """stepwise.curation.dsl_schema.validate_search_body on the answer as curation accepts it: a bare query
     (no search-body key) is first wrapped as `{"query": ...}` by curation's own `wrap_bare_query`
     (task_eval counts that repair), then validated as a whole search body."""
     try:
-        from curation.dsl_schema import validate_search_body, wrap_bare_query
+        from stepwise.curation.dsl_schema import validate_search_body, wrap_bare_query
     except ImportError:
         return None
 
     def validator(obj: Any) -> list[str]:
         return adapt(lambda o: validate_search_body(wrap_bare_query(o)[0]))(obj)
 
-    return validator, "curation.dsl_schema.validate_search_body"
+    return validator, "stepwise.curation.dsl_schema.validate_search_body"
 
 
 def validator_for(task_validator: str) -> tuple[SchemaValidator | None, str]:

@@ -14,7 +14,7 @@ exactly a number's JSON text, `"1"` or `"1.5"`, equals that number, as OpenSearc
 strings and keys are otherwise compared exactly (`"04567"` != `"4567"`, `"  Paris "` != `"Paris"`:
 keyword values that differ match different documents); lists are unordered except under
 order-carrying keys (`sort`). With `dsl=True` the OpenSearch shorthands are expanded first: a bare
-query gets wrapped as `{"query": ...}` (`curation.dsl_schema.wrap_bare_query`, the same repair
+query gets wrapped as `{"query": ...}` (`stepwise.curation.dsl_schema.wrap_bare_query`, the same repair
 curation applies), a single bool clause becomes a one-element list, and `term`/`match`-style field
 shorthands (`{"term": {"f": "x"}}`) become their long form (`{"term": {"f": {"value": "x"}}}`).
 """
@@ -28,8 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from curation.dsl_schema import wrap_bare_query
-from evals.stats import mean_ci
+from stepwise.curation.dsl_schema import wrap_bare_query
+from stepwise.evals.stats import mean_ci
 
 SchemaValidator = Callable[[Any], list[str]]
 
@@ -90,7 +90,7 @@ def expand_dsl(obj: Any) -> Any:
     """OpenSearch query DSL shorthands in their long form (for comparison only)."""
     if not isinstance(obj, dict):
         return obj
-    body, _ = wrap_bare_query(obj)  # the same repair curation applies (curation.dsl_schema)
+    body, _ = wrap_bare_query(obj)  # the same repair curation applies (stepwise.curation.dsl_schema)
     return {k: (_expand_query(v) if k in ("query", "post_filter") else v) for k, v in body.items()}
 
 

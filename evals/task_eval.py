@@ -1,8 +1,8 @@
 """Task evaluation on the held-out test split (`<run>/curate/test.jsonl`), with the
 contamination guard.
 
-The student is prompted exactly as it was trained (`pipelines.student.inference_messages`) and its
-output is parsed by the teacher's parser (`pipelines.parsing.parse_answer`), so both are judged by
+The student is prompted exactly as it was trained (`stepwise.pipelines.student.inference_messages`) and its
+output is parsed by the teacher's parser (`stepwise.pipelines.parsing.parse_answer`), so both are judged by
 the same rules. Per-item predictions go to `eval/task_predictions.jsonl` for paired comparisons.
 """
 
@@ -15,14 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curation.dsl_schema import BARE_QUERY_REPAIR, wrap_bare_query
-from evals.classification import classification_report
-from evals.generate import GenerationResult, generate_local, generate_openai
-from evals.modelref import ModelRef
-from evals.schema import validator_for
-from evals.structured import score_item, structured_report
-from pipelines.parsing import LabelMatcher, parse_answer
-from pipelines.student import inference_messages, inference_parse_format
+from stepwise.curation.dsl_schema import BARE_QUERY_REPAIR, wrap_bare_query
+from stepwise.evals.classification import classification_report
+from stepwise.evals.generate import GenerationResult, generate_local, generate_openai
+from stepwise.evals.modelref import ModelRef
+from stepwise.evals.schema import validator_for
+from stepwise.evals.structured import score_item, structured_report
+from stepwise.pipelines.parsing import LabelMatcher, parse_answer
+from stepwise.pipelines.student import inference_messages, inference_parse_format
+
 from stepwise.io import canonical_json, read_jsonl
 from stepwise.recipe import Recipe
 

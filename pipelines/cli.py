@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
                                                help="Keep malformed answers; do not ask those rows again"),
     ) -> None:
         """Ask the teacher for a rationale and label per input (cached, resumable, cost-capped)."""
-        from pipelines.generate import GenerateError, run_generate
+        from stepwise.pipelines.generate import GenerateError, run_generate
+
         from stepwise.rundir import create_run, resolve_run
 
         r = load_or_exit(recipe)
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
         max_cost: float | None = typer.Option(None, "--max-cost", help="Cap for the sampled requests (default teacher.max_cost)"),
     ) -> None:
         """Price a generation run before it starts."""
-        from pipelines.estimate import estimate_run
+        from stepwise.pipelines.estimate import estimate_run
 
         r = load_or_exit(recipe)
         try:

@@ -1,7 +1,7 @@
 """The DSS prompt task as a distilabel `Task`, for runs inside distilabel pipelines (e.g. on Ray).
 
 `format_input` renders the DSS prompt (system instructions + format, task instructions, few-shot
-turns, the input) with `pipelines.prompts`; `format_output` parses with `pipelines.parsing` into
+turns, the input) with `stepwise.pipelines.prompts`; `format_output` parses with `stepwise.pipelines.parsing` into
 rationale / label / parse_status. `process` is overridden so that, row by row, a cached response is
 reused, a new one is committed to our SQLite cache as soon as it arrives, and a failure stays that
 row's error: distilabel's default `process` hands the whole batch to `generate_outputs`, where a
@@ -17,10 +17,10 @@ from typing import Any
 from distilabel.steps import StepInput
 from distilabel.steps.tasks import Task
 from pydantic import PrivateAttr
+from stepwise.pipelines.cache import ResponseCache
+from stepwise.pipelines.parsing import parse_answer
+from stepwise.pipelines.prompts import build_messages
 
-from pipelines.cache import ResponseCache
-from pipelines.parsing import parse_answer
-from pipelines.prompts import build_messages
 from stepwise.recipe import TaskSpec
 
 

@@ -1,6 +1,6 @@
 """`stepwise estimate`: tokens and cost of a generation run before it starts.
 
-Prompt tokens are counted with the teacher's tokenizer where one is known (`pipelines.tokens`: the
+Prompt tokens are counted with the teacher's tokenizer where one is known (`stepwise.pipelines.tokens`: the
 local teacher's tokenizer with its chat template, `teacher.tokenizer`, tiktoken for OpenAI model
 names), else approximated at ~4 characters per token; the output names the method. Output tokens
 are bounded by `max_new_tokens`, or measured on `--sample N` real requests, which land in the
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.cache import ResponseCache
-from pipelines.generate import cache_path, load_inputs, new_budget, plan_requests, price_fn
-from pipelines.tokens import prompt_counter
+from stepwise.pipelines.cache import ResponseCache
+from stepwise.pipelines.generate import cache_path, load_inputs, new_budget, plan_requests, price_fn
+from stepwise.pipelines.tokens import prompt_counter
+
 from stepwise.recipe import Recipe
 
 
@@ -38,7 +39,7 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
     out_method = "max_new_tokens (upper bound)"
     sample_note = None
     if sample:
-        from pipelines.generate import _execute, _pending_jobs
+        from stepwise.pipelines.generate import _execute, _pending_jobs
 
         sub = plan.__class__(plan.rows[:sample], plan.messages[:sample], [ks[:1] for ks in plan.keys[:sample]],
                              [chs[:1] for chs in plan.chains[:sample]])

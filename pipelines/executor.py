@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.cache import ResponseCache
+from stepwise.pipelines.cache import ResponseCache
 
 
 @dataclass

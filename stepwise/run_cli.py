@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         try:
             summary = run_pipeline(r, run, opts, on_stage=on_stage)
         except KeyboardInterrupt as exc:  # Ctrl-C: say what is kept and how to go on
-            from pipelines.cli import EXIT_INTERRUPTED, print_interrupted, resume_command
+            from stepwise.pipelines.cli import EXIT_INTERRUPTED, print_interrupted, resume_command
 
             flags = [f"--{k}={v}" if v is not True else f"--{k}" for k, v in (
                 ("review", review), ("offline", offline or None),

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from stepwise.argilla_embedded.testing import make_run
 
-from argilla_embedded.testing import make_run
 from stepwise.io import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ LABELS = ["billing", "technical", "general"]
 
 @pytest.fixture(scope="session")
 def argilla_srv():
-    from argilla_embedded.testing import shared_server
+    from stepwise.argilla_embedded.testing import shared_server
 
     return shared_server()
 
@@ -53,8 +53,7 @@ def test_annotator_corrects_a_label_in_the_real_ui(argilla_srv, tmp_path: Path, 
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is missing: make setup (scripts/setup_argilla.sh) installs Debian's chromium")
     import argilla as rg
-
-    from curation.review import ReviewPending, pull, push
+    from stepwise.review.stage import ReviewPending, pull, push
 
     monkeypatch.setenv("ARGILLA_API_URL", argilla_srv.url)
     monkeypatch.setenv("ARGILLA_API_KEY", argilla_srv.api_key)

@@ -44,6 +44,7 @@ if not IN_SERVER_VENV:
         assert " passed" in proc.stdout
 
 else:
+    import stepwise.argilla_embedded.search_engine as plugin
     from argilla_server.enums import DatasetStatus, RecordStatus, ResponseStatus, SimilarityOrder, SortOrder
     from argilla_server.models import (
         Dataset,
@@ -69,9 +70,7 @@ else:
         TermsFilter,
         TextQuery,
     )
-
-    import argilla_embedded.search_engine as plugin
-    from argilla_embedded.sqlite_index import SqliteIndex
+    from stepwise.argilla_embedded.sqlite_index import SqliteIndex
 
     N = 30
     TOPICS = ["billing refund", "login crash", "shipping delay"]
@@ -476,4 +475,4 @@ else:
     def test_every_abstract_method_is_implemented() -> None:
         cls = SearchEngine.registered_classes[plugin.ENGINE_NAME]
         assert not getattr(cls, "__abstractmethods__", set())
-        assert sys.modules["argilla_embedded.search_engine"] is plugin
+        assert sys.modules["stepwise.argilla_embedded.search_engine"] is plugin

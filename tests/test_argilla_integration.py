@@ -1,6 +1,6 @@
 """Integration: the real argilla-server 2.8 (embedded SQLite engine) driven by the real SDK.
 
-One server per test process (`argilla_embedded.testing.shared_server`), on free loopback ports
+One server per test process (`stepwise.argilla_embedded.testing.shared_server`), on free loopback ports
 in a temporary state dir; stopped at exit.
 """
 
@@ -20,7 +20,7 @@ LABELS = ["billing", "technical", "general"]
 
 @pytest.fixture(scope="session")
 def argilla_srv():
-    from argilla_embedded.testing import shared_server
+    from stepwise.argilla_embedded.testing import shared_server
 
     return shared_server()
 

@@ -25,7 +25,7 @@ LABELS = ["billing", "technical", "general"]
 
 @pytest.fixture(scope="session")
 def argilla_srv():
-    from argilla_embedded.testing import shared_server
+    from stepwise.argilla_embedded.testing import shared_server
 
     return shared_server()
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from datasketch import MinHash
-
-from curation.dedup import exact_step, near_step, semantic_step
-from curation.fixtures import response_row
-from curation.minhash import (
+from stepwise.curation.dedup import exact_step, near_step, semantic_step
+from stepwise.curation.fixtures import response_row
+from stepwise.curation.minhash import (
     MinHasher,
     band_pairs,
     datasketch_pairs,
@@ -19,7 +18,8 @@ from curation.minhash import (
     reference_shingles,
     shingle_batch,
 )
-from curation.semantic import model_dir
+from stepwise.curation.semantic import model_dir
+
 from stepwise.recipe import Recipe
 
 TEXTS = [
@@ -172,9 +172,9 @@ def test_semantic_dedup_finds_paraphrase():
 
 def test_semantic_without_its_model_is_an_error_naming_the_install_command(monkeypatch, tmp_path):
     """Enabled without the model: exit 2 at validate (and an error at curate), never a skipped step."""
+    import stepwise.curation.semantic as sem
     from typer.testing import CliRunner
 
-    import curation.semantic as sem
     from stepwise.cli import app
     from stepwise.recipe import RecipeError
 
@@ -236,7 +236,7 @@ def test_redis_lsh_index_gives_same_pairs_and_is_cleaned_up(redis_url):
 
 
 def test_redis_index_lives_in_redis(redis_url):
-    from curation.minhash import datasketch_index, drop_redis_index
+    from stepwise.curation.minhash import datasketch_index, drop_redis_index
 
     url, client = redis_url
     hasher = MinHasher(64, 3)
@@ -249,7 +249,7 @@ def test_redis_index_lives_in_redis(redis_url):
 
 
 def test_big_buckets_all_pairs_then_star(monkeypatch):
-    import curation.minhash as mh
+    import stepwise.curation.minhash as mh
 
     texts = [TEXTS[0] + f" v{i % 2}" for i in range(30)]  # two groups of 15 identical signatures
     hasher = MinHasher(64, 3)

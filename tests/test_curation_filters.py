@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from stepwise.curation.balance import balance_rows, balance_step, caps
+from stepwise.curation.contamination import Decontaminator, Reference, benchmark_reference, contamination_step
+from stepwise.curation.filters import filter_step, is_repetitive
+from stepwise.curation.fixtures import response_row
+from stepwise.curation.mixing import mix_step
 
-from curation.balance import balance_rows, balance_step, caps
-from curation.contamination import Decontaminator, Reference, benchmark_reference, contamination_step
-from curation.filters import filter_step, is_repetitive
-from curation.fixtures import response_row
-from curation.mixing import mix_step
 from stepwise.recipe import Recipe
 
 RAT = "The customer explains the situation clearly, so the label fits."
@@ -113,7 +113,7 @@ def test_contamination_step_reports_against_which_reference():
 
 
 def test_benchmark_reference_prefers_bundled_and_falls_back(tmp_path, monkeypatch):
-    import curation.contamination as c
+    import stepwise.curation.contamination as c
 
     bundled = tmp_path / "evals"
     (bundled / "mmlu").mkdir(parents=True)

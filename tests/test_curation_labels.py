@@ -8,10 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+from stepwise.curation.fixtures import simulated_responses, write_responses
+from stepwise.curation.labels import suggestion
 from typer.testing import CliRunner
 
-from curation.fixtures import simulated_responses, write_responses
-from curation.labels import suggestion
 from stepwise.cli import app
 from stepwise.recipe import load_recipe
 from stepwise.rundir import create_run

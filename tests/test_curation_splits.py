@@ -7,10 +7,10 @@ from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stepwise.curation.curate import curate_rows
+from stepwise.curation.fixtures import response_row
+from stepwise.curation.splits import allocate, stratified_split
 
-from curation.curate import curate_rows
-from curation.fixtures import response_row
-from curation.splits import allocate, stratified_split
 from stepwise.recipe import Recipe
 
 rows_strategy = st.lists(

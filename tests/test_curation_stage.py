@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from stepwise.curation.curate import run_curate
+from stepwise.curation.export import run_export
+from stepwise.curation.fixtures import response_row, simulated_responses, write_responses
 from typer.testing import CliRunner
 
-from curation.curate import run_curate
-from curation.export import run_export
-from curation.fixtures import response_row, simulated_responses, write_responses
 from stepwise.cli import app
 from stepwise.io import read_jsonl
 from stepwise.recipe import load_recipe
@@ -153,7 +153,7 @@ def test_cli_curate_and_bad_data_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_export_with_student_tokenizer(tmp_path):
-    from curation.export import student_token_counter
+    from stepwise.curation.export import student_token_counter
 
     recipe = load_recipe(_example(tmp_path, "support-tickets"))
     count, name = student_token_counter(recipe)
@@ -166,7 +166,8 @@ def test_export_with_student_tokenizer(tmp_path):
 def test_weak_teacher_stops_curate_naming_the_step_and_the_agreement(tmp_path):
     """A teacher that agrees with gold on a handful of rows stops curate (exit 3, resumable) with
     the reason, instead of `done, train 3` and a batch-size complaint two stages later."""
-    from curation.curate import TooFewTrainRows
+    from stepwise.curation.curate import TooFewTrainRows
+
     from stepwise.pipeline import RunOptions, run_pipeline
 
     recipe_path = _example(tmp_path, "support-tickets")

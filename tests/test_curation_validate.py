@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from stepwise.curation.dsl_schema import validate_search_body
+from stepwise.curation.fixtures import response_row
+from stepwise.curation.validate import Validator, argued_label, copies_input, validate_step
 
-from curation.dsl_schema import validate_search_body
-from curation.fixtures import response_row
-from curation.validate import Validator, argued_label, copies_input, validate_step
 from stepwise.recipe import Recipe
 
 BASE = {
@@ -141,7 +141,7 @@ def test_dsl_invalid(answer, reason, path):
 
 def test_dsl_bare_clause_is_wrapped_once_and_counted():
     """A bare `{"bool": ...}` is the same answer eval scores as valid: curation wraps it with the
-    shared repair (curation.dsl_schema.wrap_bare_query), keeps it and counts it in the funnel."""
+    shared repair (stepwise.curation.dsl_schema.wrap_bare_query), keeps it and counts it in the funnel."""
     bare = {"bool": {"filter": [{"term": {"status": "pending"}}]}}
     rat = f"Status is a keyword, so filter on it: {json.dumps(bare)}."
     rows = [response_row("a", {"question": "pending?", "mapping": MAPPING}, None, rat, answer_text=json.dumps(bare),

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stepwise.curation.export import export_rows
+from stepwise.review.preferences import NoCorrections, preference_pairs, run_export_preferences
+from stepwise.training.checks import check_config
+from stepwise.training.configgen import generate_configs, write_configs
 
-from curation.export import export_rows
-from curation.preferences import NoCorrections, preference_pairs, run_export_preferences
 from stepwise.io import atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import load_recipe
 from stepwise.rundir import RunDir
-from training.checks import check_config
-from training.configgen import generate_configs, write_configs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "support-tickets"
@@ -189,7 +189,7 @@ def test_dpo_config_passes_axolotl_and_our_checks(tmp_path):
     [gc] = [c for c in configs if c.name.endswith("-dpo")]
     [path] = write_configs([gc], tmp_path / "configs")
     for profile in ("gpu", "cpu"):
-        cfg = gc.config if profile == "gpu" else __import__("training.configgen").configgen.apply_cpu_profile(gc.config)
+        cfg = gc.config if profile == "gpu" else __import__("stepwise.training.configgen").training.configgen.apply_cpu_profile(gc.config)
         report = check_config(cfg, profile=profile, base_dir=tmp_path)
         assert report.ok, report.messages()
         assert report.axolotl_validated and report.axolotl_normalized, report.messages()
@@ -232,8 +232,9 @@ def test_dpo_trains_on_cpu(tmp_path):
 
     The SFT checkpoint is the base SmolLM2 itself (`training.dpo.sft_checkpoint`, the override);
     the real SFT -> merge -> DPO chain is `test_sft_merge_dpo_chain_on_cpu`."""
+    from stepwise.training.launcher import train
+
     from stepwise.models import resolve_model_dir
-    from training.launcher import train
 
     sft = resolve_model_dir("smollm2-135m-instruct")
     recipe, run, configs = _dpo_configs(tmp_path, "  modality: lora", f"{{enabled: true, beta: 0.1, sft_checkpoint: {sft}}}")
@@ -260,8 +261,8 @@ def test_sft_merge_dpo_chain_on_cpu(tmp_path):
     generated DPO config (whose base_model is `<run>/train/<sft>/merged`) trains from that merged
     SFT model. The DPO reference is the SFT model (fresh adapter disabled), so the first DPO loss is
     ln 2 here too, now measured against the SFT weights rather than the base."""
-    from curation.export import run_export
-    from training.launcher import train
+    from stepwise.curation.export import run_export
+    from stepwise.training.launcher import train
 
     recipe, run = _run(tmp_path, _reviewed_rows(9), extra="  modality: lora\n  learning_rate: 5.0e-4")
     run_export(recipe, run)

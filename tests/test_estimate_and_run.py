@@ -7,11 +7,11 @@ import shutil
 import time
 from pathlib import Path
 
+from stepwise.pipelines.cache import ResponseCache
+from stepwise.pipelines.estimate import estimate_run
+from stepwise.pipelines.generate import cache_path, load_inputs, plan_requests, run_generate
 from typer.testing import CliRunner
 
-from pipelines.cache import ResponseCache
-from pipelines.estimate import estimate_run
-from pipelines.generate import cache_path, load_inputs, plan_requests, run_generate
 from stepwise.cli import app
 from stepwise.pipeline import STAGE_EXIT, RunOptions, run_pipeline
 from stepwise.recipe import load_recipe

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from evals.classification import (
+from stepwise.evals.classification import (
     INVALID,
     accuracy,
     classification_report,
@@ -12,8 +11,8 @@ from evals.classification import (
     macro_f1,
     per_class,
 )
-from evals.stats import mcnemar_exact, mean_ci, paired_diff
-from evals.structured import (
+from stepwise.evals.stats import mcnemar_exact, mean_ci, paired_diff
+from stepwise.evals.structured import (
     canonical_text,
     canonicalize,
     exact_match,
@@ -168,8 +167,8 @@ def test_mcnemar_symmetry():
 def test_macro_f1_bootstrap_matches_slow_path():
     import random
 
-    from evals.classification import macro_f1_ci
-    from evals.stats import statistic_ci
+    from stepwise.evals.classification import macro_f1_ci
+    from stepwise.evals.stats import statistic_ci
 
     rnd = random.Random(0)
     classes = [f"c{i}" for i in range(7)]

@@ -25,7 +25,7 @@ N_TEST = 6
 
 
 def _app() -> typer.Typer:
-    from evals.cli import register
+    from stepwise.evals.cli import register
 
     app = typer.Typer()
     register(app)
@@ -41,9 +41,8 @@ def _train_adapter(base_dir: Path, out: Path, task, rows: list[dict], steps: int
     """A few LoRA steps on chat examples (the student format), saved as an adapter dir."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from stepwise.pipelines.student import training_examples
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipelines.student import training_examples
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -171,7 +170,7 @@ def test_gate_exit_code_on_constructed_drop(setup):
     if not test_stepwise_eval_real_lm_eval_ran:
         pytest.skip("needs the real run first")
     cache = setup["run"] / "eval" / "forgetting" / "cache"
-    from evals.modelref import resolve_model
+    from stepwise.evals.modelref import resolve_model
 
     base_label = resolve_model("smollm2-135m-instruct").label
     doctored = 0
@@ -290,9 +289,10 @@ def test_forgetting_eval_through_endpoint_matches_local(setup, tmp_path):
     """lm-eval's `local-completions` against an OpenAI-compatible endpoint serving the same weights
     scores every question as the local `hf` run does; an endpoint without prompt logprobs is named
     in a clear note, the forgetting eval is not run, and the gate says not measured (exit 4)."""
-    from evals.benchmarks import prepare_tasks
-    from evals.forgetting import EndpointLogprobsError, evaluate_model, probe_endpoint_logprobs
-    from evals.modelref import resolve_model
+    from stepwise.evals.benchmarks import prepare_tasks
+    from stepwise.evals.forgetting import EndpointLogprobsError, evaluate_model, probe_endpoint_logprobs
+    from stepwise.evals.modelref import resolve_model
+
     from stepwise.models import resolve_model_dir
 
     base_dir = resolve_model_dir("smollm2-135m-instruct")

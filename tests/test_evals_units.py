@@ -8,12 +8,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from stepwise.evals.benchmarks import BENCHMARKS, BUNDLED_DATA, get_benchmark, prepare_tasks
+from stepwise.evals.forgetting import MITIGATIONS, forgetting_report
+from stepwise.evals.modelref import resolve_model
+from stepwise.evals.schema import adapt
+from stepwise.evals.task_eval import ContaminationError, check_contamination
 
-from evals.benchmarks import BENCHMARKS, BUNDLED_DATA, get_benchmark, prepare_tasks
-from evals.forgetting import MITIGATIONS, forgetting_report
-from evals.modelref import resolve_model
-from evals.schema import adapt
-from evals.task_eval import ContaminationError, check_contamination
 from stepwise.recipe import ForgettingSpec
 
 
@@ -159,7 +159,8 @@ class _Stub(BaseHTTPRequestHandler):
 
 
 def test_task_eval_against_openai_compatible_stub(write_recipe, tmp_path):
-    from evals.task_eval import evaluate_task
+    from stepwise.evals.task_eval import evaluate_task
+
     from stepwise.recipe import load_recipe
 
     server = HTTPServer(("127.0.0.1", 0), _Stub)
@@ -181,7 +182,7 @@ def test_task_eval_against_openai_compatible_stub(write_recipe, tmp_path):
 
 
 def test_compare_synthetic_runs(tmp_path):
-    from evals.compare import compare_runs, compare_svg, markdown, write_compare
+    from stepwise.evals.compare import compare_runs, compare_svg, markdown, write_compare
 
     def make(name, correct, delta):
         run = tmp_path / name
@@ -220,7 +221,8 @@ def test_compare_synthetic_runs(tmp_path):
 def test_structured_task_eval_with_opensearch_schema(tmp_path):
     """nl2dsl through the stub endpoint: JSON validity, schema validity (curation's validator),
     exact match after DSL canonicalisation, partial credit."""
-    from evals.task_eval import evaluate_task
+    from stepwise.evals.task_eval import evaluate_task
+
     from stepwise.recipe import load_recipe
     from tests.conftest import REPO
 
@@ -243,7 +245,7 @@ def test_structured_task_eval_with_opensearch_schema(tmp_path):
     m = report["metrics"]
     assert report["task_type"] == "structured" and report["canonicalisation"] == "dsl"
     assert m["json_valid"]["value"] == pytest.approx(2 / 3)
-    if report["schema_validator"].startswith("curation."):
+    if report["schema_validator"].startswith("stepwise.curation."):
         assert m["schema_valid"]["value"] == pytest.approx(1 / 3)
         assert preds[1]["schema_errors"] and "bogus" in preds[1]["schema_errors"][0]
     assert m["exact_match"]["value"] == pytest.approx(1 / 3)  # shorthand term == long-form term
@@ -251,7 +253,8 @@ def test_structured_task_eval_with_opensearch_schema(tmp_path):
 
 
 def test_in_domain_from_general_rows(write_recipe, tmp_path):
-    from evals.runner import in_domain_benchmarks
+    from stepwise.evals.runner import in_domain_benchmarks
+
     from stepwise.recipe import load_recipe
     from stepwise.rundir import create_run
 
@@ -300,8 +303,8 @@ def test_full_benchmark_data_dir(tmp_path):
 
 def test_compare_to_base_hand_checked():
     """Student vs base on 4 shared items (a 5th only the student answered is not paired)."""
-    from evals.base_compare import compare_to_base, verdict
-    from evals.classification import macro_f1
+    from stepwise.evals.base_compare import compare_to_base, verdict
+    from stepwise.evals.classification import macro_f1
 
     gold = ["a", "a", "b", "b"]
     base_pred = ["a", None, None, "a"]  # 1/4 correct, 2 invalid
@@ -330,8 +333,9 @@ def test_compare_to_base_hand_checked():
 def test_bare_clause_is_repaired_counted_and_scored_like_curation(tmp_path):
     """A bare `{"bool": ...}` answer: eval wraps it with curation's own repair, counts it in the
     report, and scores it schema-valid and exact against the wrapped gold, as curation accepts it."""
-    from curation.dsl_schema import BARE_QUERY_REPAIR
-    from evals.task_eval import evaluate_task
+    from stepwise.curation.dsl_schema import BARE_QUERY_REPAIR
+    from stepwise.evals.task_eval import evaluate_task
+
     from stepwise.recipe import load_recipe
     from tests.conftest import REPO
 

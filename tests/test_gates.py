@@ -1,7 +1,7 @@
 """No gate passes on nothing: the forgetting gate's `not_measured` / `not_configured` verdicts,
 how `stepwise eval` and `stepwise run` report them, and benchmark names checked at validate time.
 
-lm-eval itself is exercised in tests/test_evals_real.py; here `evals.forgetting._run_lm_eval` (our
+lm-eval itself is exercised in tests/test_evals_real.py; here `stepwise.evals.forgetting._run_lm_eval` (our
 wrapper around it) stands in, returning scores for only some of the requested benchmarks, the way
 lm-eval leaves out a task it could not load. Everything above it is the real code.
 """
@@ -13,9 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from stepwise.evals.forgetting import forgetting_report
 from typer.testing import CliRunner
 
-from evals.forgetting import forgetting_report
 from stepwise.cli import app
 from stepwise.recipe import RecipeError, load_recipe
 from stepwise.rundir import create_run
@@ -67,7 +67,7 @@ def _fake_model(path: Path) -> Path:
 @pytest.fixture
 def eval_run(write_recipe, tmp_path, monkeypatch):
     """A recipe + run with a 'trained' student dir; lm-eval answers for mmlu only."""
-    import evals.forgetting as forgetting
+    import stepwise.evals.forgetting as forgetting
 
     def write(enabled: bool = True):
         base = _fake_model(tmp_path / "base")
@@ -175,7 +175,7 @@ def test_contamination_reads_a_benchmark_named_as_the_forgetting_eval_names_it()
     texts (folder `truthfulqa_mc`) rather than warn and check nothing."""
     import warnings
 
-    from curation.contamination import benchmark_reference
+    from stepwise.curation.contamination import benchmark_reference
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the old code warned "not found ... not checked"

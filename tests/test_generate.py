@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from stepwise.pipelines.cache import ResponseCache
+from stepwise.pipelines.generate import GenerateError, cache_path, run_generate
 
-from pipelines.cache import ResponseCache
-from pipelines.generate import GenerateError, cache_path, run_generate
 from stepwise.io import read_jsonl
 from stepwise.recipe import load_recipe
 from stepwise.rundir import RunDir, create_run
@@ -309,7 +309,8 @@ def test_no_retry_unparsed_flag_on_generate_cli(tmp_path):
 def test_cache_made_before_the_ledger_is_migrated_once_and_keeps_its_keys(tmp_path):
     import sqlite3
 
-    from pipelines.cache import SCHEMA, request_key
+    from stepwise.pipelines.cache import SCHEMA, request_key
+
     from stepwise.io import canonical_json, sha256_text
 
     msgs = [{"role": "user", "content": "hi"}]

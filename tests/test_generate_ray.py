@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from stepwise.pipelines.generate import run_generate
 
-from pipelines.generate import run_generate
 from stepwise.testing.openai_stub import OpenAIStub, StubConfig
 from tests.test_generate import by_id, make_rows, setup_recipe
 
@@ -48,8 +48,9 @@ def test_ray_spends_from_the_same_ledger_and_holds_the_cap_across_resumes(tmp_pa
     import sys
     import time
 
-    from pipelines.cache import ResponseCache
-    from pipelines.generate import cache_path
+    from stepwise.pipelines.cache import ResponseCache
+    from stepwise.pipelines.generate import cache_path
+
     from stepwise.recipe import load_recipe
     from stepwise.rundir import RunDir
     from tests.conftest import REPO

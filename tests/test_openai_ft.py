@@ -14,20 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from stepwise.cli import app
-from stepwise.recipe import load_recipe
-from stepwise.rundir import RunDir
-from stepwise.testing.openai_ft_stub import OpenAIFineTuneStub, StubFTConfig
-from training.openai_ft import (
+from stepwise.training.openai_ft import (
     FineTuneRun,
     TokenCounter,
     auto_epochs,
     estimate_cost,
     validate_chat_file,
 )
-from training.testing import make_run
+from stepwise.training.testing import make_run
+from typer.testing import CliRunner
+
+from stepwise.cli import app
+from stepwise.recipe import load_recipe
+from stepwise.rundir import RunDir
+from stepwise.testing.openai_ft_stub import OpenAIFineTuneStub, StubFTConfig
 
 KEY_ENV = "STUB_FT_KEY"
 SECRET = "sk-stub-" + "7f3a9c1e5b"
@@ -274,7 +274,7 @@ def test_killed_between_create_and_record_adopts_the_job(tmp_path, stub_factory)
     recipe, run_dir = make_run(tmp_path, _extra(stub))
     os.environ[KEY_ENV] = SECRET
     try:
-        from training.openai_ft import make_client
+        from stepwise.training.openai_ft import make_client
 
         ft = FineTuneRun(load_recipe(recipe.source_path), RunDir(run_dir), make_client(recipe.training.openai),
                          log=lambda m: None)

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from stepwise.pipelines.parsing import parse_answer
+from stepwise.pipelines.prompts import build_messages
 
-from pipelines.parsing import parse_answer
-from pipelines.prompts import build_messages
 from stepwise.recipe import TaskSpec
 
 CLS = TaskSpec(name="t", classes=["billing", "technical"], label_aliases={"payments": "billing"}, instructions="x")

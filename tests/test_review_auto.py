@@ -9,17 +9,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from argilla_embedded.testing import curated_row, make_run
-from curation.review import decide, review_auto, select_rows
-from curation.review_agreement import (
+from stepwise.argilla_embedded.testing import curated_row, make_run
+from stepwise.review.agreement import (
     cohen_kappa,
     fleiss_kappa,
     majority,
     percent_agreement,
     question_agreement,
 )
-from curation.review_argilla import MAX_RECORD_BYTES, validate_row
+from stepwise.review.argilla import MAX_RECORD_BYTES, validate_row
+from stepwise.review.stage import decide, review_auto, select_rows
+
 from stepwise.io import read_jsonl
 
 
@@ -45,7 +45,7 @@ def test_auto_names_the_missing_curate_output(tmp_path: Path) -> None:
 
 
 def test_pull_in_auto_mode_is_auto(tmp_path: Path) -> None:
-    from curation.review import pull
+    from stepwise.review.stage import pull
 
     recipe, run = make_run(tmp_path, n_train=3, n_val=1, mode="auto")
     assert pull(recipe, run, log=lambda *_: None)["mode"] == "auto"
@@ -214,7 +214,7 @@ def test_percent_agreement_majority_and_summary() -> None:
 
 
 def test_credentials_file_is_private(tmp_path: Path) -> None:
-    from argilla_embedded.server import EmbeddedServer
+    from stepwise.argilla_embedded.server import EmbeddedServer
 
     srv = EmbeddedServer(tmp_path / "state")
     creds = srv._new_credentials("stepwise")
@@ -252,7 +252,7 @@ def _record_models(n: int):
 def test_bulk_upsert_sends_what_the_sdk_sends() -> None:
     """Same URL, method and JSON values as the SDK's `RecordsAPI.bulk_upsert` (stdlib json, via
     httpx), and the updated count from the reply."""
-    from curation.review_argilla import bulk_upsert
+    from stepwise.review.argilla import bulk_upsert
 
     models = _record_models(3)
     seen: list = []
@@ -276,8 +276,7 @@ def test_bulk_upsert_sends_what_the_sdk_sends() -> None:
 def test_bulk_upsert_raises_the_sdks_errors() -> None:
     import httpx
     from argilla._exceptions import UnprocessableEntityError
-
-    from curation.review_argilla import bulk_upsert
+    from stepwise.review.argilla import bulk_upsert
 
     client = _fake_sdk_client(lambda request: httpx.Response(422, json={"detail": "Record at position 1 is not valid"}))
     with pytest.raises(UnprocessableEntityError, match="position 1 is not valid"):

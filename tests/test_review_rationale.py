@@ -10,12 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from stepwise.argilla_embedded.testing import curated_row, make_run
+from stepwise.curation.export import run_export
+from stepwise.review.argilla import RATIONALE_Q
+from stepwise.review.preferences import preference_pairs
+from stepwise.review.stage import decide
 
-from argilla_embedded.testing import curated_row, make_run
-from curation.export import run_export
-from curation.preferences import preference_pairs
-from curation.review import decide
-from curation.review_argilla import RATIONALE_Q
 from stepwise.io import DataFileError, atomic_write_jsonl, read_jsonl
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from stepwise.argilla_embedded.testing import curated_row, make_run
 
-from argilla_embedded.testing import curated_row, make_run
 from stepwise.io import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def argilla_srv():
-    from argilla_embedded.testing import shared_server
+    from stepwise.argilla_embedded.testing import shared_server
 
     return shared_server()
 
@@ -151,7 +151,7 @@ def test_push_annotate_pull_with_cli(env, tmp_path: Path) -> None:
 
 
 def test_sample_push_sends_low_confidence_first(env, tmp_path: Path) -> None:
-    from curation.review import ReviewPending, pull, push
+    from stepwise.review.stage import ReviewPending, pull, push
 
     name = f"rt-sample-{uuid.uuid4().hex[:6]}"
     recipe, run = make_run(tmp_path, n_train=30, n_val=0, dataset=name, send="sample", sample_size=6)
@@ -276,8 +276,8 @@ def test_run_pushes_stops_while_pending_and_trains_on_the_reviews(env, tmp_path:
 def test_pull_from_a_dataset_made_before_the_rationale_question(env, tmp_path: Path) -> None:
     """A dataset created by an older stepwise (no `rationale_edit` question) still pushes (with a
     warning) and pulls; a corrected row from it trains label-only."""
-    from curation.review import pull, push
-    from curation.review_argilla import RATIONALE_Q, build_settings
+    from stepwise.review.argilla import RATIONALE_Q, build_settings
+    from stepwise.review.stage import pull, push
 
     name = f"old-{uuid.uuid4().hex[:6]}"
     recipe, run = make_run(tmp_path, rows=[curated_row(i) for i in range(3)], dataset=name)

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from training.bundled import bundled_configs
-from training.checks import check_config
-from training.configgen import apply_cpu_profile, epochs_for, generate_configs, sweep_points, write_configs
-from training.testing import make_run
+from stepwise.training.bundled import bundled_configs
+from stepwise.training.checks import check_config
+from stepwise.training.configgen import (
+    apply_cpu_profile,
+    epochs_for,
+    generate_configs,
+    sweep_points,
+    write_configs,
+)
+from stepwise.training.testing import make_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -218,9 +223,9 @@ def test_committed_example_configs_are_current_and_valid():
     # nl2dsl says `modality: auto` (all three written); support-tickets pins LoRA
     assert len(generated) == 4
     committed = sorted(p.relative_to(REPO) for p in (REPO / "axolotl_configs").glob("*/*.yaml"))
-    assert committed == sorted(generated), "stale or extra files in axolotl_configs/: run python -m training.bundled"
+    assert committed == sorted(generated), "stale or extra files in axolotl_configs/: run python -m stepwise.training.bundled"
     for rel, text in generated.items():
-        assert (REPO / rel).read_text(encoding="utf-8") == text, f"{rel} is stale: run python -m training.bundled"
+        assert (REPO / rel).read_text(encoding="utf-8") == text, f"{rel} is stale: run python -m stepwise.training.bundled"
     for rel in generated:
         report = check_config(REPO / rel, base_dir=REPO, allow_missing_data=True)
         assert report.ok, report.messages()
@@ -303,7 +308,7 @@ def _cli(*args: str):
 def test_configs_cli_records_the_train_config_so_run_from_train_finds_it(tmp_path, monkeypatch):
     """`stepwise configs --run-dir` and `stepwise run`'s configs stage are one function: the CLI
     records `train_config`, so `stepwise run --from train` trains what it wrote."""
-    from training.testing import use_fake_trainer
+    from stepwise.training.testing import use_fake_trainer
 
     _, run_dir = make_run(tmp_path, "modality: lora\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n",
                           n_train=8, n_val=0)

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from training.configgen import generate_configs, write_configs
-from training.launcher import merge_lora, train, train_command, visible_gpus
-from training.testing import make_run
+from stepwise.training.configgen import generate_configs, write_configs
+from stepwise.training.launcher import merge_lora, train, train_command, visible_gpus
+from stepwise.training.testing import make_run
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +86,9 @@ def test_lora_cli_merge_and_peft_generate(tiny_run):
 
     import torch
     from peft import PeftModel
+    from stepwise.pipelines.student import inference_messages
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.student import inference_messages
     from stepwise.models import resolve_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(out_dir))

@@ -1,6 +1,6 @@
 """Training runs survive a kill and are never overwritten; losses come from the trainer's own state.
 
-Fast tests drive the real launcher (`training.launcher.train`, the real run directory and
+Fast tests drive the real launcher (`stepwise.training.launcher.train`, the real run directory and
 manifest) with a stand-in trainer process that writes what HF's Trainer writes
 (`checkpoint-<step>/trainer_state.json`, weights); the slow tests train SmolLM2-135M for real on
 CPU, through Axolotl and through the TRL backend, SIGKILL the run after its first checkpoint and
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from training import launcher
-from training.checkpoints import complete_checkpoints, rows_from_log_history
-from training.configgen import generate_configs, write_configs
-from training.testing import make_run, use_fake_trainer, write_recipe
+from stepwise.training import launcher
+from stepwise.training.checkpoints import complete_checkpoints, rows_from_log_history
+from stepwise.training.configgen import generate_configs, write_configs
+from stepwise.training.testing import make_run, use_fake_trainer, write_recipe
 
 EXTRA = "modality: lora\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n"  # the stand-in checkpoints every 2 steps
 
@@ -263,10 +262,11 @@ def test_trl_run_killed_after_a_checkpoint_resumes(tmp_path):
 def test_stepwise_run_resumes_the_train_stage_after_a_kill(tmp_path, fake_trainer, monkeypatch):
     """`stepwise run` trains through the same launcher: a killed train stage (exit 16) resumes on the
     next run from the last complete checkpoint and says so in the stage's detail."""
+    from stepwise.training.configs_stage import write_checked_configs
+
     from stepwise.pipeline import STAGE_EXIT, RunOptions, run_pipeline
     from stepwise.recipe import load_recipe
     from stepwise.rundir import RunDir
-    from training.configs_stage import write_checked_configs
 
     recipe, run_dir = make_run(tmp_path, EXTRA, n_train=8, n_val=0)
     monkeypatch.chdir(tmp_path)

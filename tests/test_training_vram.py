@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
-from training.shapes import BUILTIN_SHAPES, resolve_shape, shape_from_config
-from training.vram import (
+from stepwise.training.shapes import BUILTIN_SHAPES, resolve_shape, shape_from_config
+from stepwise.training.vram import (
     SEED_TABLE,
     SEED_TOLERANCE,
     PlanInput,

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from training.checks import check_config
-from training.configgen import generate_configs, write_configs
-from training.testing import make_run
-from training.trl_backend import TRLRunConfig, build_trainer, to_prompt_completion
+from stepwise.training.checks import check_config
+from stepwise.training.configgen import generate_configs, write_configs
+from stepwise.training.testing import make_run
+from stepwise.training.trl_backend import TRLRunConfig, build_trainer, to_prompt_completion
 
 TINY = """\
 backend: trl
@@ -116,7 +115,7 @@ def test_trl_method_trains_on_cpu_and_generates(tmp_path, modality, peft_type, v
         assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
         assert "step     2" in proc.stderr and "done" in proc.stderr
     else:  # the launcher's train() (what `stepwise run` calls) dispatches too
-        from training.launcher import train
+        from stepwise.training.launcher import train
 
         result = train(path, run_dir=run_dir, cpu=True, max_steps=2, base_dir=tmp_path)
         assert result.train_losses and len(result.train_losses) == 2
@@ -132,7 +131,7 @@ def test_trl_method_trains_on_cpu_and_generates(tmp_path, modality, peft_type, v
         assert adapter["num_virtual_tokens"] == 8
 
     summary = json.loads((out_dir / "summary.json").read_text())
-    from evals.modelref import count_parameters, resolve_model
+    from stepwise.evals.modelref import count_parameters, resolve_model
 
     ref = resolve_model(str(out_dir))
     assert ref.kind == "adapter" and ref.info["peft_type"] == peft_type
@@ -145,15 +144,15 @@ def test_trl_method_trains_on_cpu_and_generates(tmp_path, modality, peft_type, v
     assert stage["trainable_params"] == summary["trainable_params"]
 
     # the eval code path: generation through the (unmerged, for virtual tokens) peft adapter
-    from evals.generate import generate_local
-    from pipelines.student import inference_messages
+    from stepwise.evals.generate import generate_local
+    from stepwise.pipelines.student import inference_messages
 
     prompts = [inference_messages(recipe.task, {"text": t}, "multitask")
                for t in ("I was charged twice for my order", "The app crashes when I open it")]
     gen = generate_local(ref, prompts, max_new_tokens=6, batch_size=2)
     assert all(isinstance(t, str) for t in gen.texts) and gen.output_tokens > 0
 
-    from evals.compare import describe
+    from stepwise.evals.compare import describe
 
     facts = describe({"path": str(run_dir), "manifest": {}, "recipe": {}, "forgetting": None,
                       "task": {"model_info": {"path": str(out_dir), "kind": "adapter", "peft_type": peft_type}}})

@@ -4,15 +4,15 @@ schema and ours, and the planner's lower memory. (Training with them needs a GPU
 from __future__ import annotations
 
 import pytest
+from stepwise.training.checks import check_config
+from stepwise.training.configgen import UNSLOTH_KEYS, apply_cpu_profile, generate_configs, write_configs
+from stepwise.training.shapes import resolve_shape
+from stepwise.training.testing import make_run, write_recipe
+from stepwise.training.vram import PlanInput, estimate, offloaded_bytes
 from typer.testing import CliRunner
 
 from stepwise.cli import app
 from stepwise.recipe import RecipeError, load_recipe
-from training.checks import check_config
-from training.configgen import UNSLOTH_KEYS, apply_cpu_profile, generate_configs, write_configs
-from training.shapes import resolve_shape
-from training.testing import make_run, write_recipe
-from training.vram import PlanInput, estimate, offloaded_bytes
 
 SMALL = "micro_batch_size: 2\ngradient_accumulation_steps: 2\n"
 

@@ -3,7 +3,7 @@
 They are generated without reading any data (`use_data=False`), with paths relative to the
 repository root pointing at each recipe's latest run (`examples/<x>/runs/<recipe>/latest/export/`),
 so the files are identical on every machine, with or without runs. Regenerate with
-`python -m training.bundled` (or `stepwise configs <recipe> --no-data` from the repository root).
+`python -m stepwise.training.bundled` (or `stepwise configs <recipe> --no-data` from the repository root).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from stepwise.training.configgen import generate_configs
+
 from stepwise.recipe import load_recipe
-from training.configgen import generate_configs
 
 BUNDLED_RECIPES = ("examples/support-tickets/recipe.yaml", "examples/nl2dsl/recipe.yaml")
 

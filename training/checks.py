@@ -494,8 +494,8 @@ def check_config(
     if not isinstance(cfg, dict):
         report.problems.append(Problem("error", "<root>", "an Axolotl config is a YAML mapping"))
         return report
-    if cfg.get("backend") == "trl":  # a TRL/peft run config (training.trl_backend), not Axolotl's
-        from training.trl_backend import check_trl_config
+    if cfg.get("backend") == "trl":  # a TRL/peft run config (stepwise.training.trl_backend), not Axolotl's
+        from stepwise.training.trl_backend import check_trl_config
 
         return check_trl_config(cfg, label, index, base_dir or Path.cwd(), allow_missing_data)
 

@@ -36,7 +36,7 @@ def configs_cmd(
 ) -> None:
     """Write ready-to-launch Axolotl configs from the recipe's `training` section, each checked by
     Axolotl's own schema and our strict checks; or `--check` existing configs."""
-    from training.checks import check_config
+    from stepwise.training.checks import check_config
 
     if check:
         failed = False
@@ -50,8 +50,9 @@ def configs_cmd(
         console.print("[red]error[/red] give a recipe, or --check <config.yaml>")
         raise typer.Exit(EXIT_BAD_INPUT)
 
+    from stepwise.training.configs_stage import OPENAI_NOTE, ConfigsFailed, write_checked_configs
+
     from stepwise.cli import load_or_exit
-    from training.configs_stage import OPENAI_NOTE, ConfigsFailed, write_checked_configs
 
     r = load_or_exit(recipe)
     run = None
@@ -111,8 +112,14 @@ def plan_cmd(
     unsloth: bool = typer.Option(False, "--unsloth", help="LoRA/QLoRA with Unsloth's offloaded checkpointing + kernels"),
 ) -> None:
     """Which modality fits the GPU, and how much memory each needs (before renting one)."""
-    from training.shapes import resolve_shape
-    from training.vram import SEED_TOLERANCE, PlanInput, choose_modality, compare_with_seed_table, estimate
+    from stepwise.training.shapes import resolve_shape
+    from stepwise.training.vram import (
+        SEED_TOLERANCE,
+        PlanInput,
+        choose_modality,
+        compare_with_seed_table,
+        estimate,
+    )
 
     out = Console()
     if seeds_table:
@@ -169,20 +176,19 @@ def train_cmd(
 ) -> None:
     """Run Axolotl preprocess + train with progress; logs and loss.csv land in <run>/train/<config>/.
     With a recipe whose training.backend is openai (or --backend openai): the hosted fine-tuning job."""
-    from training.openai_ft import is_openai_recipe, train_openai_cli
+    from stepwise.training.openai_ft import is_openai_recipe, train_openai_cli
 
     if backend == "openai" or (backend is None and is_openai_recipe(config)):
         raise typer.Exit(train_openai_cli(config, run_dir, detach=detach))
-    from training.checks import check_config
-    from training.launcher import TrainError, merge_lora, train
-    from training.trl_backend import is_trl_config
+    from stepwise.training.checks import check_config
+    from stepwise.training.launcher import TrainError, merge_lora, train
+    from stepwise.training.trl_backend import is_trl_config
 
     trl = is_trl_config(config)  # training.backend: trl: our own config, no Axolotl CPU profile
     if cpu and not trl:  # check what will run: the config with the CPU profile applied
         import yaml
-
-        from training.checks import local_model_config_dir
-        from training.configgen import apply_cpu_profile
+        from stepwise.training.checks import local_model_config_dir
+        from stepwise.training.configgen import apply_cpu_profile
 
         cfg = yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists() else None
         if not isinstance(cfg, dict):

@@ -1,7 +1,7 @@
 """The configs stage: one code path for `stepwise configs` and `stepwise run`'s configs stage.
 
-Hand-written. Generates the configs from the recipe's `training` section (training.configgen, or
-training.trl_backend for `backend: trl`), writes them, checks every one (training.checks:
+Hand-written. Generates the configs from the recipe's `training` section (stepwise.training.configgen, or
+stepwise.training.trl_backend for `backend: trl`), writes them, checks every one (stepwise.training.checks:
 Axolotl's schema and ours) and, inside a run, records the `configs` stage in its manifest:
 `done` with `train_config` (the config `stepwise run` trains: the one modality `auto` picks, else
 the first) and its path only when every config passed. A config that fails a check fails the
@@ -93,8 +93,8 @@ def _generate(recipe: Recipe, outcome: ConfigsOutcome, run: RunDir | None, out_d
               allow_missing_data: bool, relative_to: Path | None) -> None:
     if outcome.backend == "openai":
         return
-    from training.checks import check_config
-    from training.configgen import generate_configs, write_configs
+    from stepwise.training.checks import check_config
+    from stepwise.training.configgen import generate_configs, write_configs
 
     base = relative_to or Path.cwd()  # the configs' relative paths are relative to it
     outcome.configs = generate_configs(recipe, run_dir=run.path if run else None, use_data=use_data, relative_to=base)

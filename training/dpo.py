@@ -9,13 +9,13 @@ steers around: with an adapter, Axolotl's model loader hands TRL only a *fresh* 
   SFT adapter merged into its base (`<run>/train/<sft-config>/merged`, written by
   `stepwise train <sft-config> --merge`) for LoRA/QLoRA. `training.dpo.sft_checkpoint` overrides
   it (a dir with a `merged/` inside is followed; a bare adapter dir is rejected by
-  `training.checks` with the merge command).
+  `stepwise.training.checks` with the merge command).
 - Reference model: with LoRA/QLoRA the DPO adapter is new and Axolotl passes `model_ref=None`,
   so TRL computes the reference log-probs with the adapter disabled: the reference is exactly the
   SFT model, with no second copy in memory. With full fine-tuning Axolotl loads a second, frozen
   copy of the SFT model as the reference (twice the weights in memory; the header says so).
 - Data: `export/preferences.jsonl` from `stepwise export --preferences`, as Axolotl's
-  `chat_template.default` DPO dataset (see curation.preferences).
+  `chat_template.default` DPO dataset (see stepwise.review.preferences).
 - Hyperparameters: `rl_beta` = `training.dpo.beta` (0.19 spells it `rl_beta`; `dpo_beta` is
   deprecated), LR `training.dpo.learning_rate` or 5e-6 (LoRA/QLoRA) / 5e-7 (full), epochs
   `training.dpo.num_epochs`, no sample packing (Axolotl's DPO path does not pack).
@@ -26,7 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curation.preferences import DPO_DATASET_TYPE, PREFERENCE_FIELDS
+from stepwise.review.preferences import DPO_DATASET_TYPE, PREFERENCE_FIELDS
+
 from stepwise.recipe import Recipe
 
 DEFAULT_DPO_LR = {"full": 5e-7, "lora": 5e-6, "qlora": 5e-6}
@@ -87,7 +88,7 @@ def dpo_config(recipe: Recipe, sft_cfg: dict[str, Any], sft_name: str, modality:
 
 def dpo_generated(recipe: Recipe, sft_configs: list[Any], run_path: Path, rel: Any) -> list[Any]:
     """One DPO GeneratedConfig per SFT modality (the first SFT config of each, for sweeps)."""
-    from training.configgen import GeneratedConfig, apply_cpu_profile
+    from stepwise.training.configgen import GeneratedConfig, apply_cpu_profile
 
     out, seen = [], set()
     for gc in sft_configs:

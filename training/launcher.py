@@ -1,13 +1,13 @@
 """`stepwise train`: run Axolotl's preprocess and train on a config, inside a run directory.
 
-The config is checked (training.checks), then a resolved copy is written to
+The config is checked (stepwise.training.checks), then a resolved copy is written to
 `<run>/train/<config-name>/axolotl.yaml`: dataset paths made absolute, `output_dir` and
 `dataset_prepared_path` inside the run, the CPU profile applied with `--cpu`, `max_steps` with
 `--max-steps`. Axolotl runs its own entry points, preprocess then train (`axolotl_cmd`), or
 `accelerate launch --num_processes N -m axolotl.cli.train` when several GPUs are visible, with
 the offline environment. Output goes to `preprocess.log` / `train.log`.
 
-Checkpoints and resuming (training.checkpoints): the same config (same resolved content and data)
+Checkpoints and resuming (stepwise.training.checkpoints): the same config (same resolved content and data)
 resumes from its last complete checkpoint after a kill, passed to Axolotl as
 `resume_from_checkpoint`; a changed config moves the earlier output aside first, so a trained
 model is never overwritten. The loss curve (`loss.csv`, the manifest's `train` stage) is read
@@ -29,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from stepwise.io import atomic_write_text
-from stepwise.rundir import RunDir
-from training.checkpoints import (
+from stepwise.training.checkpoints import (
     LOSS_FIELDS,
     NoLossRecorded,
     config_identity,
     prepare_output_dir,
     recorded_losses,
 )
-from training.configgen import apply_cpu_profile, dump_yaml
+from stepwise.training.configgen import apply_cpu_profile, dump_yaml
+
+from stepwise.io import atomic_write_text
+from stepwise.rundir import RunDir
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -128,7 +128,7 @@ def resolve_config(cfg: dict[str, Any], *, base_dir: Path, out_dir: Path, prepar
     out["output_dir"] = str(out_dir.resolve())
     out["dataset_prepared_path"] = str(prepared.resolve())
     if cpu:
-        from training.checks import local_model_config_dir
+        from stepwise.training.checks import local_model_config_dir
 
         out = apply_cpu_profile(out, local_model_config_dir(str(out.get("base_model", ""))))
     if max_steps:
@@ -167,7 +167,7 @@ def train(
     base_dir = base_dir or Path.cwd()
     cfg = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     if isinstance(cfg, dict) and cfg.get("backend") == "trl":  # training.backend: trl (IA3, prefix/prompt tuning)
-        from training import trl_backend
+        from stepwise.training import trl_backend
 
         return trl_backend.train(config_path, run_dir=run_dir, cpu=cpu, max_steps=max_steps, base_dir=base_dir,
                                  on_event=on_event)

@@ -590,7 +590,7 @@ def fine_tuned_model_of(run_path: Path) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# CLI (called by training.cli's `stepwise train` when the backend is openai)
+# CLI (called by stepwise.training.cli's `stepwise train` when the backend is openai)
 
 
 def train_openai_cli(recipe_path: Path, run_dir: Path | None, *, detach: bool = False) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from pipelines.student import training_examples
+from stepwise.pipelines.student import training_examples
+
 from stepwise.io import atomic_write_jsonl
 from stepwise.recipe import Recipe, load_recipe
 
@@ -119,7 +120,7 @@ def use_fake_trainer(monkeypatch, tmp: Path) -> Path:
     """Point the Axolotl launcher's preprocess and train commands at the stand-in (pytest monkeypatch)."""
     import sys
 
-    from training import launcher
+    from stepwise.training import launcher
 
     script = tmp / "fake_trainer.py"
     script.write_text(FAKE_TRAINER, encoding="utf-8")

@@ -30,7 +30,7 @@ outputs as the Axolotl launcher, so this module does:
   alone and a crash cannot take the CLI with it.
 - Checkpoints every `save_steps` (the recipe's `training.save_every_steps`), `save_total_limit`
   kept; the same config resumes from its last complete checkpoint after a kill (TRL's
-  `resume_from_checkpoint`), a changed one moves the earlier output aside (training.checkpoints).
+  `resume_from_checkpoint`), a changed one moves the earlier output aside (stepwise.training.checkpoints).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class TRLRunConfig(BaseModel):
 
 def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, relative_to: Path) -> list[Any]:
     """GeneratedConfig(s) for `backend: trl`: the recipe's modality (`auto` = lora)."""
-    from training.configgen import (
+    from stepwise.training.configgen import (
         DEFAULT_SEQUENCE_LEN,
         GeneratedConfig,
         _rel,
@@ -112,7 +112,7 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         inspect_data,
         sequence_len_for,
     )
-    from training.shapes import resolve_shape
+    from stepwise.training.shapes import resolve_shape
 
     spec = recipe.training
     modality = "lora" if spec.modality == "auto" else spec.modality
@@ -190,8 +190,9 @@ def is_trl_config(path_or_cfg: Path | dict[str, Any]) -> bool:
 def check_trl_config(cfg: dict[str, Any], label: str, index: dict[tuple[Any, ...], int], base_dir: Path,
                      allow_missing_data: bool = False) -> Any:
     """Schema (strict), data files and rows, batch vs rows, sequence length vs the model."""
+    from stepwise.training.checks import CheckReport, Problem, check_chat_rows, local_model_config_dir
+
     from stepwise.recipe import _line_for
-    from training.checks import CheckReport, Problem, check_chat_rows, local_model_config_dir
 
     report = CheckReport(label)
 
@@ -264,9 +265,9 @@ def train(
     on_event: Callable[[str, Any], None] | None = None,
 ) -> Any:
     """Train one TRL config inside its run; returns the launcher's TrainResult."""
-    from training.checkpoints import config_identity, prepare_output_dir
-    from training.configgen import dump_yaml
-    from training.launcher import OFFLINE_ENV, TrainError, TrainResult, finish
+    from stepwise.training.checkpoints import config_identity, prepare_output_dir
+    from stepwise.training.configgen import dump_yaml
+    from stepwise.training.launcher import OFFLINE_ENV, TrainError, TrainResult, finish
 
     base_dir = base_dir or Path.cwd()
     cfg = _load(config_path)
@@ -282,7 +283,7 @@ def train(
         raise TrainError(f"{config_path}: cannot tell which run this config belongs to; pass --run-dir")
     run = RunDir(run_path)
     out_dir = run.path / "train" / name
-    from training.checks import local_model_config_dir
+    from stepwise.training.checks import local_model_config_dir
 
     resolved = spec.model_dump(exclude_none=True)
     resolved.update(train_file=str(train_file), output_dir=str(out_dir.resolve()),
@@ -309,9 +310,10 @@ def train(
     env.update(OFFLINE_ENV)
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-c", "import sys; from training.trl_backend import child_main; child_main(sys.argv[1])",
+    cmd = [sys.executable, "-c", "import sys; from stepwise.training.trl_backend import child_main; child_main(sys.argv[1])",
            str(resolved_path)]
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    # No PYTHONPATH: the child is this interpreter, where `stepwise` is installed (its folders are
+    # mapped into the package, so the repository root on the path would add nothing but stray names).
     emit = on_event or (lambda kind, payload: None)
     for line in plan.describe():
         emit("note", line)

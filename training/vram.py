@@ -1,7 +1,7 @@
 """VRAM planner: peak training memory per GPU before anyone rents one.
 
 Axolotl has no memory planner, so this module is ours. The estimate is a sum of parts, each from
-the model's shape (`training.shapes`):
+the model's shape (`stepwise.training.shapes`):
 
 - weights: every parameter in the compute dtype (full, LoRA); for QLoRA the decoder's linear
   layers in NF4 (4 bits + block constants: 0.5 bit per weight for fp32 absmax per 64-block, or
@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from training.shapes import ModelShape, resolve_shape
+from stepwise.training.shapes import ModelShape, resolve_shape
 
 GB = 1e9
 Modality = Literal["full", "lora", "qlora"]
@@ -143,7 +142,7 @@ def activation_bytes(shape: ModelShape, plan: PlanInput) -> tuple[float, float]:
     if not plan.flash_attention:
         per_layer += 2 * shape.num_heads * s * s * b * act  # scores + softmax probabilities
     if plan.modality in ("lora", "qlora") and plan.lora_dropout > 0:
-        from training.shapes import _target_names
+        from stepwise.training.shapes import _target_names
 
         names = _target_names(plan.lora_target, shape)
         per_layer += s * b * act * sum(i for n, (i, _o) in shape.linear_shapes().items() if n in names)

@@ -62,7 +62,7 @@ class OpenAIStub(LoopbackServer):
         self._stopping = threading.Event()
         self._count_prompt = None
         if self.config.tokenizer:
-            from pipelines.tokens import hf_chat_counter
+            from stepwise.pipelines.tokens import hf_chat_counter
 
             self._count_prompt = hf_chat_counter(self.config.tokenizer)
         stub = self

@@ -25,7 +25,7 @@ EXIT_WAITING = 3  # reviewers are not done: resumable, like `stepwise run`'s exi
 
 
 def _server(state_dir: Path | None):
-    from argilla_embedded.server import EmbeddedServer
+    from stepwise.argilla_embedded.server import EmbeddedServer
 
     return EmbeddedServer(state_dir)
 
@@ -42,7 +42,7 @@ def serve(
     workspace: str = typer.Option("stepwise", help="Workspace created for the owner on first start."),
 ) -> None:
     """Start the Argilla server (Redis + worker + web UI) or reuse the running one."""
-    from argilla_embedded.server import ServerError, login_help
+    from stepwise.argilla_embedded.server import ServerError, login_help
 
     if search_engine not in ("embedded", "elasticsearch", "opensearch"):
         typer.echo(f"error: --search-engine must be embedded, elasticsearch or opensearch, not {search_engine!r}", err=True)
@@ -77,8 +77,8 @@ def status(
 
 
 def _progress(recipe: Path, run_dir: Path | None) -> None:
-    from curation.review import review_progress
-    from curation.review_argilla import ReviewError
+    from stepwise.review.argilla import ReviewError
+    from stepwise.review.stage import review_progress
 
     r, run = _recipe_and_run(recipe, run_dir)
     try:
@@ -125,8 +125,8 @@ def push(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the latest run)"),
 ) -> None:
     """Send curated train/val rows (all, or a sample) to Argilla for review."""
-    from curation.review import push as do_push
-    from curation.review_argilla import ReviewError
+    from stepwise.review.argilla import ReviewError
+    from stepwise.review.stage import push as do_push
 
     r, run = _recipe_and_run(recipe, run_dir)
     try:
@@ -151,9 +151,9 @@ def pull(
 ) -> None:
     """Write review/reviewed.jsonl, rejected.jsonl and agreement.json from the reviewers' work
     (exit 3 while pushed rows are still pending, unless --accept-pending)."""
-    from curation.review import ReviewPending
-    from curation.review import pull as do_pull
-    from curation.review_argilla import ReviewError
+    from stepwise.review.argilla import ReviewError
+    from stepwise.review.stage import ReviewPending
+    from stepwise.review.stage import pull as do_pull
 
     r, run = _recipe_and_run(recipe, run_dir)
     try:
@@ -173,7 +173,7 @@ def auto(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the latest run)"),
 ) -> None:
     """Accept every curated train/val row without human review (review.mode: auto)."""
-    from curation.review import review_auto
+    from stepwise.review.stage import review_auto
 
     r, run = _recipe_and_run(recipe, run_dir)
     try:

@@ -19,7 +19,7 @@ Two modes (`review.mode`):
     * rows not in a sample (`send: sample`) stay `auto_accepted`.
   `agreement.json` has per-question agreement (percent, Cohen's and Fleiss' kappa) and the
   teacher's accuracy against the reviewers. Talks to Argilla through its SDK only
-  (`curation.review_argilla`); the decisions and statistics here are our own code.
+  (`stepwise.review.argilla`); the decisions and statistics here are our own code.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.review_agreement import canonical, majority, question_agreement, teacher_accuracy
+from stepwise.review.agreement import canonical, majority, question_agreement, teacher_accuracy
+
 from stepwise.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
@@ -154,8 +155,7 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
     """Create (or update) the review dataset and send the selected rows; bad rows are reported
     in `review/push_errors.jsonl` and do not stop the others."""
     import argilla as rg
-
-    from curation.review_argilla import (
+    from stepwise.review.argilla import (
         build_record,
         build_settings,
         check_compatible,
@@ -239,7 +239,7 @@ def _send(client: Any, dataset: Any, batch: list[tuple[dict[str, Any], Any]], re
     report the bad records. Uses the SDK's record models and error handling (`bulk_upsert`):
     `records.log` re-parses the returned records and the 2.8 SDK fails on a discarded response
     without values."""
-    from curation.review_argilla import bulk_upsert
+    from stepwise.review.argilla import bulk_upsert
 
     try:
         models = []
@@ -314,7 +314,7 @@ class _Pulled:
 def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, str]:
     """(push.json, dataset, workspace): what this run pushed; the recipe's names only for a run
     pushed before push.json recorded them (or never pushed, for the error message)."""
-    from curation.review_argilla import dataset_name
+    from stepwise.review.argilla import dataset_name
 
     info = _read_json(_review_dir(run) / "push.json") or {}
     return info, info.get("dataset") or dataset_name(recipe), info.get("workspace") or recipe.review.workspace
@@ -322,8 +322,7 @@ def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, st
 
 def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
     import httpx
-
-    from curation.review_argilla import ReviewError, client_for, resolve_connection
+    from stepwise.review.argilla import ReviewError, client_for, resolve_connection
 
     push_info, name, ws = _pushed_target(recipe, run)
     conn = resolve_connection(recipe)
@@ -405,7 +404,7 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
 def review_progress(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     """How far the reviewers are with what this run pushed, overall and per annotator."""
     if not (_review_dir(run) / "push.json").exists():
-        from curation.review_argilla import ReviewError
+        from stepwise.review.argilla import ReviewError
 
         raise ReviewError(f"{_review_dir(run) / 'push.json'}: nothing was pushed from this run "
                           "(`stepwise review push`, or `stepwise run --review argilla`)")
@@ -465,8 +464,8 @@ def decide(
     Pending rows go to `reviewed` only under `accept_policy: submitted_or_pending` or `accept_pending`.
     The rationale of each submitted row is settled by `settle_rationale`."""
     failed = failed or {}
-    from curation.review_argilla import ANSWER_Q, LABEL_Q, NOTE_Q, QUALITY_Q, RATIONALE_Q
-    from curation.validate import Validator
+    from stepwise.curation.validate import Validator
+    from stepwise.review.argilla import ANSWER_Q, LABEL_Q, NOTE_Q, QUALITY_Q, RATIONALE_Q
 
     spec = recipe.review
     take_pending = accept_pending or spec.accept_policy == "submitted_or_pending"

@@ -1,6 +1,6 @@
 """The Argilla side of review: connection, dataset settings, records from curated rows.
 
-Imported only by `curation.review` for `push`/`pull` (the `auto` mode needs no Argilla). Talks
+Imported only by `stepwise.review.stage` for `push`/`pull` (the `auto` mode needs no Argilla). Talks
 to the server only through the `argilla` SDK.
 """
 
@@ -43,7 +43,7 @@ def resolve_connection(recipe: Recipe) -> Connection:
     key = os.environ.get(spec.api_key_env)
     if url and key:
         return Connection(url.rstrip("/"), key, "recipe/env")
-    from argilla_embedded.server import EmbeddedServer
+    from stepwise.argilla_embedded.server import EmbeddedServer
 
     srv = EmbeddedServer()
     info, creds = srv.read_info(), srv.credentials()

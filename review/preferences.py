@@ -5,11 +5,11 @@ teacher's answer kept as `review.teacher_label`) becomes a pair on the same prom
 reviewer's answer is `chosen`, the teacher's is `rejected`. Neither Argilla nor Axolotl turns a
 review round into preference data, so this module does.
 
-Rendering goes through `pipelines.student.training_examples`, the one definition of the student
+Rendering goes through `stepwise.pipelines.student.training_examples`, the one definition of the student
 format, for both answers, so the prompt (system prompt + user turn, `[label]` prefix in
 `multitask`) and the assistant texts are exactly what the SFT export trains on. The teacher's
 rationale argues for the teacher's answer, so it is never on the `chosen` side: when the reviewer
-left it as it was, the row trains label-only (`curation.review.settle_rationale`) and both sides
+left it as it was, the row trains label-only (`stepwise.review.stage.settle_rationale`) and both sides
 are rendered without a rationale (a `[label]` pair in `multitask`, a label-only pair in `cot`);
 when the reviewer rewrote it, `chosen` carries the reviewer's rationale and `rejected` the
 teacher's (in `multitask` also a `[rationale]` pair, in `cot` one pair with both). Examples that
@@ -29,9 +29,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curation.review import rationale_source, training_rationale
-from curation.review_agreement import canonical
-from pipelines.student import training_examples
+from stepwise.pipelines.student import training_examples
+from stepwise.review.agreement import canonical
+from stepwise.review.stage import rationale_source, training_rationale
+
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
@@ -56,7 +57,7 @@ def preference_pairs(row: dict[str, Any], recipe: Recipe) -> list[tuple[str, dic
         return []
     fmt = recipe.training.dss_output
     # `chosen` carries only a rationale written for the reviewer's answer (none when the reviewer
-    # left the teacher's, see `curation.review.settle_rationale`); `rejected` then carries the
+    # left the teacher's, see `stepwise.review.stage.settle_rationale`); `rejected` then carries the
     # teacher's own, so both sides render the same kinds and pair up.
     chosen_rationale = training_rationale(row)
     rejected_rationale = review.get("teacher_rationale", row.get("rationale")) if chosen_rationale else None
