@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from stepwise.io import atomic_write_json, sha256_file, sha256_text
+from stepwise.layout import RunLayout
 
 STAGES = ["generate", "curate", "review", "export", "configs", "train", "eval", "report"]
 
@@ -100,14 +101,15 @@ class StageRecorder:
 class RunDir:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self.layout = RunLayout(self.path)  # every file name inside the run (stepwise.layout)
 
     # -- layout -----------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.layout.manifest
 
     def stage_dir(self, stage: str) -> Path:
-        d = self.path / stage
+        d = self.layout.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -115,7 +117,7 @@ class RunDir:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".manifest.lock", "a+") as lock:
+        with open(self.layout.manifest_lock, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -231,7 +233,7 @@ def create_run(recipe, run_dir: Path | None = None) -> RunDir:
         m.setdefault("stages", {})
 
     run.update_manifest(init)
-    (path / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    run.layout.recipe_copy.write_text(recipe_text, encoding="utf-8")
     _point_latest(root, path)
     return run
 

@@ -1,0 +1,144 @@
+"""The run layout: the one place that names the files inside a run directory (hand-written).
+
+A run lives in `runs/<recipe-name>/<run-id>/`; every stage writes under its own folder there.
+Stages, the pipeline, the report and the CLI ask a `RunLayout` for a path instead of spelling
+`"curate/train.jsonl"` themselves, so a renamed file is renamed in one place, and a newcomer
+finds here what each stage leaves behind.
+
+    lay = RunLayout(run.path)        # or run.layout
+    lay.curated("train")             # <run>/curate/train.jsonl
+    lay.chat("val")                  # <run>/export/val.chat.jsonl
+
+Properties only build paths; nothing here creates folders or touches the disk (a stage that
+writes calls `RunDir.stage_dir(...)` for its folder, which is `layout.stage_dir(...)` created).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The splits curate writes; review and export carry train/val on (test stays for eval).
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    # -- the run itself ------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def manifest_lock(self) -> Path:
+        return self.root / ".manifest.lock"
+
+    @property
+    def recipe_copy(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    # -- generate ------------------------------------------------------------------------------
+    @property
+    def responses(self) -> Path:
+        return self.stage_dir("generate") / "responses.jsonl"
+
+    # -- curate --------------------------------------------------------------------------------
+    def curated(self, split: str) -> Path:
+        """curate/<split>.jsonl for split in train, val, test."""
+        return self.stage_dir("curate") / f"{split}.jsonl"
+
+    @property
+    def curate_rejected(self) -> Path:
+        return self.stage_dir("curate") / "rejected.jsonl"
+
+    @property
+    def funnel(self) -> Path:
+        return self.stage_dir("curate") / "funnel.json"
+
+    # -- review --------------------------------------------------------------------------------
+    @property
+    def reviewed(self) -> Path:
+        return self.stage_dir("review") / "reviewed.jsonl"
+
+    @property
+    def review_rejected(self) -> Path:
+        return self.stage_dir("review") / "rejected.jsonl"
+
+    @property
+    def agreement(self) -> Path:
+        return self.stage_dir("review") / "agreement.json"
+
+    @property
+    def review_push(self) -> Path:
+        return self.stage_dir("review") / "push.json"
+
+    @property
+    def review_progress(self) -> Path:
+        return self.stage_dir("review") / "progress.json"
+
+    # -- export (and preferences, which writes beside it) -------------------------------------
+    def chat(self, split: str) -> Path:
+        """export/<split>.chat.jsonl for split in train, val."""
+        return self.stage_dir("export") / f"{split}.chat.jsonl"
+
+    def lineage(self, name: str) -> Path:
+        """export/<name>.lineage.jsonl: which source row each written example came from."""
+        return self.stage_dir("export") / f"{name}.lineage.jsonl"
+
+    @property
+    def overlong(self) -> Path:
+        return self.stage_dir("export") / "overlong.jsonl"
+
+    def preferences(self, split: str) -> Path:
+        """export/preferences.jsonl (train) or export/preferences.val.jsonl."""
+        return self.stage_dir("export") / ("preferences.jsonl" if split == "train" else f"preferences.{split}.jsonl")
+
+    # -- configs / train -----------------------------------------------------------------------
+    @property
+    def configs_dir(self) -> Path:
+        return self.stage_dir("configs")
+
+    @property
+    def train_dir(self) -> Path:
+        return self.stage_dir("train")
+
+    def train_output(self, name: str) -> Path:
+        """train/<config name>/: one training run's output (adapter, checkpoints)."""
+        return self.train_dir / name
+
+    @property
+    def prepared(self) -> Path:
+        return self.train_dir / "prepared"
+
+    # -- eval ----------------------------------------------------------------------------------
+    @property
+    def eval_dir(self) -> Path:
+        return self.stage_dir("eval")
+
+    @property
+    def task_report(self) -> Path:
+        return self.eval_dir / "task.json"
+
+    @property
+    def task_predictions(self) -> Path:
+        return self.eval_dir / "task_predictions.jsonl"
+
+    @property
+    def forgetting_report(self) -> Path:
+        return self.eval_dir / "forgetting.json"
+
+    @property
+    def forgetting_items(self) -> Path:
+        return self.eval_dir / "forgetting_items.jsonl"
