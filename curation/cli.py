@@ -14,7 +14,7 @@ console = Console(stderr=True)
 
 
 def _run(recipe_path: Path, run_dir: Path | None):
-    from stepwise.cli import EXIT_BAD_INPUT, load_or_exit
+    from stepwise.cli_support import EXIT_BAD_INPUT, load_or_exit
     from stepwise.rundir import resolve_run
 
     recipe = load_or_exit(recipe_path)
@@ -27,7 +27,7 @@ def _run(recipe_path: Path, run_dir: Path | None):
 
 
 def _bad_input(exc: Exception) -> typer.Exit:
-    from stepwise.cli import EXIT_BAD_INPUT
+    from stepwise.cli_support import EXIT_BAD_INPUT
 
     console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_BAD_INPUT)
@@ -83,13 +83,13 @@ def register(app: typer.Typer) -> None:
 
         from stepwise.curation.curate import TooFewTrainRows, run_curate
 
-        from stepwise.cli import EXIT_STOPPED
+        from stepwise.cli_support import EXIT_STOPPED
 
         r, run = _run(recipe, run_dir)
         try:
             report = _call_reporting(run_curate, r, run)
         except TooFewTrainRows as exc:  # the files are written: show the funnel, then why it stopped
-            print_funnel(json.loads((run.path / "curate" / "funnel.json").read_text(encoding="utf-8")))
+            print_funnel(json.loads((run.layout.funnel).read_text(encoding="utf-8")))
             console.print(f"[yellow]stopped[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_STOPPED) from None
         print_funnel(report)

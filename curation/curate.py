@@ -205,7 +205,7 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     """Read responses, curate, write the stage files and the manifest entry; return the funnel.
     Raises TooFewTrainRows (after writing the files) when fewer than `curation.min_train_rows`
     training rows survive."""
-    responses = run.path / "generate" / "responses.jsonl"
+    responses = run.layout.responses
     if not responses.exists():
         raise DataFileError(f"{responses}: file not found (run `stepwise generate` first)")
     inputs = [responses]
@@ -223,15 +223,15 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
             raise DataFileError("\n".join(bad_labels))
         n_in = len(rows)
         splits, funnel = curate_rows(rows, recipe, test_rows)
-        out = run.stage_dir("curate")
+        run.stage_dir("curate")
         paths = {}
         for name in ("train", "val", "test"):
-            paths[name] = out / f"{name}.jsonl"
+            paths[name] = run.layout.curated(name)
             atomic_write_jsonl(paths[name], splits[name])
-        paths["rejected"] = out / "rejected.jsonl"
+        paths["rejected"] = run.layout.curate_rejected
         atomic_write_jsonl(paths["rejected"], funnel.rejected)
         report = funnel_report(funnel, splits, n_in, "data.test_file" if test_rows else "split")
-        paths["funnel"] = out / "funnel.json"
+        paths["funnel"] = run.layout.funnel
         atomic_write_json(paths["funnel"], report)
         st.outputs(*paths.values())
         st.counts(responses=n_in, train=len(splits["train"]), val=len(splits["val"]), test=len(splits["test"]),

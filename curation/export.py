@@ -64,16 +64,15 @@ def export_rows(row: dict[str, Any], recipe: Recipe) -> list[tuple[str, list[dic
 
 
 def _source_rows(run: RunDir) -> tuple[dict[str, list[dict[str, Any]]], list[Path], str]:
-    reviewed = run.path / "review" / "reviewed.jsonl"
+    reviewed = run.layout.reviewed
     if run.stage_status("review") == "waiting":
-        raise DataFileError(f"{run.path / 'review' / 'progress.json'}: the review is waiting for reviewers; pull "
+        raise DataFileError(f"{run.layout.review_progress}: the review is waiting for reviewers; pull "
                             "again when they are done (`stepwise review pull`, or `--accept-pending`)")
     if run.stage_status("review") == "done" and reviewed.exists():
         rows = [r for _, r in iter_jsonl(reviewed)]
         return {"train": [r for r in rows if r.get("split", "train") == "train"],
                 "val": [r for r in rows if r.get("split") == "val"]}, [reviewed], "review"
-    cur = run.path / "curate"
-    paths = [cur / "train.jsonl", cur / "val.jsonl"]
+    paths = [run.layout.curated("train"), run.layout.curated("val")]
     for p in paths:
         if not p.exists():
             raise DataFileError(f"{p}: file not found (run `stepwise curate` first)")
@@ -89,7 +88,7 @@ def run_export(recipe: Recipe, run: RunDir, counter: TokenCounter | None = None)
     params = {"dss_output": recipe.training.dss_output, "sequence_len": seq_len,
               "system_prompt": recipe.task.system_prompt, "tokenizer": tokenizer_name}
     with run.stage("export", inputs=inputs, params=params) as st:
-        out = run.stage_dir("export")
+        run.stage_dir("export")
         overlong: list[dict[str, Any]] = []
         summary: dict[str, Any] = {"source": source, "dss_output": recipe.training.dss_output,
                                    "tokenizer": tokenizer_name, "sequence_len": seq_len}
@@ -111,12 +110,12 @@ def run_export(recipe: Recipe, run: RunDir, counter: TokenCounter | None = None)
                     chat.append({"messages": messages})
                     lineage.append({"id": row["id"], "kind": kind, "rationale_source": rationale_source(row)})
                     kinds[kind] = kinds.get(kind, 0) + 1
-            chat_path, lin_path = out / f"{name}.chat.jsonl", out / f"{name}.lineage.jsonl"
+            chat_path, lin_path = run.layout.chat(name), run.layout.lineage(name)
             atomic_write_jsonl(chat_path, chat)
             atomic_write_jsonl(lin_path, lineage)
             written += [chat_path, lin_path]
             summary[name] = {"rows": len(rows), "examples": len(chat), "kinds": kinds}
-        over_path = out / "overlong.jsonl"
+        over_path = run.layout.overlong
         atomic_write_jsonl(over_path, overlong)
         written.append(over_path)
         summary.update(max_tokens=longest, suggested_sequence_len=max(64, math.ceil(longest / 64) * 64),

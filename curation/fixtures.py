@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stepwise.io import atomic_write_jsonl, canonical_json, iter_records
+from stepwise.layout import RunLayout
 from stepwise.recipe import Recipe
 
 
@@ -64,6 +65,6 @@ def simulated_responses(recipe: Recipe, wrong_share: float = 0.0, seed: int = 0,
 
 
 def write_responses(run_path: Path, rows: list[dict[str, Any]]) -> Path:
-    path = Path(run_path) / "generate" / "responses.jsonl"
+    path = RunLayout(Path(run_path)).responses
     atomic_write_jsonl(path, rows)
     return path

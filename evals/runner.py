@@ -150,7 +150,7 @@ def in_domain_benchmarks(recipe: Recipe, run: RunDir) -> set[str]:
     mix = curate.get("general_mix") or {}
     found.update(mix.get("in_domain_benchmarks") or [])
     files: set[str] = set()
-    train = run.path / "curate" / "train.jsonl"
+    train = run.layout.curated("train")
     if train.exists():
         for _, row in iter_jsonl(train):
             general = row.get("general")
@@ -188,7 +188,7 @@ def run_eval(
             base_ref = resolve_model(base or recipe.training.base_model)
         except (FileNotFoundError, ValueError) as exc:
             outcome.notes.append(f"student vs base skipped: {exc}")
-    test_path = run.path / "curate" / "test.jsonl"
+    test_path = run.layout.curated("test")
     inputs = [p for p in (test_path,) if p.exists()]
     params = {"model": student.identity(), "base": base_ref.identity() if base_ref else None, "eval": recipe.eval.model_dump(),
               "skip_task": skip_task, "skip_forgetting": skip_forgetting, "compare_base": compare_base}
@@ -224,9 +224,9 @@ def run_eval(
                     if report["base_comparison"] is not None:
                         outcome.outputs += [eval_dir / BASE_REPORT, eval_dir / BASE_PREDICTIONS]
                 atomic_write_jsonl(predictions_path(eval_dir), preds)
-                atomic_write_json(eval_dir / "task.json", report)
+                atomic_write_json(run.layout.task_report, report)
                 outcome.task = report
-                outcome.outputs += [eval_dir / "task.json", predictions_path(eval_dir)]
+                outcome.outputs += [run.layout.task_report, predictions_path(eval_dir)]
         # -- forgetting --------------------------------------------------------------------------
         if not fspec.enabled:
             outcome.gate_verdict, outcome.gate_reason = NOT_CONFIGURED, "eval.forgetting.enabled is false"
@@ -290,10 +290,10 @@ def run_eval(
                                        if missing else "" if rep["benchmarks"] else "no benchmark was measured")
                 items = [{"benchmark": n, "doc_index": i, "before": b, "after": a}
                          for n in both for i, (b, a) in enumerate(zip(before[n]["items"], after[n]["items"], strict=True))]
-                atomic_write_jsonl(eval_dir / "forgetting_items.jsonl", items)
-                atomic_write_json(eval_dir / "forgetting.json", rep)
+                atomic_write_jsonl(run.layout.forgetting_items, items)
+                atomic_write_json(run.layout.forgetting_report, rep)
                 outcome.forgetting = rep
-                outcome.outputs += [eval_dir / "forgetting.json", eval_dir / "forgetting_items.jsonl"]
+                outcome.outputs += [run.layout.forgetting_report, run.layout.forgetting_items]
         st.outputs(*outcome.outputs)
         st.extra(gate=outcome.gate, notes=outcome.notes)
         if outcome.task:

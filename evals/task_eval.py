@@ -25,6 +25,7 @@ from stepwise.pipelines.parsing import LabelMatcher, parse_answer
 from stepwise.pipelines.student import inference_messages, inference_parse_format
 
 from stepwise.io import canonical_json, read_jsonl
+from stepwise.layout import RunLayout
 from stepwise.recipe import Recipe
 
 
@@ -57,7 +58,7 @@ def _norm_input(value: Any) -> str:
 
 def training_files(run_path: Path) -> list[Path]:
     """Files whose rows the student was trained on: curated train (+ reviewed rows when present)."""
-    return [p for p in (run_path / "curate" / "train.jsonl", run_path / "review" / "reviewed.jsonl") if p.exists()]
+    return [p for p in (RunLayout(run_path).curated("train"), RunLayout(run_path).reviewed) if p.exists()]
 
 
 def check_contamination(run_path: Path, test_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,7 +170,7 @@ def evaluate_task(
 
 
 def load_test_rows(run_path: Path) -> list[dict[str, Any]]:
-    path = run_path / "curate" / "test.jsonl"
+    path = RunLayout(run_path).curated("test")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no test split; run `stepwise curate` first (or `--skip-task`)")
     return read_jsonl(path)

@@ -107,7 +107,7 @@ def stop(state_dir: Path | None = typer.Option(None, help="State dir of the serv
 
 
 def _recipe_and_run(recipe: Path, run_dir: Path | None):
-    from stepwise.cli import load_or_exit
+    from stepwise.cli_support import load_or_exit
     from stepwise.rundir import resolve_run
 
     r = load_or_exit(recipe)
@@ -181,8 +181,8 @@ def auto(
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    typer.echo(f"review (auto): {summary['counts']['auto_accepted']} rows accepted -> {run.path / 'review'}")
-    pushed = run.path / "review" / "push.json"
+    typer.echo(f"review (auto): {summary['counts']['auto_accepted']} rows accepted -> {run.layout.stage_dir('review')}")
+    pushed = run.layout.review_push
     if pushed.exists():  # asked for explicitly, but the reviews made in Argilla must not vanish unsaid
         typer.echo(f"warning: {pushed} records rows pushed to Argilla; their reviews are NOT used. "
                    "`stepwise review pull` applies them.", err=True)

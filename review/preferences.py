@@ -77,14 +77,14 @@ def run_export_preferences(recipe: Recipe, run: RunDir) -> dict[str, Any]:
 
     Raises DataFileError when the review has not run, NoCorrections (after writing empty files and
     recording zero pairs) when no reviewer corrected anything."""
-    reviewed = run.path / "review" / "reviewed.jsonl"
+    reviewed = run.layout.reviewed
     if run.stage_status("review") != "done" or not reviewed.exists():
         raise DataFileError(f"{reviewed}: no finished review (run `stepwise review pull` first); preference pairs "
                             "come from rows reviewers corrected")
     rows = [r for _, r in iter_jsonl(reviewed)]
     params = {"dss_output": recipe.training.dss_output, "system_prompt": recipe.task.system_prompt,
               "format": DPO_DATASET_TYPE}
-    out_dir = run.stage_dir("export")
+    run.stage_dir("export")
     summary: dict[str, Any] = {"reviewed_rows": len(rows), "dss_output": recipe.training.dss_output,
                                "format": DPO_DATASET_TYPE}
     with run.stage("preferences", inputs=[reviewed], params=params) as st:
@@ -102,7 +102,7 @@ def run_export_preferences(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                     lineage.append({"id": row["id"], "kind": kind, "chosen": row["label"],
                                     "rejected": row["review"]["teacher_label"],
                                     "rationale_source": rationale_source(row)})
-            path, lin = out_dir / f"{name}.jsonl", out_dir / f"{name}.lineage.jsonl"
+            path, lin = run.layout.preferences(split), run.layout.lineage(name)
             atomic_write_jsonl(path, pairs)
             atomic_write_jsonl(lin, lineage)
             written += [path, lin]
@@ -116,5 +116,5 @@ def run_export_preferences(recipe: Recipe, run: RunDir) -> dict[str, Any]:
             f"no preference pairs in the train split: {corrected} of {len(rows)} reviewed rows carry a reviewer's "
             f"correction ({summary['val']} val pairs). DPO learns from rows whose answer a reviewer changed in "
             "Argilla (`review.mode: argilla`, then `stepwise review pull`); wrote an empty "
-            f"{out_dir / 'preferences.jsonl'}")
+            f"{run.layout.preferences('train')}")
     return summary
