@@ -133,7 +133,7 @@ def _subset(rows: list[InputRow], n: int, seed: int, stratify: bool) -> list[Inp
 def generation_params(recipe: Recipe) -> dict[str, Any]:
     t = recipe.teacher
     params = {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens}
-    if t.provider == "transformers":
+    if t.provider in ("transformers", "llamacpp"):
         params["seed"] = t.seed
     return params
 
@@ -165,6 +165,10 @@ def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
     t = recipe.teacher
     params = generation_params(recipe)
     constraint = constraint_fingerprint(recipe.task, t)
+    if t.provider == "llamacpp" and t.constrained_decoding:
+        from stepwise.pipelines.grammar import grammar_fingerprint
+
+        constraint = grammar_fingerprint(recipe.task, t.format, t.max_new_tokens)
     messages = [build_messages(recipe.task, r.input, t.format) for r in rows]
     chains = [
         [[request_key(t.provider, t.model, m, params, constraint, s, attempt=a) for a in range(t.max_attempts)]
@@ -182,7 +186,7 @@ def price_fn(recipe: Recipe):
 def reasks_allowed(recipe: Recipe, retry_unparsed: bool, offline: bool) -> bool:
     """Whether malformed answers may be asked again now (a greedy local teacher would repeat itself)."""
     t = recipe.teacher
-    return retry_unparsed and not offline and not (t.provider == "transformers" and t.temperature == 0)
+    return retry_unparsed and not offline and not (t.provider in ("transformers", "llamacpp") and t.temperature == 0)
 
 
 def sample_seed(recipe: Recipe, attempt: int) -> int:
@@ -329,6 +333,9 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
         budget = new_budget(plan, cache, cap)
         if todo:
             try:
+                if ray and recipe.teacher.provider == "llamacpp":
+                    raise GenerateError("--ray: the llamacpp teacher runs in this process (one model, one KV "
+                                        "cache); run without --ray")
                 if ray:
                     from stepwise.pipelines.ray_runner import run_with_ray
 
@@ -425,6 +432,13 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
             return run_sync_batches(generate, jobs, cache,
                                     model=t.model, batch_size=t.batch_size, price=price_fn(recipe), budget=budget,
                                     on_progress=on_progress)
+        if t.provider == "llamacpp":
+            from stepwise.pipelines.llamacpp_llm import LlamaCppError, run_llamacpp
+
+            try:
+                return run_llamacpp(recipe, jobs, cache, budget, price_fn(recipe), on_progress)
+            except LlamaCppError as exc:  # bad GGUF, rejected grammar, missing extra: the recipe's to fix
+                raise GenerateError(str(exc)) from None
         llm = build_openai_llm(recipe)
         kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p,
                   **server_params(recipe.task, t)}

@@ -130,8 +130,9 @@ class Price(StrictModel):
 
 
 class TeacherSpec(StrictModel):
-    provider: Literal["openai", "transformers"] = Field(
-        "openai", description="`openai` (any OpenAI-compatible server via base_url) or local `transformers`."
+    provider: Literal["openai", "transformers", "llamacpp"] = Field(
+        "openai", description=("`openai` (any OpenAI-compatible server via base_url), local `transformers`, or "
+                               "`llamacpp` (a GGUF in process; `pip install 'stepwise[llamacpp]'`).")
     )
     model: str = Field(description="Model name (server) or local path / known name (`smollm2-135m-instruct`).")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp...).")
@@ -156,6 +157,10 @@ class TeacherSpec(StrictModel):
     cache: str | None = Field(None, description="Response cache path (default: <runs root>/teacher_cache.sqlite).")
     device: str = Field("cpu", description="Device for local transformers teachers.")
     batch_size: int = Field(4, ge=1, le=512, description="Batch size for local transformers teachers.")
+    n_threads: int | None = Field(None, ge=1, le=1024, description=(
+        "CPU threads of the llamacpp teacher (default: one per free physical core)."))
+    n_ctx: int = Field(4096, ge=256, le=1048576, description=(
+        "Context window of the llamacpp teacher, in tokens (longest prompt + max_new_tokens must fit)."))
     seed: int = Field(0, description="Sampling seed for local teachers (re-asks of malformed answers add the attempt).")
     tokenizer: str | None = Field(None, description=(
         "Tokenizer that counts prompt tokens for `stepwise estimate` and the cost cap: a local HF tokenizer "

