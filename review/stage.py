@@ -320,6 +320,16 @@ def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, st
     return info, info.get("dataset") or dataset_name(recipe), info.get("workspace") or recipe.review.workspace
 
 
+def unpushed_ids(run: RunDir) -> list[str]:
+    """Curated rows that a `send: all` push should have sent but did not: curation ran again after
+    the push and made rows Argilla has never seen. Pulling past them would train them unreviewed."""
+    info = _read_json(_review_dir(run) / "push.json") or {}
+    if not info or info.get("send", "all") != "all":
+        return []  # a sample leaves rows out on purpose
+    known = set(info.get("pushed_ids") or []) | set((info.get("failed") or {}).keys())
+    return [str(r.get("id")) for r in load_curated(run) if str(r.get("id")) not in known]
+
+
 def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
     import httpx
     from stepwise.review.argilla import ReviewError, client_for, resolve_connection
@@ -366,6 +376,12 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
         log(f"review: {out / 'push.json'} records {len(pulled.pushed)} rows pushed to '{pulled.name}': pulling "
             "their reviews (review.mode is auto)")
     allow_pending = accept_pending or recipe.review.accept_policy == "submitted_or_pending"
+    never_pushed = unpushed_ids(run)
+    if never_pushed and not allow_pending:
+        raise ReviewPending(
+            f"{len(never_pushed)} curated rows (e.g. {never_pushed[0]}) were never sent to Argilla: curation ran again "
+            f"after the push; run `stepwise review push` to send them (reviews already given are kept), or "
+            f"`--accept-pending` to train them unreviewed", {"never_pushed": len(never_pushed)})
     params = {"mode": "argilla", "dataset": pulled.name, "workspace": pulled.workspace,
               "min_submitted": recipe.review.min_submitted, "accept_policy": recipe.review.accept_policy,
               "accept_pending": accept_pending}

@@ -125,6 +125,12 @@ def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     try:
         summary = rv.pull(recipe, run, accept_pending=opts.accept_pending)
     except rv.ReviewPending as exc:
+        fresh = exc.progress.get("never_pushed")
+        if fresh:  # curation ran again after the push: its new rows go to the reviewers first
+            report = rv.push(recipe, run)
+            raise StageStopped(f"pushed {fresh} curated rows Argilla had not seen (curation changed after the "
+                               f"last push; {report.sent} records sent, earlier reviews kept); when reviewers are "
+                               f"done run `stepwise run {recipe.source_path} --from review` to pull") from None
         raise StageStopped(f"review: {exc}") from None
     c = summary["counts"]
     return (f"{c['submitted']} submitted ({c['corrected']} corrected, {c['rationale_dropped_after_correction']} "

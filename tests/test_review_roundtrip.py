@@ -306,3 +306,42 @@ def test_pull_from_a_dataset_made_before_the_rationale_question(env, tmp_path: P
     assert summary["counts"]["corrected"] == 1 and summary["counts"]["rationale_dropped_after_correction"] == 1
     fixed = next(r for r in read_jsonl(run.path / "review" / "reviewed.jsonl") if r["id"] == "row-0001")
     assert fixed["label"] == "general" and fixed["rationale"] is None
+
+
+def test_rows_curated_after_the_push_go_to_reviewers_not_straight_to_training(env, tmp_path: Path) -> None:
+    """`send: all` pushed 4 rows, all reviewed; curation then ran again and made 2 more. A pull
+    must not auto-accept those 2 as "not sampled": `review pull` stops naming them, and
+    `stepwise run --from review` pushes them and stops (exit 3) until they are reviewed."""
+    import argilla as rg
+    from typer.testing import CliRunner
+
+    from stepwise.cli import app
+
+    name = f"late-{uuid.uuid4().hex[:6]}"
+    rows = [curated_row(i) for i in range(6)]
+    recipe, run = make_run(tmp_path, rows=rows[:4], dataset=name)
+    runner = CliRunner()
+    run_cmd = ["run", str(recipe.source_path), "--run-dir", str(run.path), "--from", "review", "--until", "review",
+               "--no-progress"]
+    assert runner.invoke(app, run_cmd).exit_code == 3  # pushed 4
+    (ann,) = make_annotators(env, 1, recipe.review.workspace)
+    ann_client = rg.Argilla(api_url=env.url, api_key=ann["api_key"], timeout=120)
+    ds = env.client().datasets(name, workspace=recipe.review.workspace)
+    for rec in ds.records(with_responses=False):
+        sdk_answer(ann_client, rec, ann["id"], "submitted", label="billing")
+    # curation runs again: two rows Argilla has never seen
+    with open(run.path / "curate" / "train.jsonl", "a", encoding="utf-8") as fh:
+        for r in rows[4:]:
+            fh.write(json.dumps(r) + "\n")
+
+    res = runner.invoke(app, ["review", "pull", str(recipe.source_path), "--run-dir", str(run.path)])
+    assert res.exit_code == 3, res.output
+    assert "2 curated rows" in res.output and "never sent to Argilla" in " ".join(res.output.split())
+    assert not (run.path / "review" / "reviewed.jsonl").exists()
+
+    res = runner.invoke(app, run_cmd)
+    assert res.exit_code == 3 and "pushed 2 curated rows" in " ".join(res.output.split()), res.output
+    assert len(list(ds.records(with_responses=False))) == 6
+    # the 4 earlier reviews survive the re-push; now the 2 new rows are what is pending
+    res = runner.invoke(app, run_cmd)
+    assert res.exit_code == 3 and "4 of 6 reviewed" in " ".join(res.output.split()), res.output
