@@ -68,3 +68,21 @@ def test_recorded_teacher_cache_covers_every_input(tmp_path, example, recipe_fil
     n_inputs = sum(1 for _ in (dst / "data" / Path(recipe.data.inputs).name).open())
     expected = min(n_inputs, recipe.data.limit or n_inputs)
     assert gen["counts"]["rows"] == expected
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_example_test_file_ids_are_its_own(path):
+    """A bundled example's test file does not reuse ids of its inputs, so curating it raises no
+    "data.test_file reuses N ids" warning on the user's console."""
+    import json
+
+    recipe = load_recipe(path)
+    if not recipe.data.test_file or not recipe.data.id_field:
+        pytest.skip("no test file with ids")
+
+    def ids(rel: str) -> set[str]:
+        lines = (path.parent / rel).read_text(encoding="utf-8").splitlines()
+        return {str(json.loads(line)[recipe.data.id_field]) for line in lines if line.strip()}
+
+    shared = ids(recipe.data.inputs) & ids(recipe.data.test_file)
+    assert not shared, f"{path}: test_file reuses {len(shared)} input ids, e.g. {sorted(shared)[:3]}"
