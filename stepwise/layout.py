@@ -49,6 +49,10 @@ class RunLayout:
     def report_html(self) -> Path:
         return self.root / "report.html"
 
+    def error_log(self, stage: str) -> Path:
+        """<stage>.error.txt: the traceback of a stage `stepwise run` saw fail."""
+        return self.root / f"{stage}.error.txt"
+
     # -- generate ------------------------------------------------------------------------------
     @property
     def responses(self) -> Path:
@@ -109,6 +113,10 @@ class RunLayout:
     @property
     def configs_dir(self) -> Path:
         return self.stage_dir("configs")
+
+    def config_file(self, name: str) -> Path:
+        """configs/<name>.yaml: one generated training config."""
+        return self.configs_dir / f"{name}.yaml"
 
     @property
     def train_dir(self) -> Path:
