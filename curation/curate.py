@@ -10,7 +10,6 @@ val, test or rejected; `funnel.json` says how many went where and why.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from stepwise.io import (
     DataFileError,
     atomic_write_json,
     atomic_write_jsonl,
-    canonical_json,
     iter_jsonl,
     iter_records,
 )
+from stepwise.io import row_id as content_row_id
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
 
@@ -63,7 +62,7 @@ def row_id(recipe: Recipe, raw: dict[str, Any], inp: Any) -> str:
     field = recipe.data.id_field
     if field and raw.get(field) is not None:
         return str(raw[field])
-    return "r-" + hashlib.sha256(canonical_json(inp).encode()).hexdigest()[:16]
+    return content_row_id(inp)
 
 
 def read_test_file(recipe: Recipe) -> list[dict[str, Any]]:

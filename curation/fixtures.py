@@ -13,7 +13,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from stepwise.io import atomic_write_jsonl, canonical_json, iter_records
+from stepwise.io import atomic_write_jsonl, iter_records
+from stepwise.io import row_id as content_row_id
 from stepwise.layout import RunLayout
 from stepwise.recipe import Recipe
 
@@ -49,7 +50,7 @@ def simulated_responses(recipe: Recipe, wrong_share: float = 0.0, seed: int = 0,
             inp = {f: raw[f] for f in recipe.task.input_fields if f in raw}
             gold = raw.get(recipe.data.label_field) if recipe.data.label_field else None
             rid = str(raw[recipe.data.id_field]) if recipe.data.id_field and recipe.data.id_field in raw \
-                else "r-" + hashlib.sha256(canonical_json(inp).encode()).hexdigest()[:16]
+                else content_row_id(inp)
             label = gold
             if recipe.task.is_classification and rng.random() < wrong_share:
                 label = rng.choice([c for c in recipe.task.label_set if c != gold])

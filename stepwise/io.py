@@ -149,3 +149,10 @@ def sha256_text(text: str) -> str:
 def canonical_json(obj: Any) -> str:
     """Key-sorted, whitespace-free JSON: equal meaning -> equal string (used for hashing)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def row_id(inp: Any) -> str:
+    """The id of a row whose data names none: `r-` + 12 hex characters of its input's hash. The one
+    derivation generate, curate (test files) and the fixtures share; runs and teacher caches
+    recorded with it keep their ids."""
+    return "r-" + sha256_text(canonical_json(inp))[:12]
