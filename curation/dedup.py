@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 from stepwise.curation.funnel import Rejection, StepOutcome
 from stepwise.curation.text import answer_text, normalize, split_input, text_hash
+from stepwise.pipelines.parsing import status_rank
 
 from stepwise.recipe import Recipe, RecipeError
-
-_STATUS_RANK = {"ok": 0, "missing_rationale": 1}
 
 
 def rank_key(keep: str) -> Callable[[tuple[int, dict[str, Any]]], tuple]:
@@ -33,7 +32,7 @@ def rank_key(keep: str) -> Callable[[tuple[int, dict[str, Any]]], tuple]:
         if keep == "earliest":
             return (order,)
         agreement = row.get("agreement")
-        return (_STATUS_RANK.get(row.get("parse_status"), 9), -(agreement if agreement is not None else 0.0), order)
+        return (status_rank(row.get("parse_status")), -(agreement if agreement is not None else 0.0), order)
 
     return key
 

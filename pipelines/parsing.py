@@ -16,6 +16,16 @@ from stepwise.recipe import TaskSpec
 
 PARSE_STATUSES = ("ok", "missing_rationale", "missing_answer", "invalid_label", "invalid_json", "error")
 
+# How well-formed an answer is, best first: the one ranking generate (which sample or attempt to
+# keep) and curation's dedup (which duplicate to keep) both use. `not_run`: never asked.
+_STATUS_RANK = {"ok": 0, "missing_rationale": 1, "invalid_label": 2, "invalid_json": 2, "missing_answer": 3,
+                "error": 4, "not_run": 5}
+
+
+def status_rank(status: str | None) -> int:
+    """Lower is better; an unknown status ranks last."""
+    return _STATUS_RANK.get(status or "", 9)
+
 _RATIONALE = re.compile(r"<rationale>(.*?)</rationale>", re.DOTALL | re.IGNORECASE)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)

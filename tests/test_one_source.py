@@ -43,3 +43,20 @@ def test_rows_without_an_id_field_get_the_same_id_in_generate_curate_and_fixture
     assert all(rid.startswith("r-") and len(rid) == 14 for rid in generated)
     assert read_test_file(recipe)[0]["id"] == generated[1]
     assert [r["id"] for r in simulated_responses(recipe)] == generated
+
+
+def test_dedup_keeps_the_answer_generate_would_keep():
+    """One status ranking: between two answers, curation's dedup (keep: best) and generate's choice
+    among samples pick the same parse status, whichever comes first."""
+    from itertools import permutations
+
+    from stepwise.curation.dedup import rank_key
+    from stepwise.pipelines.generate import _self_consistency
+    from stepwise.pipelines.parsing import PARSE_STATUSES
+
+    for a, b in permutations(PARSE_STATUSES, 2):
+        rows = [(0, {"parse_status": a}), (1, {"parse_status": b})]
+        kept_by_dedup = min(rows, key=rank_key("best"))[1]["parse_status"]
+        samples = [{"parse_status": a, "label": None}, {"parse_status": b, "label": None}]
+        kept_by_generate = _self_consistency(samples)[0]["parse_status"]
+        assert kept_by_dedup == kept_by_generate, (a, b)
