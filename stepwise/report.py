@@ -16,16 +16,24 @@ fewer than MIN_TRAIN_ROWS rows, a benchmark scored fewer than MIN_BENCHMARK_ITEM
 test split has fewer than MIN_TEST_ITEMS items. This is the report's reading only; the gate's exit
 code is `stepwise eval`'s. Per-class tables beyond MAX_CLASS_ROWS classes show the worst classes
 first and fold the rest behind a <details> toggle.
+
+Hand-written: what each section reads and computes (plain values). Library: the HTML comes from the
+Jinja2 templates in stepwise/templates/report/ (package data: page.html.j2, report.css, one
+sections/<name>.html.j2 per section), rendered with autoescape on, so run data (labels, notes,
+model names) is always text; the only markup passed in is matplotlib's inline SVG.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import jinja2
+from markupsafe import Markup
 
 from stepwise.io import atomic_write_text, read_jsonl
 from stepwise.recipe import Recipe
@@ -38,20 +46,6 @@ MIN_TEST_ITEMS = 20
 MIN_BENCHMARK_ITEMS = 20
 MAX_CLASS_ROWS = 20  # per-class rows shown before the rest fold behind a toggle
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2733;padding:0 1rem}
-h1{margin-bottom:.2rem}h2{border-bottom:2px solid #e3e8ee;padding-bottom:.3rem;margin-top:2.2rem}
-table{border-collapse:collapse;margin:.6rem 0}td,th{border:1px solid #d8dee6;padding:.3rem .6rem;text-align:left;font-size:.92rem}
-th{background:#f3f6f9}.ok{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}.muted{color:#6b7785}
-.warn{color:#b26a00;font-weight:600}.grid{display:flex;flex-wrap:wrap;gap:1.5rem;align-items:flex-start}
-.card{background:#f8fafc;border:1px solid #e3e8ee;border-radius:8px;padding:.8rem 1rem}
-code{background:#f3f6f9;padding:.1rem .3rem;border-radius:4px}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
 
 def _read_json(path: Path) -> Any:
     try:
@@ -60,14 +54,26 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _svg(fig) -> str:
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    # Autoescape everything: run data (labels, teacher text, file names) never becomes markup. The one
+    # trusted fragment is matplotlib's SVG, passed in as Markup.
+    return jinja2.Environment(loader=jinja2.PackageLoader("stepwise", "templates/report"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+
+
+def _render(template: str, **ctx: Any) -> Markup:
+    return Markup(_env().get_template(template).render(**ctx).strip())
+
+
+def _svg(fig) -> Markup:
     import matplotlib.pyplot as plt
 
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.find("<svg"):]
+    return Markup(text[text.find("<svg"):])
 
 
 def _plt():
@@ -80,28 +86,22 @@ def _plt():
     return plt
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _missing(what: str) -> Markup:
+    return _render("sections/missing.html.j2", what=what)
 
 
-def _missing(what: str) -> str:
-    return f'<p class="muted">{_e(what)} has not run yet in this run.</p>'
+# -- sections: each reads its stage's files and renders sections/<name>.html.j2 --------------------
 
 
-# -- sections ------------------------------------------------------------------------------------
-
-
-def _stages(run: RunDir) -> str:
+def _stages(run: RunDir) -> Markup:
     """Status, seconds and detail as `stepwise run` printed them (the manifest's `pipeline` record),
     else the stage's own record; the report's row is this page, still being written."""
     m = run.read_manifest()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in STAGES:
         info = m.get("stages", {}).get(name) or {}
         if name == "report":
-            rows.append([_e(name), '<span class="muted">this page</span>', "", ""])
+            rows.append({"name": name, "this_page": True})
             continue
         ran = info.get("pipeline") or {}
         status = effective_status(info) if info.get("status") else "pending"
@@ -115,8 +115,9 @@ def _stages(run: RunDir) -> str:
             secs += f" (inputs unchanged; took {ran['earlier_wall_s']:.1f} when it ran)"
         if name == "generate" and secs:
             secs += _replay_note(info)
-        rows.append([_e(name), f'<span class="{cls}">{_e(status)}</span>', _e(secs), _e(detail[:300])])
-    return _table(["stage", "status", "seconds", "detail"], rows)
+        rows.append({"name": name, "this_page": False, "cls": cls, "status": status, "secs": secs,
+                     "detail": detail[:300]})
+    return _render("sections/stages.html.j2", rows=rows)
 
 
 def _replay_note(info: dict[str, Any]) -> str:
@@ -130,9 +131,9 @@ def _replay_note(info: dict[str, Any]) -> str:
     return ""
 
 
-def _teacher(run: RunDir) -> str:
+def _teacher(run: RunDir) -> Markup:
     info = run.stage_info("generate")
-    path = run.path / "generate" / "responses.jsonl"
+    path = run.layout.responses
     if not info or not path.exists():
         return _missing("generate")
     rows = read_jsonl(path)
@@ -141,26 +142,26 @@ def _teacher(run: RunDir) -> str:
         statuses[r["parse_status"]] = statuses.get(r["parse_status"], 0) + 1
     t, c, tok = info.get("teacher", {}), info.get("cost", {}), info.get("tokens", {})
     cache = info.get("cache", {})
-    facts = _table(["", ""], [
-        ["teacher", _e(f"{t.get('provider')}:{t.get('model')}" + (f" @ {t['base_url']}" if t.get("base_url") else ""))],
-        ["format / samples per input", _e(f"{t.get('format')} / {t.get('num_rationales')}")],
+    facts = [
+        ["teacher", f"{t.get('provider')}:{t.get('model')}" + (f" @ {t['base_url']}" if t.get("base_url") else "")],
+        ["format / samples per input", f"{t.get('format')} / {t.get('num_rationales')}"],
         ["rows", len(rows)],
-        ["prompt / completion tokens", _e(f"{tok.get('input', 0):,} / {tok.get('output', 0):,}")],
-        ["cost (all responses / paid this run)", _e(f"${c.get('total_usd', 0):.4f} / ${c.get('this_run_usd', 0):.4f}")],
-        ["cache hits / requests sent / failed", _e(f"{cache.get('hits', 0)} / {cache.get('requests_sent', 0)} / "
-                                                   f"{cache.get('failed', 0)}")],
-    ])
+        ["prompt / completion tokens", f"{tok.get('input', 0):,} / {tok.get('output', 0):,}"],
+        ["cost (all responses / paid this run)", f"${c.get('total_usd', 0):.4f} / ${c.get('this_run_usd', 0):.4f}"],
+        ["cache hits / requests sent / failed", f"{cache.get('hits', 0)} / {cache.get('requests_sent', 0)} / "
+                                                f"{cache.get('failed', 0)}"],
+    ]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 2.4))
     names = sorted(statuses, key=lambda k: -statuses[k])
     ax.barh(names, [statuses[n] for n in names], color=["#2e7d32" if n == "ok" else "#c77700" for n in names])
     ax.invert_yaxis()
     ax.set_title("parse status of teacher responses")
-    return f'<div class="grid"><div class="card">{facts}</div><div>{_svg(fig)}</div></div>'
+    return _render("sections/teacher.html.j2", facts=facts, svg=_svg(fig))
 
 
-def _funnel(run: RunDir) -> str:
-    funnel = _read_json(run.path / "curate" / "funnel.json")
+def _funnel(run: RunDir) -> Markup:
+    funnel = _read_json(run.layout.funnel)
     if not funnel:
         return _missing("curate")
     steps = funnel.get("steps", [])
@@ -172,23 +173,28 @@ def _funnel(run: RunDir) -> str:
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     ax.set_title(f"curation funnel: {funnel.get('responses')} teacher responses -> kept {funnel.get('kept')}")
-    rows = [[_e(s["step"]), s["in"], s["out"],
-             _e(", ".join(f"{k}: {v}" for k, v in s.get("removed", {}).items()) or "-")
-             + "".join(f"; kept after repair ({_e(k)}): {_e(v)}" for k, v in (s.get("repaired") or {}).items())]
+    rows = [[s["step"], s["in"], s["out"],
+             (", ".join(f"{k}: {v}" for k, v in s.get("removed", {}).items()) or "-")
+             + "".join(f"; kept after repair ({k}): {v}" for k, v in (s.get("repaired") or {}).items())]
             for s in steps]
     acc = funnel.get("teacher_accuracy") or {}
-    extra = (f"<p>Teacher accuracy against gold labels: <b>{acc['accuracy']:.1%}</b> "
-             f"({acc.get('agree')}/{acc.get('rows_with_gold')}).</p>" if acc.get("accuracy") is not None else "")
     decon = next((s for s in steps if s["step"] == "decontaminate"), None)
+    refs = ""
     if decon and decon.get("references"):
         refs = ", ".join(f"{k} ({v.get('rows')} rows)" for k, v in decon["references"].items())
-        extra += f"<p>Decontaminated against: {_e(refs)}; dropped: {_e(decon.get('dropped_against') or 'none')}.</p>"
-    return _svg(fig) + _table(["step", "in", "out", "removed (reason: rows)"], rows) + extra + \
-        '<p>Every removed row is in <a href="curate/rejected.jsonl">curate/rejected.jsonl</a> with its reason.</p>'
+    return _render("sections/funnel.html.j2", svg=_svg(fig), rows=rows, accuracy=acc.get("accuracy"),
+                   agree=acc.get("agree"), rows_with_gold=acc.get("rows_with_gold"), decontaminated=refs,
+                   dropped_against=(decon or {}).get("dropped_against") or "none",
+                   rejected=_rel(run, run.layout.curate_rejected))
 
 
-def _balance(run: RunDir) -> str:
-    funnel = _read_json(run.path / "curate" / "funnel.json") or {}
+def _rel(run: RunDir, path: Path) -> str:
+    """A link from report.html (at the run's root) to a file of the run."""
+    return path.relative_to(run.path).as_posix()
+
+
+def _balance(run: RunDir) -> Markup:
+    funnel = _read_json(run.layout.funnel) or {}
     step = next((s for s in funnel.get("steps", []) if s["step"] == "balance"), None)
     if not step or "histogram_before" not in step:
         return _missing("class balance (classification only)")
@@ -213,47 +219,38 @@ def _balance(run: RunDir) -> str:
     ax.legend()
     ax.set_title("train label distribution")
     ratio = (max(after.values()) / max(1, min(after.values()))) if after else 0
-    return _svg(fig) + f"<p>Largest / smallest class after balance: {ratio:.2f} (the seeds warn at 10:1).</p>"
+    return _render("sections/balance.html.j2", svg=_svg(fig), ratio=ratio)
 
 
-def _dedup(run: RunDir) -> str:
-    funnel = _read_json(run.path / "curate" / "funnel.json") or {}
+def _dedup(run: RunDir) -> Markup:
+    funnel = _read_json(run.layout.funnel) or {}
     steps = [s for s in funnel.get("steps", []) if s["step"].startswith("dedup")]
     if not steps:
         return _missing("dedup")
     rows = []
     for s in steps:
         params = {k: v for k, v in s.items() if k not in ("step", "in", "out", "removed")}
-        rows.append([_e(s["step"]), s["in"], s["out"], sum(s.get("removed", {}).values()), _e(json.dumps(params))[:160]])
+        rows.append([s["step"], s["in"], s["out"], sum(s.get("removed", {}).values()), json.dumps(params)[:160]])
     sizes: dict[int, int] = {}
-    train = run.path / "curate" / "train.jsonl"
+    train = run.layout.curated("train")
     if train.exists():
         for r in read_jsonl(train):
             n = int(r.get("dedup_cluster_size") or 1)
             sizes[n] = sizes.get(n, 0) + 1
-    extra = ""
-    if sizes:
-        extra = "<p>Kept rows by cluster size: " + _e(", ".join(f"{k}: {v}" for k, v in sorted(sizes.items()))) + "</p>"
-    return _table(["step", "in", "out", "removed", "settings"], rows) + extra
+    return _render("sections/dedup.html.j2", rows=rows,
+                   sizes=", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
 
 
-def _review(run: RunDir) -> str:
-    agreement = _read_json(run.path / "review" / "agreement.json")
+def _review(run: RunDir) -> Markup:
+    agreement = _read_json(run.layout.agreement)
     if not agreement:
         return _missing("review")
-    counts = agreement.get("counts", {})
-    rows = [[_e(k), _e(v)] for k, v in counts.items()]
-    out = f"<p>Mode: <b>{_e(agreement.get('mode'))}</b></p>" + _table(["", "rows"], rows)
-    questions = agreement.get("questions") or {}
-    if questions:
-        qrows = []
-        for q, stats in questions.items():
-            if isinstance(stats, dict):
-                qrows.append([_e(q)] + [_e(_fmt(stats.get(k))) for k in ("agreement", "cohen_kappa", "fleiss_kappa")])
-        out += _table(["question", "agreement", "Cohen's kappa", "Fleiss' kappa"], qrows)
-    if agreement.get("teacher_accuracy") is not None:
-        out += f"<p>Teacher accuracy against reviewers: <b>{_fmt(agreement['teacher_accuracy'])}</b></p>"
-    return out
+    questions = [[q] + [_fmt(stats.get(k)) for k in ("agreement", "cohen_kappa", "fleiss_kappa")]
+                 for q, stats in (agreement.get("questions") or {}).items() if isinstance(stats, dict)]
+    acc = agreement.get("teacher_accuracy")
+    return _render("sections/review.html.j2", mode=agreement.get("mode"),
+                   counts=[[k, v] for k, v in agreement.get("counts", {}).items()], questions=questions,
+                   teacher_accuracy=None if acc is None else _fmt(acc))
 
 
 def _fmt(v: Any) -> str:
@@ -264,8 +261,8 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _training(run: RunDir) -> str:
-    train_dir = run.path / "train"
+def _training(run: RunDir) -> Markup:
+    train_dir = run.layout.train_dir
     curves = sorted(p for p in train_dir.glob("*/loss.csv")) if train_dir.exists() else []
     if not curves:
         return _missing("train")
@@ -281,15 +278,15 @@ def _training(run: RunDir) -> str:
             ax.plot(*zip(*train, strict=True), marker="o", label=f"{path.parent.name} train")
         if evals:
             ax.plot(*zip(*evals, strict=True), marker="s", linestyle="--", label=f"{path.parent.name} eval")
-        rows.append([_e(path.parent.name), len(train), f"{train[-1][1]:.4f}" if train else "-",
-                     f"{evals[-1][1]:.4f}" if evals else "-",
-                     f'<a href="train/{_e(path.parent.name)}/train.log">log</a>, '
-                     f'<a href="train/{_e(path.parent.name)}/loss.csv">loss.csv</a>'])
+        rows.append({"name": path.parent.name, "steps": len(train),
+                     "last_train": f"{train[-1][1]:.4f}" if train else "-",
+                     "last_eval": f"{evals[-1][1]:.4f}" if evals else "-",
+                     "log": _rel(run, path.parent / "train.log"), "loss_csv": _rel(run, path)})
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     ax.set_title("training loss")
-    return _svg(fig) + _table(["config", "steps", "last train loss", "last eval loss", "files"], rows)
+    return _render("sections/training.html.j2", svg=_svg(fig), rows=rows)
 
 
 def _train_rows(run: RunDir) -> int | None:
@@ -317,87 +314,65 @@ def _too_little(run: RunDir, *, test_items: int | None = None, benchmark_items: 
     return why
 
 
-def _too_little_html(why: list[str]) -> str:
-    return f'<span class="warn">too little data to judge</span> ({_e("; ".join(why))})'
-
-
-def _task(run: RunDir) -> str:
-    task = _read_json(run.path / "eval" / "task.json")
+def _task(run: RunDir) -> Markup:
+    task = _read_json(run.layout.task_report)
     if not task:
         return _missing("task evaluation")
-    headline = task.get("headline") or {}
-    rows = []
-    for name, v in headline.items():
+    headline = []
+    for name, v in (task.get("headline") or {}).items():
         if isinstance(v, dict):
             lo, hi = v.get("ci_low", v.get("low")), v.get("ci_high", v.get("high"))
             ci = f"[{lo:.3f}, {hi:.3f}]" if isinstance(lo, float) and isinstance(hi, float) else "-"
-            rows.append([_e(name), _fmt(v.get("value")), ci])
+            headline.append([name, _fmt(v.get("value")), ci])
         else:
-            rows.append([_e(name), _fmt(v), "-"])
+            headline.append([name, _fmt(v), "-"])
     n = task.get("n", task.get("items"))
-    out = f"<p>Model: <code>{_e(task.get('model', {}).get('label') if isinstance(task.get('model'), dict) else task.get('model'))}</code>, "
-    out += f"{_e(n if n is not None else '?')} test items.</p>"
+    model = task.get("model")
     why = _too_little(run, test_items=n if isinstance(n, int) else None)
-    if why:
-        out += f"<p>{_too_little_html(why)}: the intervals below are too wide to rank models.</p>"
-    out += _table(["metric", "value", "95% CI (bootstrap)"], rows)
-    for fix, count in (task.get("repairs") or {}).items():
-        if count:
-            out += f"<p>Repaired before scoring: {_e(fix)} on {_e(count)} of {_e(n)} answers.</p>"
-    out += _base_comparison(task.get("base_comparison"), why)
     per_class = (task.get("metrics") or {}).get("per_class") or task.get("per_class")
-    if isinstance(per_class, dict):
-        out += _per_class(per_class)
-    return out
+    return _render("sections/task.html.j2", model=model.get("label") if isinstance(model, dict) else model,
+                   n=n if n is not None else "?", why=why, headline=headline,
+                   repairs=[(fix, count) for fix, count in (task.get("repairs") or {}).items() if count],
+                   comparison=_base_comparison(task.get("base_comparison")),
+                   per_class=_per_class(per_class) if isinstance(per_class, dict) else None)
 
 
-def _per_class(per_class: dict[str, Any]) -> str:
-    """Per-class table; beyond MAX_CLASS_ROWS classes, the worst (lowest F1, then most support)
+def _per_class(per_class: dict[str, Any]) -> dict[str, Any]:
+    """Per-class rows; beyond MAX_CLASS_ROWS classes, the worst (lowest F1, then most support)
     first and the rest behind a toggle, so 150 classes do not push the other sections away."""
     items = [(c, m) for c, m in per_class.items() if isinstance(m, dict)]
-    headers = ["class", "precision", "recall", "F1", "support"]
 
     def row(c: str, m: dict[str, Any]) -> list[str]:
-        return [_e(c), _fmt(m.get("precision")), _fmt(m.get("recall")), _fmt(m.get("f1")), _e(m.get("support", ""))]
+        return [c, _fmt(m.get("precision")), _fmt(m.get("recall")), _fmt(m.get("f1")), str(m.get("support", ""))]
 
-    if len(items) <= MAX_CLASS_ROWS:
-        return _table(headers, [row(c, m) for c, m in items])
-    items.sort(key=lambda cm: (float(cm[1].get("f1") or 0.0), -int(cm[1].get("support") or 0), cm[0]))
+    if len(items) > MAX_CLASS_ROWS:
+        items.sort(key=lambda cm: (float(cm[1].get("f1") or 0.0), -int(cm[1].get("support") or 0), cm[0]))
     head, rest = items[:MAX_CLASS_ROWS], items[MAX_CLASS_ROWS:]
-    return (f"<p>{len(items)} classes; the {MAX_CLASS_ROWS} with the lowest F1 first.</p>"
-            + _table(headers, [row(c, m) for c, m in head])
-            + f"<details><summary>the other {len(rest)} classes</summary>"
-            + _table(headers, [row(c, m) for c, m in rest]) + "</details>")
+    return {"total": len(items), "shown": [row(c, m) for c, m in head], "rest": [row(c, m) for c, m in rest]}
 
 
-def _base_comparison(comp: dict | None, too_little: list[str] | None = None) -> str:
+def _base_comparison(comp: dict | None) -> dict[str, Any] | None:
     """Student vs base on the same test items (eval.task.compare_base)."""
     if not isinstance(comp, dict) or not comp.get("metrics"):
-        return ""
+        return None
     rows = []
     for name, m in comp["metrics"].items():
         lo, hi = (m.get("delta_ci") or [None, None])[:2]
         ci = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" if isinstance(lo, float) and isinstance(hi, float) else "-"
         delta = f"{100 * m['delta']:+.1f}" if isinstance(m.get("delta"), float) else "-"
-        rows.append([_e(name), _fmt(m.get("base")), _fmt(m.get("student")), delta, ci, _e(m.get("verdict", ""))])
-    if too_little:
-        verdict = f"{_too_little_html(too_little)}; the comparison says: <span class='muted'>"
-    else:
-        verdict = '<span class="ok">' if comp.get("learned") else '<span class="bad">'
-    out = (f"<p>Student vs base model <code>{_e(comp.get('base'))}</code> on the same {_e(comp.get('n_paired'))} "
-           f"test items: {verdict}{_e(comp.get('summary', ''))}</span></p>")
-    return out + _table(["metric", "base", "student", "student - base (pts)", "95% CI (paired bootstrap)", "verdict"],
-                        rows)
+        rows.append([name, _fmt(m.get("base")), _fmt(m.get("student")), delta, ci, m.get("verdict", "")])
+    return {"base": comp.get("base"), "n_paired": comp.get("n_paired"), "learned": bool(comp.get("learned")),
+            "summary": comp.get("summary", ""), "rows": rows}
 
 
 _GATE_TEXT = {"passed": ("ok", "PASSED"), "failed": ("bad", "FAILED"), "not_measured": ("bad", "NOT MEASURED"),
               "not_configured": ("muted", "not configured"), "skipped": ("muted", "skipped")}
 
 
-def _forgetting(run: RunDir) -> str:
+def _forgetting(run: RunDir) -> Markup:
     from stepwise.evals.runner import recorded_gate
 
-    report = _read_json(run.path / "eval" / "forgetting.json")
+    report = _read_json(run.layout.forgetting_report)
     if not run.stage_info("eval"):
         return _missing("forgetting evaluation")
     gate = recorded_gate(run)  # the verdict the last eval recorded, as `stepwise run` reads it
@@ -407,23 +382,7 @@ def _forgetting(run: RunDir) -> str:
     items = list(benches.items() if isinstance(benches, dict) else ((b.get("name"), b) for b in benches))
     why = _too_little(run, benchmark_items={n: int(b.get("n") or 0) for n, b in items}) if verdict_key in (
         "passed", "failed") else []
-    if why and verdict_key == "passed":
-        verdict = f"{_too_little_html(why)}; the gate's own verdict: <span class='muted'>passed</span>"
-    else:
-        verdict = f'<span class="{cls}">{_e(text)}</span>'
-        if why:
-            verdict += f" ({_e('; '.join(why))})"
     max_drop = gate.get("max_drop", ((report or {}).get("gate") or {}).get("max_drop"))
-    out = f"<p>Gate: {verdict}" + (f" (max drop {_e(max_drop)})" if max_drop is not None else "")
-    if gate.get("reason") and not gate.get("not_measured"):  # those are listed one per line below
-        out += f": {_e(gate['reason'])}"
-    out += "</p>"
-    for name, reason in (gate.get("not_measured") or {}).items():
-        out += f"<p class='bad'>{_e(name)}: not measured ({_e(reason)})</p>"
-    if not report:
-        return out
-    if verdict_key in ("skipped", "not_configured"):
-        out += "<p class='muted'>The table below is from an earlier forgetting eval of this run.</p>"
     rows, names, before, after = [], [], [], []
     for name, b in items:
         bf, af = b.get("before", {}), b.get("after", {})
@@ -433,10 +392,11 @@ def _forgetting(run: RunDir) -> str:
         before.append(float(bv or 0))
         after.append(float(av or 0))
         flag = " (in-domain: mixed into training)" if b.get("in_domain") else ""
-        rows.append([_e(name) + _e(flag), _e(b.get("n", "")), _fmt(bv), _fmt(av),
-                     _fmt(b.get("abs_change", b.get("delta"))), _fmt(b.get("rel_change")),
-                     '<span class="bad">drop</span>' if b.get("failed") else "ok"])
-    if names:
+        rows.append({"name": f"{name}{flag}", "n": b.get("n", ""), "before": _fmt(bv), "after": _fmt(av),
+                     "change": _fmt(b.get("abs_change", b.get("delta"))), "relative": _fmt(b.get("rel_change")),
+                     "failed": bool(b.get("failed"))})
+    svg: Markup | str = ""
+    if report and names:
         plt = _plt()
         import numpy as np
 
@@ -448,34 +408,32 @@ def _forgetting(run: RunDir) -> str:
         ax.set_ylim(0, 1)
         ax.legend()
         ax.set_title("general benchmarks before / after fine-tuning")
-        out += _svg(fig)
-    out += _table(["benchmark", "questions", "before", "after", "change", "relative", "gate"], rows)
-    for tip in gate.get("mitigations") or report.get("mitigations") or []:
-        out += f"<p class='muted'>- {_e(tip)}</p>"
-    return out
+        svg = _svg(fig)
+    return _render(
+        "sections/forgetting.html.j2", too_little_pass=bool(why) and verdict_key == "passed", why=why, cls=cls,
+        verdict=text, max_drop=max_drop,
+        reason=gate.get("reason") if not gate.get("not_measured") else None,  # those are listed one per line
+        not_measured=list((gate.get("not_measured") or {}).items()), has_report=bool(report),
+        earlier=verdict_key in ("skipped", "not_configured"), svg=svg, rows=rows,
+        mitigations=gate.get("mitigations") or (report or {}).get("mitigations") or [])
 
 
-def _notes(run: RunDir) -> str:
+def _notes(run: RunDir) -> Markup:
     """Every note a stage recorded (the same list `stepwise run` prints under its table)."""
     stages = run.read_manifest().get("stages", {})
     notes = [(name, str(n)) for name in STAGES for n in (stages.get(name) or {}).get("notes") or []]
-    if not notes:
-        return '<p class="muted">No stage recorded a note.</p>'
-    return "<ul>" + "".join(f"<li><b>{_e(stage)}</b>: {_e(n)}</li>" for stage, n in notes) + "</ul>"
+    return _render("sections/notes.html.j2", notes=notes)
 
 
-def _artifacts(run: RunDir) -> str:
-    links = []
-    for rel in ["manifest.json", "recipe.yaml", "generate/responses.jsonl", "curate/funnel.json", "curate/train.jsonl",
-                "curate/val.jsonl", "curate/test.jsonl", "curate/rejected.jsonl", "review/reviewed.jsonl",
-                "review/agreement.json", "export/train.chat.jsonl", "export/val.chat.jsonl", "eval/task.json",
-                "eval/forgetting.json"]:
-        if (run.path / rel).exists():
-            links.append(f'<li><a href="{_e(rel)}">{_e(rel)}</a></li>')
-    for cfg in sorted((run.path / "configs").glob("*.yaml")) if (run.path / "configs").exists() else []:
-        rel = cfg.relative_to(run.path)
-        links.append(f'<li><a href="{_e(rel)}">{_e(rel)}</a> (Axolotl config)</li>')
-    return "<ul>" + "".join(links) + "</ul>"
+def _artifacts(run: RunDir) -> Markup:
+    lay = run.layout
+    files = [lay.manifest, lay.recipe_copy, lay.responses, lay.funnel, lay.curated("train"), lay.curated("val"),
+             lay.curated("test"), lay.curate_rejected, lay.reviewed, lay.agreement, lay.chat("train"),
+             lay.chat("val"), lay.task_report, lay.forgetting_report]
+    links = [(_rel(run, p), "") for p in files if p.exists()]
+    configs = lay.configs_dir
+    links += [(_rel(run, cfg), "Axolotl config") for cfg in (sorted(configs.glob("*.yaml")) if configs.exists() else [])]
+    return _render("sections/artifacts.html.j2", links=links)
 
 
 SECTIONS = [
@@ -488,24 +446,20 @@ SECTIONS = [
 
 def render_report(recipe: Recipe, run: RunDir) -> str:
     m = run.read_manifest()
-    body = []
+    sections = []
     for title, fn in SECTIONS:
         try:
             content = fn(run)
         except Exception as exc:  # noqa: BLE001 - a broken section must not hide the others
-            content = f'<p class="bad">could not render: {_e(type(exc).__name__)}: {_e(exc)}</p>'
-        anchor = title.lower().replace(" ", "-")
-        body.append(f'<section id="{anchor}"><h2>{_e(title)}</h2>{content}</section>')
-    return (
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>stepwise: {_e(recipe.name)}</title>"
-        f"<style>{CSS}</style></head><body><h1>stepwise run: {_e(recipe.name)}</h1>"
-        f"<p class='muted'>run {_e(m.get('run_id'))}, created {_e(m.get('created'))}, updated {_e(m.get('updated'))}. "
-        f"{_e(recipe.description or '')}</p>" + "".join(body) + "</body></html>"
-    )
+            content = _render("sections/error.html.j2", error_type=type(exc).__name__, error=str(exc))
+        sections.append({"title": title, "anchor": title.lower().replace(" ", "-"), "html": content})
+    return _env().get_template("page.html.j2").render(
+        name=recipe.name, run_id=m.get("run_id"), created=m.get("created"), updated=m.get("updated"),
+        description=recipe.description or "", sections=sections)
 
 
 def write_report(recipe: Recipe, run: RunDir) -> Path:
-    path = run.path / "report.html"
+    path = run.layout.report_html
     with run.stage("report", inputs=[run.manifest_path]) as st:
         atomic_write_text(path, render_report(recipe, run))
         st.outputs(path)

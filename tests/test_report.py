@@ -146,3 +146,33 @@ def test_student_vs_base_over_few_test_items_says_so(write_recipe, tmp_path):
     html = _section(render_report(recipe, run), "task-metrics")
     assert "too little data to judge" in html and "5 test items" in html
     assert '<span class="ok">the student beats the base' not in html
+
+
+def test_report_is_rendered_from_packaged_autoescaped_templates(write_recipe, tmp_path):
+    """report.html comes from Jinja2 templates shipped as package data, with autoescape on: run data
+    that looks like markup (a class name, a note, a model label) is shown as text, never run."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from stepwise import report
+
+    env = report._env()
+    assert env.autoescape is True
+    root = Path(report.__file__).parent
+    globs = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["stepwise"]
+    templates = sorted(p.relative_to(root).as_posix() for p in (root / "templates").rglob("*") if p.is_file())
+    assert "templates/report/page.html.j2" in templates
+    assert all(any(fnmatch.fnmatch(t, g) for g in globs) for t in templates), (templates, globs)
+    for name in env.list_templates():  # every template parses
+        env.get_template(name)
+
+    evil = "<script>alert(1)</script>"
+    per_class = {evil: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3}}
+    task = {"model": evil, "n": 30, "per_class": per_class, "headline": {"accuracy": {"value": 0.9}}}
+    recipe, run = _run_with(write_recipe, tmp_path, train_rows=500, gate=None, task=task, notes=[evil])
+    html = render_report(recipe, run)
+    assert "<script>" not in html
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert escaped in _section(html, "task-metrics") and escaped in _section(html, "notes")
+    assert html.startswith("<!doctype html>") and "<style>body{" in html
