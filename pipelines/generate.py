@@ -295,7 +295,7 @@ def build_local_llm(recipe: Recipe, load: bool = True):
 
     t = recipe.teacher
     regex = dss_regex(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
-    llm = LocalTransformersLLM(model=t.model, device=t.device, seed=t.seed, regex=regex)
+    llm = LocalTransformersLLM(model=t.model, device=t.device, seed=t.seed, regex=regex, n_threads=t.n_threads)
     if load:
         llm.load()
     return llm

@@ -20,6 +20,7 @@ class LocalTransformersLLM(LLM):
     device: str = "cpu"
     seed: int = 0
     regex: str | None = None
+    n_threads: int | None = None  # torch intra-op threads while generating (None: torch's default)
 
     _tokenizer: Any = PrivateAttr(None)
     _model: Any = PrivateAttr(None)
@@ -63,6 +64,19 @@ class LocalTransformersLLM(LLM):
         self, inputs: list[Any], num_generations: int = 1, max_new_tokens: int = 128,
         temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None, **_: Any,
     ) -> list[dict[str, Any]]:
+        import torch
+
+        # Set only around generation and restored after: torch's thread count is process-wide.
+        before = torch.get_num_threads()
+        if self.n_threads:
+            torch.set_num_threads(self.n_threads)
+        try:
+            return self._generate(inputs, num_generations, max_new_tokens, temperature, top_p, seed)
+        finally:
+            torch.set_num_threads(before)
+
+    def _generate(self, inputs: list[Any], num_generations: int, max_new_tokens: int, temperature: float,
+                  top_p: float, seed: int | None) -> list[dict[str, Any]]:
         import torch
 
         prompts = [self.render(list(messages)) for messages in inputs]

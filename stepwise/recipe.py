@@ -158,7 +158,8 @@ class TeacherSpec(StrictModel):
     device: str = Field("cpu", description="Device for local transformers teachers.")
     batch_size: int = Field(4, ge=1, le=512, description="Batch size for local transformers teachers.")
     n_threads: int | None = Field(None, ge=1, le=1024, description=(
-        "CPU threads of the llamacpp teacher (default: one per free physical core)."))
+        "CPU threads of a local teacher: llamacpp (default: one per free physical core) or transformers "
+        "(default: torch's; set it to 1 per free core when other work shares the CPU, as torch's threads spin)."))
     n_ctx: int = Field(4096, ge=256, le=1048576, description=(
         "Context window of the llamacpp teacher, in tokens (longest prompt + max_new_tokens must fit)."))
     seed: int = Field(0, description="Sampling seed for local teachers (re-asks of malformed answers add the attempt).")

@@ -200,3 +200,21 @@ def test_missing_extra_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
     with pytest.raises(GenerateError, match=re.escape("pip install 'stepwise[llamacpp]'")):
         run_generate(recipe, create_run(recipe, tmp_path / "run"), progress=False)
+
+
+def test_transformers_teacher_threads_only_while_generating(tmp_path, monkeypatch):
+    """teacher.n_threads also bounds the transformers teacher's torch threads, and only during generation
+    (torch's setting is process-wide)."""
+    import torch
+    from stepwise.pipelines.generate import build_local_llm
+    from stepwise.pipelines.local_llm import LocalTransformersLLM
+
+    path = write(tmp_path)
+    path.write_text(path.read_text().replace("provider: llamacpp", "provider: transformers"))
+    recipe = load_recipe(path)
+    seen = []
+    monkeypatch.setattr(LocalTransformersLLM, "_generate", lambda self, *a: seen.append(torch.get_num_threads()) or [])
+    torch.set_num_threads(2)
+    llm = build_local_llm(recipe, load=False)
+    llm.generate([[{"role": "user", "content": "x"}]])
+    assert seen == [1] and torch.get_num_threads() == 2
