@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stepwise.pipelines.student import training_examples
+from stepwise.pipelines.tokens import CHARS_PER_TOKEN, approx_tokens
 from stepwise.review.stage import rationale_source, training_rationale
 
 from stepwise.io import DataFileError, atomic_write_jsonl, iter_jsonl
@@ -41,9 +42,9 @@ def student_token_counter(recipe: Recipe) -> tuple[TokenCounter, str]:
 
         tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(recipe.training.base_model)))
     except Exception as exc:  # noqa: BLE001 - any failure to load falls back to an estimate, loudly
-        warnings.warn(f"export: could not load the student tokenizer ({exc}); estimating 1 token per 3 chars",
-                      stacklevel=2)
-        return (lambda msgs: math.ceil(sum(len(m["content"]) + 8 for m in msgs) / 3)), "estimate"
+        warnings.warn(f"export: could not load the student tokenizer ({exc}); estimating ~{CHARS_PER_TOKEN} "
+                      "characters per token", stacklevel=2)
+        return approx_tokens, "estimate"
 
     def count(msgs: list[dict[str, str]]) -> int:
         if getattr(tok, "chat_template", None):

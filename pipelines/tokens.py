@@ -38,9 +38,19 @@ class PromptCounter:
         return sum(len(m["content"].encode("utf-8")) + 4 for m in messages) + 3
 
 
+# The one guess where no tokenizer is at hand (teacher prompts, the student's sequence_len check,
+# OpenAI fine-tuning files): ~4 characters per token, the usual figure for English under BPE.
+CHARS_PER_TOKEN = 4
+
+
+def guess_tokens(text: str) -> int:
+    """Tokens of `text` by the character guess, rounded up."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
 def approx_tokens(messages: Messages) -> int:
-    """~4 characters per token plus per-message overhead (used where no tokenizer is known)."""
-    return sum(len(m["content"]) // 4 + 4 for m in messages) + 3
+    """The character guess plus per-message overhead (used where no tokenizer is known)."""
+    return sum(guess_tokens(m["content"]) + 4 for m in messages) + 3
 
 
 def hf_chat_counter(name_or_path: str) -> Callable[[Messages], int]:

@@ -60,3 +60,26 @@ def test_dedup_keeps_the_answer_generate_would_keep():
         samples = [{"parse_status": a, "label": None}, {"parse_status": b, "label": None}]
         kept_by_generate = _self_consistency(samples)[0]["parse_status"]
         assert kept_by_dedup == kept_by_generate, (a, b)
+
+
+def test_every_token_guess_is_the_same_guess():
+    """Where no tokenizer is at hand, the teacher prompt estimate, export's sequence_len check and
+    the OpenAI fine-tuning file check guess alike (they used 4 chars floored, 3 chars + 8 and 4
+    chars rounded up)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from stepwise.curation.export import student_token_counter
+    from stepwise.pipelines.tokens import approx_tokens, guess_tokens
+    from stepwise.training.openai_ft import TokenCounter
+
+    chat = [{"role": "system", "content": "s" * 41}, {"role": "user", "content": "u" * 402}]
+    no_tokenizer = SimpleNamespace(training=SimpleNamespace(base_model="/nonexistent/student"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_count, name = student_token_counter(no_tokenizer)
+    assert name == "estimate" and caught
+    assert export_count(chat) == approx_tokens(chat) == guess_tokens("s" * 41) + guess_tokens("u" * 402) + 11
+    openai = TokenCounter("gpt-4o-mini")
+    openai._enc = None  # as offline, without tiktoken's encoding file
+    assert openai.text("u" * 402) == guess_tokens("u" * 402) == 101
