@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
         from stepwise.evals.runner import gate_summary, run_eval
         from stepwise.evals.task_eval import ContaminationError
 
-        from stepwise.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, load_or_exit
+        from stepwise.cli_support import EXIT_BAD_INPUT, EXIT_GATE_FAILED, load_or_exit
         from stepwise.rundir import resolve_run
 
         r = load_or_exit(recipe)
@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
         time per run, with paired significance tests against the first run."""
         from stepwise.evals.compare import compare_runs, write_compare
 
-        from stepwise.cli import EXIT_BAD_INPUT
+        from stepwise.cli_support import EXIT_BAD_INPUT
 
         try:
             result = compare_runs(runs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from stepwise.cli import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_STOPPED, console, load_or_exit
+from stepwise.cli_support import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_STOPPED, console, load_or_exit
 from stepwise.io import DataFileError
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
