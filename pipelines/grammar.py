@@ -3,7 +3,8 @@
 Hand-written: the DSS grammar, the exact equivalent of `constraints.dss_regex` (same tags, same
 rationale length bound, labels as string literals). Library: structured (`task.structured: json`)
 answers get their JSON grammar from llama-cpp-python's port of llama.cpp's JSON-schema-to-grammar
-converter, applied to `constraints.json_schema`'s answer schema, inside the same tags.
+converter, applied to `constraints.json_schema`'s answer schema, inside the same tags; hand-written
+again: a bounded OpenSearch query subset for `validator: opensearch_query_dsl`.
 
 Rule names are fixed here and never derived from labels: GBNF rule names allow only [a-zA-Z0-9-].
 """
@@ -55,11 +56,41 @@ def _answer_json_rules(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Hand-written: a bounded subset of the OpenSearch search request body for `validator:
+# opensearch_query_dsl`. The vendored spec converts (after bundling and workarounds) but is far too
+# permissive for a small model (a dozen optional flags, endless arrays), and the converter ignores
+# minProperties/maxProperties, so "one query type per clause" would not hold. Here every clause holds
+# exactly one query type on one field: match/term/range/match_all leaves, bool with must/filter/
+# should/must_not lists of 1-4 leaves, optional size 0-100 and sort of 1-2 fields. Field names are
+# identifiers, not checked against the row's mapping (one grammar serves every row).
+OPENSEARCH_SUBSET_GBNF = r"""dss-answer-json ::= "{" ws "\"query\"" ws ":" ws os-query os-size? os-sort? ws "}"
+os-size ::= ws "," ws "\"size\"" ws ":" ws ([0-9] | [1-9] [0-9] | "100")
+os-sort ::= ws "," ws "\"sort\"" ws ":" ws "[" ws os-sort-item (ws "," ws os-sort-item)? ws "]"
+os-sort-item ::= "{" ws os-field ws ":" ws "{" ws "\"order\"" ws ":" ws ("\"asc\"" | "\"desc\"") ws "}" ws "}"
+os-query ::= os-leaf | os-bool
+os-leaf ::= os-match | os-term | os-range | os-match-all
+os-match ::= "{" ws "\"match\"" ws ":" ws "{" ws os-field ws ":" ws os-scalar ws "}" ws "}"
+os-term ::= "{" ws "\"term\"" ws ":" ws "{" ws os-field ws ":" ws os-scalar ws "}" ws "}"
+os-range ::= "{" ws "\"range\"" ws ":" ws "{" ws os-field ws ":" ws "{" ws os-bound (ws "," ws os-bound)? ws "}" ws "}" ws "}"
+os-bound ::= ("\"gte\"" | "\"gt\"" | "\"lte\"" | "\"lt\"") ws ":" ws os-scalar
+os-match-all ::= "{" ws "\"match_all\"" ws ":" ws "{" ws "}" ws "}"
+os-bool ::= "{" ws "\"bool\"" ws ":" ws "{" ws os-clause (ws "," ws os-clause){0,3} ws "}" ws "}"
+os-clause ::= ("\"must\"" | "\"filter\"" | "\"should\"" | "\"must_not\"") ws ":" ws "[" ws os-leaf (ws "," ws os-leaf){0,3} ws "]"
+os-field ::= "\"" [a-zA-Z_] [a-zA-Z0-9_.]{0,39} "\""
+os-scalar ::= os-string | os-number | "true" | "false"
+os-string ::= "\"" [^"\\<\n]{0,48} "\""
+os-number ::= "-"? [0-9]{1,12} ("." [0-9]{1,6})?
+ws ::= " "?
+"""
+
+
 def dss_gbnf(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
     """The whole output: `<rationale>…</rationale><answer>label|json</answer>` (or the answer alone)."""
     if task.is_classification:
         answer = "dss-label"
         extra = "dss-label ::= " + " | ".join(gbnf_literal(c) for c in task.label_set) + "\n"
+    elif task.validator == "opensearch_query_dsl":
+        answer, extra = "dss-answer-json", OPENSEARCH_SUBSET_GBNF
     else:
         answer = "dss-answer-json"
         extra = _answer_json_rules(task, fmt, max_new_tokens)
@@ -74,7 +105,7 @@ def dss_gbnf(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
 def grammar_fingerprint(task: TaskSpec, fmt: str, max_new_tokens: int) -> dict[str, Any]:
     """The cache key's constraint for this provider: the grammar text for classification; for JSON
     answers the schema the converter turns into one (so planning needs no llama.cpp import)."""
-    if task.is_classification:
+    if task.is_classification or task.validator == "opensearch_query_dsl":
         return {"gbnf": dss_gbnf(task, fmt, max_new_tokens)}
     lo, hi = rationale_bounds(max_new_tokens, False)
     return {"gbnf_dss": {"format": fmt, "rationale": [lo, hi], "string_max": max(8, max_new_tokens // 2)},

@@ -218,3 +218,26 @@ def test_transformers_teacher_threads_only_while_generating(tmp_path, monkeypatc
     llm = build_local_llm(recipe, load=False)
     llm.generate([[{"role": "user", "content": "x"}]])
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+@pytest.mark.slow
+def test_opensearch_answers_under_the_bounded_subset_grammar(tmp_path):
+    """validator: opensearch_query_dsl: every answer is a search body the vendored OpenSearch schema accepts."""
+    from stepwise.curation.dsl_schema import validate_search_body
+
+    example = REPO / "examples" / "nl2dsl"
+    rows = (example / "data" / "pairs.jsonl").read_text().splitlines()[:2]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    text = (example / "recipe.yaml").read_text()
+    assert "provider: transformers" in text and "cache: teacher_cache.sqlite" in text
+    text = text.replace("provider: transformers", "provider: llamacpp\n  n_threads: 1").replace(
+        "cache: teacher_cache.sqlite", "cache: cache.sqlite")
+    (tmp_path / "recipe.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    run = create_run(recipe, tmp_path / "run")
+    result = run_generate(recipe, run, progress=False)
+    out = responses(run)
+    assert result.status_counts == {"ok": 2}, [r["raw"] for r in out]
+    for r in out:
+        assert validate_search_body(json.loads(r["answer_text"])) is None, r["raw"]
