@@ -15,9 +15,12 @@ import json
 from typing import Any
 
 from stepwise.pipelines.constraints import _TAG_TOKENS, json_schema
-from stepwise.pipelines.llamacpp_llm import LlamaCppError, import_llama_cpp
 
 from stepwise.recipe import TaskSpec
+
+
+class GrammarError(ValueError):
+    """No grammar can be built for the task (the converter's message, or the missing extra)."""
 
 
 def gbnf_literal(s: str) -> str:
@@ -34,14 +37,17 @@ def rationale_bounds(max_new_tokens: int, is_classification: bool, answer_tokens
 
 def _answer_json_rules(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
     """The answer object's grammar from the JSON-schema converter, its root renamed `dss-answer-json`."""
-    import_llama_cpp()  # names the extra to install when it is missing
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    try:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+    except ImportError as exc:
+        raise GrammarError(f"JSON answers under the llamacpp teacher need llama-cpp-python "
+                           f"(pip install 'stepwise[llamacpp]'): {exc}") from None
 
     schema = json_schema(task, fmt)["properties"]["answer"]
     try:
         text = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # noqa: BLE001 - the converter raises ValueError/KeyError/AssertionError
-        raise LlamaCppError(f"answer JSON schema {json.dumps(schema)[:200]}: llama.cpp's JSON-schema-to-grammar "
+        raise GrammarError(f"answer JSON schema {json.dumps(schema)[:200]}: llama.cpp's JSON-schema-to-grammar "
                            f"failed: {type(exc).__name__}: {exc}") from None
     # Hand-written bound: the converter's free-form strings are unbounded (`char*`), and a weak model
     # fills them until max_new_tokens cuts the JSON; each key/string gets the regex's per-answer room.

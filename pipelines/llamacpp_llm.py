@@ -191,13 +191,15 @@ class LlamaCppTeacher:
 
 def build_llamacpp_teacher(recipe: Any) -> LlamaCppTeacher:
     """The recipe's teacher, loaded, its grammar validated (the same constraint the cache key names)."""
-    from stepwise.pipelines.grammar import dss_gbnf
+    from stepwise.pipelines.grammar import GrammarError, dss_gbnf
 
     t = recipe.teacher
-    # the teacher is built first so a missing extra is named before any grammar work
     teacher = LlamaCppTeacher(t.model, n_ctx=t.n_ctx, n_threads=t.n_threads, seed=t.seed)
-    import_llama_cpp()
-    teacher.grammar_text = dss_gbnf(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
+    import_llama_cpp()  # a missing extra is named before any grammar work
+    try:
+        teacher.grammar_text = dss_gbnf(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
+    except GrammarError as exc:
+        raise LlamaCppError(str(exc)) from None
     teacher.load()
     return teacher
 
