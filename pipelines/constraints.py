@@ -68,6 +68,22 @@ def server_params(task: TaskSpec, teacher: TeacherSpec) -> dict[str, Any]:
     }}
 
 
+def sampling_params(teacher: TeacherSpec) -> dict[str, Any]:
+    """The teacher's sampling settings: part of every request's cache key and of its kwargs."""
+    return {"max_new_tokens": teacher.max_new_tokens, "temperature": teacher.temperature, "top_p": teacher.top_p}
+
+
+def generation_kwargs(task: TaskSpec, teacher: TeacherSpec) -> dict[str, Any]:
+    """The keyword arguments the teacher LLM's generate call gets (distilabel's `generation_kwargs`),
+    the one place both the in-process run and the Ray run take them from: the sampling settings,
+    plus the server's constraint for an OpenAI-compatible teacher (a local transformers teacher is
+    constrained by its own logits processor, built with the LLM)."""
+    kwargs = sampling_params(teacher)
+    if teacher.provider == "openai":
+        kwargs.update(server_params(task, teacher))
+    return kwargs
+
+
 def constraint_fingerprint(task: TaskSpec, teacher: TeacherSpec) -> Any:
     """What the constraint is, for the cache key (a different constraint is a different request)."""
     if not teacher.constrained_decoding:

@@ -83,3 +83,23 @@ def test_every_token_guess_is_the_same_guess():
     openai = TokenCounter("gpt-4o-mini")
     openai._enc = None  # as offline, without tiktoken's encoding file
     assert openai.text("u" * 402) == guess_tokens("u" * 402) == 101
+
+
+def test_generation_kwargs_are_built_once_and_keyed_in_the_cache(tmp_path):
+    """The teacher's kwargs come from pipelines.constraints.generation_kwargs (in process and on Ray);
+    every sampling setting in them is also in the request's cache key, so a changed setting is a
+    new request, never a stale cached answer."""
+    from stepwise.pipelines.constraints import generation_kwargs
+    from stepwise.pipelines.generate import generation_params
+
+    recipe = _recipe(tmp_path, [{"text": "a", "label": "billing"}], [])
+    server = recipe.teacher.model_copy(update={"constrained_decoding": True, "guided_decoding": "vllm"})
+    kwargs = generation_kwargs(recipe.task, server)
+    assert kwargs["extra_body"]["guided_regex"]
+    assert {k: v for k, v in kwargs.items() if k != "extra_body"} == \
+        {"max_new_tokens": server.max_new_tokens, "temperature": server.temperature, "top_p": server.top_p}
+    local = server.model_copy(update={"provider": "transformers"})
+    assert "extra_body" not in generation_kwargs(recipe.task, local)  # constrained by its logits processor
+    cached = generation_params(recipe.model_copy(update={"teacher": server}))
+    assert {k: cached[k] for k in ("max_new_tokens", "temperature", "top_p")} == \
+        {k: kwargs[k] for k in ("max_new_tokens", "temperature", "top_p")}
