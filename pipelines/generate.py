@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from stepwise.pipelines.cache import CacheEntry, ResponseCache, request_key
-from stepwise.pipelines.constraints import constraint_fingerprint, dss_regex, server_params
+from stepwise.pipelines.constraints import (
+    constraint_fingerprint,
+    dss_regex,
+    generation_kwargs,
+    sampling_params,
+)
 from stepwise.pipelines.executor import (
     Budget,
     FatalTeacherError,
@@ -33,11 +38,11 @@ from stepwise.pipelines.executor import (
     run_async_jobs,
     run_sync_batches,
 )
-from stepwise.pipelines.parsing import LabelMatcher, ParsedAnswer, parse_answer
+from stepwise.pipelines.parsing import LabelMatcher, ParsedAnswer, parse_answer, status_rank
 from stepwise.pipelines.prompts import build_messages
 from stepwise.pipelines.tokens import approx_tokens, prompt_counter
 
-from stepwise.io import DataFileError, atomic_write_jsonl, canonical_json, iter_records, sha256_text
+from stepwise.io import DataFileError, atomic_write_jsonl, canonical_json, iter_records, row_id
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir, runs_root_for
 
@@ -98,7 +103,7 @@ def load_inputs(recipe: Recipe) -> list[InputRow]:
                 if seen[rid]:
                     raise DataFileError(f"{path}:{line}: duplicate id '{rid}' (data.id_field must be unique)")
             else:
-                base = "r-" + sha256_text(canonical_json(inp))[:12]
+                base = row_id(inp)
                 rid = base if not seen[base] else f"{base}-{seen[base]}"
             seen[rid] += 1
             gold = raw.get(recipe.data.label_field) if recipe.data.label_field else None
@@ -132,7 +137,7 @@ def _subset(rows: list[InputRow], n: int, seed: int, stratify: bool) -> list[Inp
 
 def generation_params(recipe: Recipe) -> dict[str, Any]:
     t = recipe.teacher
-    params = {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens}
+    params = sampling_params(t)
     if t.provider in ("transformers", "llamacpp"):
         params["seed"] = t.seed
     return params
@@ -214,7 +219,7 @@ def walk_chain(chain: list[str], cached: dict[str, CacheEntry], parse, max_attem
         if entry is not None and entry.status == "ok":
             parsed = parse(entry.text)
             st.paid.append(entry)
-            rank = (_STATUS_RANK.get(parsed.parse_status, 9), -a)  # best-formed answer, latest on ties
+            rank = (status_rank(parsed.parse_status), -a)  # best-formed answer, latest on ties
             if best is None or rank < best:
                 best = rank
                 st.answer_key, st.answer, st.parsed = key, entry, parsed
@@ -312,7 +317,8 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
         raise DataFileError(f"{recipe.data.input_files[0]}: no input rows")
     plan = plan_requests(recipe, rows)
     cache = ResponseCache(cache_path(recipe))
-    out_path = run.stage_dir("generate") / "responses.jsonl"
+    run.stage_dir("generate")
+    out_path = run.layout.responses
     inputs = [p for p in (recipe.resolve(f) for f in recipe.data.input_files) if p is not None]
     if recipe.source_path:
         inputs.append(recipe.source_path)
@@ -337,9 +343,13 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                     raise GenerateError("--ray: the llamacpp teacher runs in this process (one model, one KV "
                                         "cache); run without --ray")
                 if ray:
-                    from stepwise.pipelines.ray_runner import run_with_ray
+                    from stepwise.pipelines.ray_runner import RayMissing, run_with_ray
 
-                    stats = run_with_ray(recipe, todo, cache, budget)
+                    try:
+                        stats = run_with_ray(recipe, todo, cache, budget, build_local_llm=build_local_llm,
+                                             build_openai_llm=build_openai_llm)
+                    except RayMissing as exc:
+                        raise GenerateError(str(exc)) from None
                 else:
                     stats = _execute(recipe, todo, cache, budget, progress)
             except KeyboardInterrupt:
@@ -424,7 +434,7 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
     try:
         if t.provider == "transformers":
             llm = build_local_llm(recipe)
-            gen_kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p}
+            gen_kwargs = generation_kwargs(recipe.task, t)
             def generate(batch: list[Job]) -> list[dict[str, Any]]:
                 seed = sample_seed(recipe, max(j.attempt for j in batch))
                 return llm.generate(inputs=[j.messages for j in batch], seed=seed, **gen_kwargs)
@@ -440,8 +450,7 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
             except LlamaCppError as exc:  # bad GGUF, rejected grammar, missing extra: the recipe's to fix
                 raise GenerateError(str(exc)) from None
         llm = build_openai_llm(recipe)
-        kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p,
-                  **server_params(recipe.task, t)}
+        kwargs = generation_kwargs(recipe.task, t)
 
         async def agenerate(job: Job) -> Any:
             return await llm.agenerate(input=job.messages, num_generations=1, **request_kwargs(recipe, kwargs, job.attempt))
@@ -501,17 +510,13 @@ def _assemble(recipe: Recipe, row: InputRow, chains: list[list[str]], cached: di
     }
 
 
-_STATUS_RANK = {"ok": 0, "missing_rationale": 1, "invalid_label": 2, "invalid_json": 2, "missing_answer": 3,
-                "error": 4, "not_run": 5}
-
-
 def _self_consistency(samples: list[dict[str, Any]]) -> tuple[dict[str, Any], float | None]:
     """Pick the sample to keep: majority label among parsed samples, best-formed sample of it."""
     labelled = [s for s in samples if s["label"] is not None]
     if not labelled:
-        return min(samples, key=lambda s: _STATUS_RANK.get(s["parse_status"], 9)), None
+        return min(samples, key=lambda s: status_rank(s["parse_status"])), None
     votes = Counter(canonical_json(s["label"]) for s in labelled)
     top, n = votes.most_common(1)[0]
     winners = [s for s in labelled if canonical_json(s["label"]) == top]
-    best = min(winners, key=lambda s: _STATUS_RANK.get(s["parse_status"], 9))
+    best = min(winners, key=lambda s: status_rank(s["parse_status"]))
     return best, round(n / len(samples), 4)

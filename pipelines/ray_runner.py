@@ -14,26 +14,32 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from stepwise.pipelines.cache import ResponseCache
-from stepwise.pipelines.constraints import server_params
+from stepwise.pipelines.constraints import generation_kwargs
 from stepwise.pipelines.executor import Budget, Job, RunStats
 
 from stepwise.recipe import Recipe
 
 
-def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budget) -> RunStats:
+class RayMissing(RuntimeError):
+    """The optional `ray` extra is not installed (the generate stage reports it as its own error)."""
+
+
+def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budget, *,
+                 build_local_llm: Callable[..., Any], build_openai_llm: Callable[..., Any]) -> RunStats:
+    """The jobs through distilabel on Ray. The teacher's LLM builders come from the generate stage
+    (stepwise.pipelines.generate), which calls this module: passed in, so neither imports the other back."""
     try:
         import ray  # noqa: F401
     except ImportError:
-        from stepwise.pipelines.generate import GenerateError
-
-        raise GenerateError("--ray needs the optional extra: pip install 'ray[default]==2.60.0' (stepwise[ray])") from None
+        raise RayMissing("--ray needs the optional extra: pip install 'ray[default]==2.60.0' (stepwise[ray])") from None
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
     from stepwise.pipelines.distilabel_task import DSSTask
-    from stepwise.pipelines.generate import build_local_llm, build_openai_llm
 
     t = recipe.teacher
     by_key = {j.key: j for j in jobs}
@@ -42,11 +48,9 @@ def run_with_ray(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: 
              "worst_case_cost": j.worst_case_cost, "seed": t.seed + j.attempt} for j in jobs]
     if t.provider == "transformers":
         llm = build_local_llm(recipe, load=False)
-        gen_kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p}
     else:
         llm = build_openai_llm(recipe, load=False, client_retries=t.max_retries)
-        gen_kwargs = {"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p,
-                      **server_params(recipe.task, t)}
+    gen_kwargs = generation_kwargs(recipe.task, t)
     # distilabel writes its pipeline data under this dir; keep it out of the user's home
     os.environ.setdefault("DISTILABEL_CACHE_DIR", str(Path(tempfile.gettempdir()) / "stepwise-distilabel"))
     with Pipeline(name=f"stepwise-{recipe.name}") as pipeline:
