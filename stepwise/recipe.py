@@ -690,7 +690,7 @@ def _resolve_and_check(recipe: Recipe, index: dict[tuple[Any, ...], int], label:
                 problems.append(f"{label}:{line} task.few_shot[{i}].answer: '{shot.answer}' is not one of task.classes")
     if recipe.teacher.provider == "openai" and recipe.teacher.base_url is None and recipe.teacher.model.startswith("/"):
         line = _line_for(index, ("teacher", "model"))
-        problems.append(f"{label}:{line} teacher.model: a local path needs `provider: transformers`")
+        problems.append(f"{label}:{line} teacher.model: a local path needs `provider: transformers` (or `llamacpp` for a GGUF)")
     if check_files and recipe.curation.dedup.semantic.enabled:  # an optional extra: say how to install it
         try:
             from stepwise.curation.semantic import missing_model_problem
@@ -700,6 +700,32 @@ def _resolve_and_check(recipe: Recipe, index: dict[tuple[Any, ...], int], label:
         if problem:
             line = _line_for(index, ("curation", "dedup", "semantic", "enabled"))
             problems.append(f"{label}:{line} curation.dedup.semantic.enabled: {problem}")
+    if check_files and recipe.teacher.provider == "llamacpp":  # an optional extra and a model file
+        problems += _llamacpp_problems(recipe, index, label)
+    return problems
+
+
+def _llamacpp_problems(recipe: Recipe, index: dict[tuple[Any, ...], int], label: str) -> list[str]:
+    """At validate time (exit 2), not when generation starts: the extra is installed, the GGUF is one."""
+    import importlib.util
+
+    from stepwise.models import known_name
+
+    problems = []
+    if importlib.util.find_spec("llama_cpp") is None:
+        line = _line_for(index, ("teacher", "provider"))
+        problems.append(f"{label}:{line} teacher.provider: llamacpp needs llama-cpp-python: "
+                        "pip install 'stepwise[llamacpp]'")
+    model = recipe.teacher.model
+    if known_name(model) is None:
+        line, path = _line_for(index, ("teacher", "model")), Path(model).expanduser()
+        if not path.is_file():
+            problems.append(f"{label}:{line} teacher.model: GGUF file {path} does not exist")
+        else:
+            with path.open("rb") as fh:
+                magic = fh.read(4)
+            if magic != b"GGUF":
+                problems.append(f"{label}:{line} teacher.model: {path} is not a GGUF file (starts with {magic!r})")
     return problems
 
 

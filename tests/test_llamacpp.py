@@ -166,8 +166,8 @@ def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
     assert sum(result.status_counts.values()) == 6 and "error" not in result.status_counts
 
 
-@pytest.mark.slow
 def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
+    """`stepwise validate` and `stepwise generate` both refuse them (exit 2, the path named)."""
     from typer.testing import CliRunner
 
     from stepwise.cli import app
@@ -176,11 +176,34 @@ def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
     not_gguf.write_text("import this\n")
     for model, says in ((tmp_path / "missing.gguf", "does not exist"), (not_gguf, "is not a GGUF file")):
         path = write(tmp_path, model=str(model))
-        res = CliRunner().invoke(app, ["generate", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"])
-        assert res.exit_code == 2, res.output
-        out = " ".join(res.output.split())
-        assert str(model) in out.replace(" ", "") or str(model) in out, res.output
-        assert says in out, res.output
+        for cmd in (["validate", str(path)],
+                    ["generate", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"]):
+            res = CliRunner().invoke(app, cmd)
+            assert res.exit_code == 2, res.output
+            out = "".join(res.output.split())  # rich wraps long paths
+            assert "".join(str(model).split()) in out and says.replace(" ", "") in out, res.output
+
+
+def test_bad_gguf_at_load_names_it(tmp_path):
+    """The teacher checks again when it loads (the file may change after validation)."""
+    from stepwise.pipelines.llamacpp_llm import LlamaCppError, LlamaCppTeacher
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a model")
+    for model, says in ((tmp_path / "gone.gguf", "does not exist"), (bad, "is not a GGUF file")):
+        with pytest.raises(LlamaCppError) as err:
+            LlamaCppTeacher(str(model), n_threads=1).load()
+        assert str(model) in str(err.value) and says in str(err.value), err.value
+
+
+def test_missing_extra_fails_validation(tmp_path, monkeypatch):
+    from stepwise.recipe import RecipeError
+
+    path = write(tmp_path)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
+    with pytest.raises(RecipeError, match=re.escape("teacher.provider: llamacpp needs llama-cpp-python: "
+                                                    "pip install 'stepwise[llamacpp]'")):
+        load_recipe(path)
 
 
 @pytest.mark.slow

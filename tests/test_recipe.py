@@ -33,7 +33,7 @@ BAD = [
      "task: set exactly one of `classes`", 2),
     ("  instructions: Classify the ticket.\n", "", "task.instructions: required field is missing", 2),
     ("name: tiny\n", "name: bad name!\n", "name: must match", 1),
-    ("  provider: openai\n", "  provider: anthropic\n", "teacher.provider: must be one of 'openai' or 'transformers'", 10),
+    ("  provider: openai\n", "  provider: anthropic\n", "teacher.provider: must be one of 'openai', 'transformers' or 'llamacpp'", 10),
 ]
 
 
