@@ -43,6 +43,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from stepwise.training.shapes import ModelShape, resolve_shape
 
+from stepwise.recipe import TrainingSpec
+
+# the recipe's training settings are the one source of their defaults and bounds
+_SPEC = TrainingSpec.model_fields
+
 GB = 1e9
 Modality = Literal["full", "lora", "qlora"]
 MODALITIES: tuple[Modality, ...] = ("full", "lora", "qlora")
@@ -58,17 +63,18 @@ class PlanInput(BaseModel):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     master_fp32: bool = Field(False, description="Full FT keeps an fp32 master copy of the weights.")
     double_quant: bool = Field(True, description="QLoRA: quantise the quantisation constants too.")
-    lora_r: int = Field(16, ge=1)
-    lora_target: str | list[str] = Field("linear", description="linear, attention, qv, or module names.")
-    lora_dropout: float = Field(0.05, ge=0.0)
+    lora_r: int = _SPEC["lora_r"]
+    lora_target: str | list[str] = Field(_SPEC["lora_target"].default,
+                                         description="linear, attention, qv, or module names.")
+    lora_dropout: float = _SPEC["lora_dropout"]
     adapter_dtype: Literal["fp32", "bf16"] = "fp32"
     optimizer: str = "adamw_torch"
     sequence_len: int = Field(2048, ge=1)
     micro_batch_size: int = Field(1, ge=1)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = _SPEC["gradient_checkpointing"]
     flash_attention: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 0
-    num_gpus: int = Field(1, ge=1)
+    num_gpus: int = _SPEC["num_gpus"]
     overhead_gb: float = Field(1.0, ge=0.0)
     count_activations: bool = True
     unsloth: bool = Field(False, description="LoRA/QLoRA: Unsloth's offloaded checkpointing + fused LoRA kernels.")
