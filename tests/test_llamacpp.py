@@ -264,3 +264,21 @@ def test_opensearch_answers_under_the_bounded_subset_grammar(tmp_path):
     assert result.status_counts == {"ok": 2}, [r["raw"] for r in out]
     for r in out:
         assert validate_search_body(json.loads(r["answer_text"])) is None, r["raw"]
+
+
+@pytest.mark.slow
+def test_samples_of_one_row_differ_and_replay_the_same(tmp_path):
+    """num_rationales > 1: each sample has its own seed (from the request key), so the samples are not
+    copies of one answer; the same request gives the same answer again (a fresh cache, a fresh model)."""
+    path = write(tmp_path, rows=ROWS[:1])
+    path.write_text(path.read_text().replace("  n_threads: 1\n", "  n_threads: 1\n  num_rationales: 3\n"))
+    recipe = load_recipe(path)
+    run_generate(recipe, create_run(recipe, tmp_path / "run"), progress=False)
+    first = [s["raw"] for s in read_jsonl(tmp_path / "run" / "generate" / "responses.jsonl")[0]["samples"]]
+    assert len(first) == 3 and len(set(first)) > 1, first
+    cache_path(recipe).unlink()
+    for extra in ("-wal", "-shm"):
+        Path(str(cache_path(recipe)) + extra).unlink(missing_ok=True)
+    run_generate(recipe, create_run(recipe, tmp_path / "run2"), progress=False)
+    again = [s["raw"] for s in read_jsonl(tmp_path / "run2" / "generate" / "responses.jsonl")[0]["samples"]]
+    assert again == first
