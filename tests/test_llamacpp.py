@@ -135,7 +135,7 @@ def test_prefix_is_evaluated_once(tmp_path):
 @pytest.mark.slow
 def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
     rows = [{"id": f"k{i}", "text": f"ticket {i}: my card payment number {i} failed twice", "label": "billing"}
-            for i in range(6)]
+            for i in range(12)]
     path = write(tmp_path, rows=rows, max_new_tokens=48)
     recipe = load_recipe(path)
     cmd = [sys.executable, "-m", "stepwise.cli", "generate", str(path), "--run-dir", str(tmp_path / "run"),
@@ -160,10 +160,10 @@ def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
     c = ResponseCache(cpath)
     kept = c.count_ok()
     c.close()
-    assert 2 <= kept <= 6
+    assert 2 <= kept < 12  # killed mid-run: some answered, some not
     result = run_generate(load_recipe(path), RunDir(tmp_path / "run"), progress=False)
-    assert result.cache_hits == kept and result.stats.sent == 6 - kept
-    assert sum(result.status_counts.values()) == 6 and "error" not in result.status_counts
+    assert result.cache_hits == kept and result.stats.sent == 12 - kept
+    assert sum(result.status_counts.values()) == 12 and "error" not in result.status_counts
 
 
 def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
