@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from stepwise.curation.funnel import Rejection, StepOutcome
@@ -227,3 +228,16 @@ def validate_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
     if v.repaired:
         info["repaired"] = dict(sorted(v.repaired.items()))
     return StepOutcome(kept, rejected, info=info)
+
+
+def _opensearch_answer(answer: Any) -> str | None:
+    from stepwise.curation.dsl_schema import validate_search_body, wrap_bare_query
+
+    # a bare query is first wrapped as {"query": ...}, the repair curation applies to answers
+    return validate_search_body(wrap_bare_query(answer)[0])
+
+
+# `task.validator` -> the check of one structured answer as curation accepts it: None when valid,
+# else the error. The one table of schema validators: eval's schema-validity score looks its
+# validator up here. A new validator is a function here plus its name in TaskSpec.validator.
+SCHEMA_VALIDATORS: dict[str, Callable[[Any], str | None]] = {"opensearch_query_dsl": _opensearch_answer}

@@ -1,25 +1,19 @@
 """The schema validator for structured answers, injected into `stepwise.evals.structured.score_item`.
 
-For `task.validator: opensearch_query_dsl` we use curation's validator of OpenSearch query DSL
-bodies (curation vendors the OpenSearch spec; evals does not duplicate it). It is found by name in
-the `stepwise.curation` package; whatever it returns (a list of errors, a bool, `(ok, errors)`, an object
-with `.errors`/`.ok`, or an exception) is adapted to "a list of error strings, empty when valid".
+The validator for a recipe's `task.validator` is curation's (curation vendors the OpenSearch spec;
+evals does not duplicate it), looked up in its table `stepwise.curation.validate.SCHEMA_VALIDATORS`.
+`adapt` turns whatever a validator returns (a list of errors, an error string or None, a bool,
+`(ok, errors)`, an object with `.errors`/`.ok`, or an exception) into "a list of error strings,
+empty when valid".
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import re
 from collections.abc import Callable
 from typing import Any
 
+from stepwise.curation.validate import SCHEMA_VALIDATORS
 from stepwise.evals.structured import SchemaValidator
-
-_CURATION = "stepwise.curation"
-_CANDIDATE_MODULES = tuple(f"{_CURATION}.{name}" for name in (
-    "schemas", "validators", "validate", "dsl", "opensearch", "validation", "checks"))
-_NAME = re.compile(r"^(validate|check)_?\w*(dsl|opensearch|search_body|query)\w*$|^\w*(dsl|opensearch)\w*_(errors|validate|validator)$")
 
 
 def adapt(fn: Callable[[Any], Any]) -> SchemaValidator:
@@ -47,49 +41,12 @@ def adapt(fn: Callable[[Any], Any]) -> SchemaValidator:
     return validator
 
 
-def find_curation_validator() -> tuple[SchemaValidator, str] | None:
-    """(validator, 'module.function') from the curation package, or None when it has none yet."""
-    try:
-        pkg = importlib.import_module(_CURATION)
-    except ImportError:
-        return None
-    names = list(_CANDIDATE_MODULES)
-    for mod in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
-        full = f"{_CURATION}.{mod.name}"
-        if full not in names and any(k in mod.name for k in ("schema", "valid", "dsl", "opensearch")):
-            names.append(full)
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - missing or broken optional module
-            continue
-        for attr in sorted(dir(module)):
-            fn = getattr(module, attr)
-            if callable(fn) and not isinstance(fn, type) and _NAME.match(attr) and getattr(fn, "__module__", "") == name:
-                return adapt(fn), f"{name}.{attr}"
-    return None
-
-
-def opensearch_validator() -> tuple[SchemaValidator, str] | None:
-    """stepwise.curation.dsl_schema.validate_search_body on the answer as curation accepts it: a bare query
-    (no search-body key) is first wrapped as `{"query": ...}` by curation's own `wrap_bare_query`
-    (task_eval counts that repair), then validated as a whole search body."""
-    try:
-        from stepwise.curation.dsl_schema import validate_search_body, wrap_bare_query
-    except ImportError:
-        return None
-
-    def validator(obj: Any) -> list[str]:
-        return adapt(lambda o: validate_search_body(wrap_bare_query(o)[0]))(obj)
-
-    return validator, "stepwise.curation.dsl_schema.validate_search_body"
-
-
 def validator_for(task_validator: str) -> tuple[SchemaValidator | None, str]:
     """The validator for a recipe's `task.validator`, and a note on where it came from."""
     if task_validator == "json":
         return None, "json (no schema)"
-    found = opensearch_validator() or find_curation_validator()
-    if found is None:
-        return None, f"{task_validator}: no validator in curation/ yet; schema validity not reported"
-    return found
+    fn = SCHEMA_VALIDATORS.get(task_validator)
+    if fn is None:
+        return None, (f"{task_validator}: no validator in stepwise.curation.validate.SCHEMA_VALIDATORS; "
+                      "schema validity not reported")
+    return adapt(fn), f"stepwise.curation.validate.SCHEMA_VALIDATORS[{task_validator!r}]"
