@@ -145,19 +145,6 @@ class RunDir:
         info = self.stage_info(stage)
         return info["status"] if info else "pending"
 
-    def is_current(self, stage: str, inputs: list[Path], params: Any = None) -> bool:
-        """True when `stage` finished with exactly these input hashes and params (so it can be skipped)."""
-        info = self.stage_info(stage)
-        if not info or info.get("status") != "done":
-            return False
-        if info.get("params_hash") != _params_hash(params):
-            return False
-        recorded = {e["path"]: e["sha256"] for e in info.get("inputs", [])}
-        current = {file_entry(p, self.path)["path"]: file_entry(p, self.path)["sha256"] for p in inputs}
-        if recorded != current:
-            return False
-        return all((self.path / e["path"]).exists() for e in info.get("outputs", []))
-
     @contextlib.contextmanager
     def stage(self, name: str, inputs: list[Path] | None = None, params: Any = None) -> Iterator[StageRecorder]:
         inputs = [Path(p) for p in (inputs or [])]
@@ -203,6 +190,8 @@ class RunDir:
 
 
 def _params_hash(params: Any) -> str | None:
+    """A record of the settings a stage ran with (in its manifest entry; `stepwise run` decides what
+    to skip by its own fingerprint, stepwise.pipeline)."""
     if params is None:
         return None
     return sha256_text(json.dumps(params, sort_keys=True, default=str))[:16]
