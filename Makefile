@@ -14,8 +14,11 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
+# lint-imports checks the import contracts in .importlinter (layers core <- stages <- CLI, no cycles),
+# through scripts/lint_imports.py, which lays the package out as installed (the mapped stage folders).
 test: setup
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/lint_imports.py
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The unit tests only (no real models, servers or training runs: those are marked `slow`), for a
@@ -25,6 +28,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/lint_imports.py
 
 clean:
 	rm -rf runs .pytest_cache test-artifacts

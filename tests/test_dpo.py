@@ -18,8 +18,8 @@ import pytest
 import yaml
 from stepwise.curation.export import export_rows
 from stepwise.review.preferences import NoCorrections, preference_pairs, run_export_preferences
-from stepwise.training.checks import check_config
-from stepwise.training.configgen import generate_configs, write_configs
+from stepwise.training.backends import check_config, generate_configs
+from stepwise.training.configgen import write_configs
 
 from stepwise.io import atomic_write_jsonl, iter_jsonl
 from stepwise.recipe import load_recipe
@@ -232,7 +232,7 @@ def test_dpo_trains_on_cpu(tmp_path):
 
     The SFT checkpoint is the base SmolLM2 itself (`training.dpo.sft_checkpoint`, the override);
     the real SFT -> merge -> DPO chain is `test_sft_merge_dpo_chain_on_cpu`."""
-    from stepwise.training.launcher import train
+    from stepwise.training.backends import train
 
     from stepwise.models import resolve_model_dir
 
@@ -262,7 +262,7 @@ def test_sft_merge_dpo_chain_on_cpu(tmp_path):
     SFT model. The DPO reference is the SFT model (fresh adapter disabled), so the first DPO loss is
     ln 2 here too, now measured against the SFT weights rather than the base."""
     from stepwise.curation.export import run_export
-    from stepwise.training.launcher import train
+    from stepwise.training.backends import train
 
     recipe, run = _run(tmp_path, _reviewed_rows(9), extra="  modality: lora\n  learning_rate: 5.0e-4")
     run_export(recipe, run)

@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stepwise.training.backends import check_config, generate_configs
 from stepwise.training.bundled import bundled_configs
-from stepwise.training.checks import check_config
-from stepwise.training.configgen import (
-    apply_cpu_profile,
-    epochs_for,
-    generate_configs,
-    sweep_points,
-    write_configs,
-)
+from stepwise.training.configgen import apply_cpu_profile, epochs_for, sweep_points, write_configs
 from stepwise.training.testing import make_run
 
 REPO = Path(__file__).resolve().parent.parent

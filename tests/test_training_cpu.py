@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from stepwise.training.configgen import generate_configs, write_configs
-from stepwise.training.launcher import merge_lora, train, train_command, visible_gpus
+from stepwise.training.backends import generate_configs, train
+from stepwise.training.configgen import write_configs
+from stepwise.training.launcher import merge_lora, train_command, visible_gpus
 from stepwise.training.testing import make_run
 
 pytestmark = pytest.mark.slow
@@ -113,7 +114,8 @@ def test_launch_commands(monkeypatch, tmp_path):
     assert one[1] == "-c" and "axolotl.cli.train import do_cli" in one[2] and one[3] == str(cfg)
     many = train_command(cfg, 4)
     assert many[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"]
-    assert many[-3:] == ["-m", "axolotl.cli.train", str(cfg)]
+    # issue 15: the `axolotl train` entry point under accelerate (was `-m axolotl.cli.train`)
+    assert many[-5:] == [str(Path(sys.executable).parent / "axolotl"), "train", str(cfg), "--launcher", "python"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     assert visible_gpus() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

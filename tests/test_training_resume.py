@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 from stepwise.training import launcher
+from stepwise.training.backends import generate_configs
 from stepwise.training.checkpoints import complete_checkpoints, rows_from_log_history
-from stepwise.training.configgen import generate_configs, write_configs
+from stepwise.training.configgen import write_configs
 from stepwise.training.testing import make_run, use_fake_trainer, write_recipe
 
 EXTRA = "modality: lora\nmicro_batch_size: 1\ngradient_accumulation_steps: 1\n"  # the stand-in checkpoints every 2 steps

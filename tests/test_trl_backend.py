@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stepwise.training.checks import check_config
-from stepwise.training.configgen import generate_configs, write_configs
+from stepwise.training.backends import check_config, generate_configs
+from stepwise.training.configgen import write_configs
 from stepwise.training.testing import make_run
 from stepwise.training.trl_backend import TRLRunConfig, build_trainer, to_prompt_completion
 
@@ -115,7 +115,7 @@ def test_trl_method_trains_on_cpu_and_generates(tmp_path, modality, peft_type, v
         assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
         assert "step     2" in proc.stderr and "done" in proc.stderr
     else:  # the launcher's train() (what `stepwise run` calls) dispatches too
-        from stepwise.training.launcher import train
+        from stepwise.training.backends import train
 
         result = train(path, run_dir=run_dir, cpu=True, max_steps=2, base_dir=tmp_path)
         assert result.train_losses and len(result.train_losses) == 2

@@ -4,8 +4,8 @@ schema and ours, and the planner's lower memory. (Training with them needs a GPU
 from __future__ import annotations
 
 import pytest
-from stepwise.training.checks import check_config
-from stepwise.training.configgen import UNSLOTH_KEYS, apply_cpu_profile, generate_configs, write_configs
+from stepwise.training.backends import check_config, generate_configs
+from stepwise.training.configgen import UNSLOTH_KEYS, apply_cpu_profile, write_configs
 from stepwise.training.shapes import resolve_shape
 from stepwise.training.testing import make_run, write_recipe
 from stepwise.training.vram import PlanInput, estimate, offloaded_bytes

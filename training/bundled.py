@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stepwise.training.configgen import generate_configs
+from stepwise.training.backends import generate_configs
 
 from stepwise.recipe import load_recipe
 

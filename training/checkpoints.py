@@ -130,7 +130,8 @@ class OutputPlan:
 def prepare_output_dir(run: RunDir, name: str, identity: str, payload: dict[str, Any], *, stage: str,
                        source: Path) -> OutputPlan:
     """Resume, or move a different config's output aside; then record this config's identity."""
-    out_dir = run.stage_dir("train") / name
+    run.stage_dir("train")
+    out_dir = run.layout.train_output(name)
     plan = OutputPlan(out_dir=out_dir, identity=identity)
     recorded = _read_identity(out_dir)
     same = recorded is not None and recorded.get("sha256") == identity
@@ -172,7 +173,7 @@ def _move_aside(run: RunDir, out_dir: Path, recorded: dict[str, Any] | None, *, 
     """`train/<name>` -> `train/superseded/<name>-<time>-<sha8>`, with the stage's manifest entry."""
     sha = (recorded or {}).get("sha256", "unknown")[:8]
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-    dest = run.path / "train" / SUPERSEDED_DIR / f"{out_dir.name}-{stamp}-{sha}"
+    dest = run.layout.train_dir / SUPERSEDED_DIR / f"{out_dir.name}-{stamp}-{sha}"
     n = 1
     while dest.exists():
         n += 1

@@ -23,56 +23,18 @@ import difflib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
+from stepwise.training.common import CheckReport, Level, Problem
 
-from stepwise.recipe import _line_for, _line_index
+from stepwise.recipe import _line_for
 
-Level = Literal["error", "warning"]
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules")
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
 _EXT_FOR_TYPE = {"json": {".json", ".jsonl"}, "csv": {".csv"}, "parquet": {".parquet"}, "arrow": {".arrow"},
                  "text": {".txt"}}
 MAX_ROW_ERRORS = 5
-
-
-@dataclass
-class Problem:
-    level: Level
-    key: str
-    message: str
-    line: int | None = None
-
-    def format(self, label: str) -> str:
-        where = f"{label}:{self.line}" if self.line else label
-        return f"{where} {self.key}: {self.message}"
-
-
-@dataclass
-class CheckReport:
-    label: str
-    problems: list[Problem] = field(default_factory=list)
-    axolotl_validated: bool = False
-    axolotl_normalized: bool = False
-    train_rows: int | None = None
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.level == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.level == "warning"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def messages(self, level: Level | None = None) -> list[str]:
-        return [p.format(self.label) for p in self.problems if level is None or p.level == level]
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,8 +422,10 @@ def sequence_problems(cfg: dict[str, Any], line: Any) -> list[Problem]:
     return []
 
 
-def check_config(
-    config: dict[str, Any] | str | Path,
+def check_axolotl_config(
+    cfg: dict[str, Any],
+    label: str = "<config>",
+    index: dict[tuple[Any, ...], int] | None = None,
     *,
     profile: str | None = None,
     num_gpus: int | None = None,
@@ -469,35 +433,10 @@ def check_config(
     base_dir: Path | None = None,
     run_axolotl: bool = True,
 ) -> CheckReport:
-    """All checks on a config dict or file; `profile` cpu/gpu (default: cpu when bf16 is false and no
-    flash attention is requested), `num_gpus` default from deepspeed/fsdp (2) else 1."""
-    label = "<config>"
-    index: dict[tuple[Any, ...], int] = {}
-    if isinstance(config, (str, Path)):
-        label = str(config)
-        path = Path(config)
-        if not path.exists():
-            return CheckReport(label, [Problem("error", "<file>", "file not found")])
-        text = path.read_text(encoding="utf-8")
-        try:
-            node = yaml.compose(text)
-            cfg = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            return CheckReport(label, [Problem("error", "<yaml>", str(getattr(exc, "problem", exc)),
-                                               mark.line + 1 if mark else 1)])
-        if node is not None:
-            index = _line_index(node)
-    else:
-        cfg = config
+    """All checks on an Axolotl config (a mapping; stepwise.training.backends.check_config reads the
+    file and picks the backend); `profile` cpu/gpu (default: cpu when bf16 is false and no flash
+    attention is requested), `num_gpus` default from deepspeed/fsdp (2) else 1."""
     report = CheckReport(label)
-    if not isinstance(cfg, dict):
-        report.problems.append(Problem("error", "<root>", "an Axolotl config is a YAML mapping"))
-        return report
-    if cfg.get("backend") == "trl":  # a TRL/peft run config (stepwise.training.trl_backend), not Axolotl's
-        from stepwise.training.trl_backend import check_trl_config
-
-        return check_trl_config(cfg, label, index, base_dir or Path.cwd(), allow_missing_data)
 
     def line(loc: tuple[Any, ...]) -> int | None:
         return _line_for(index, loc) if index else None

@@ -8,7 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stepwise.recipe import TrainingSpec
+
 console = Console(stderr=True)
+_SPEC = TrainingSpec.model_fields  # `stepwise plan`'s defaults are the recipe's
 EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -36,7 +39,7 @@ def configs_cmd(
 ) -> None:
     """Write ready-to-launch Axolotl configs from the recipe's `training` section, each checked by
     Axolotl's own schema and our strict checks; or `--check` existing configs."""
-    from stepwise.training.checks import check_config
+    from stepwise.training.backends import check_config
 
     if check:
         failed = False
@@ -52,7 +55,7 @@ def configs_cmd(
 
     from stepwise.training.configs_stage import OPENAI_NOTE, ConfigsFailed, write_checked_configs
 
-    from stepwise.cli import load_or_exit
+    from stepwise.cli_support import load_or_exit
 
     r = load_or_exit(recipe)
     run = None
@@ -99,13 +102,13 @@ def configs_cmd(
 
 def plan_cmd(
     model: str | None = typer.Option(None, "--model", help="Known name, HF dir, config.json, or llama-7b/13b/34b/70b..."),
-    gpu_memory: float = typer.Option(24.0, "--gpu-memory", help="GB per GPU"),
-    num_gpus: int = typer.Option(1, "--num-gpus"),
+    gpu_memory: float = typer.Option(_SPEC["gpu_memory_gb"].default, "--gpu-memory", help="GB per GPU"),
+    num_gpus: int = typer.Option(_SPEC["num_gpus"].default, "--num-gpus"),
     zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage (3 = also FSDP full shard)"),
     seq: int = typer.Option(2048, "--seq", help="Sequence length"),
     micro_batch: int = typer.Option(1, "--micro-batch"),
-    lora_r: int = typer.Option(16, "--lora-r"),
-    target: str = typer.Option("linear", "--target", help="linear, attention, qv"),
+    lora_r: int = typer.Option(_SPEC["lora_r"].default, "--lora-r"),
+    target: str = typer.Option(_SPEC["lora_target"].default, "--target", help="linear, attention, qv"),
     optimizer: str | None = typer.Option(None, "--optimizer", help="Default: adamw_torch (full/LoRA), paged_adamw_8bit (QLoRA)"),
     no_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing"),
     seeds_table: bool = typer.Option(False, "--seeds-table", help="Reproduce the seeds' VRAM table"),
@@ -171,6 +174,8 @@ def train_cmd(
     detach: bool = typer.Option(False, "--detach", help="openai: create/resume the job and return without polling"),
     cpu: bool = typer.Option(False, "--cpu", help="Apply the CPU profile (no bf16/flash/packing, local model)"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps"),
+    num_gpus: int | None = typer.Option(None, "--num-gpus", min=1, help="GPU processes (accelerate launch); default: "
+                                        "the recipe's training.num_gpus in `stepwise run`, every visible GPU here"),
     merge: bool = typer.Option(False, "--merge", help="LoRA/QLoRA: merge the adapter into the base afterwards"),
     skip_checks: bool = typer.Option(False, "--skip-checks", help="Launch even if our checks fail"),
 ) -> None:
@@ -180,12 +185,17 @@ def train_cmd(
 
     if backend == "openai" or (backend is None and is_openai_recipe(config)):
         raise typer.Exit(train_openai_cli(config, run_dir, detach=detach))
-    from stepwise.training.checks import check_config
-    from stepwise.training.launcher import TrainError, merge_lora, train
-    from stepwise.training.trl_backend import is_trl_config
+    from stepwise.training.backends import check_config, config_backend, read_config, train
+    from stepwise.training.common import TrainError
+    from stepwise.training.launcher import merge_lora
 
-    trl = is_trl_config(config)  # training.backend: trl: our own config, no Axolotl CPU profile
-    if cpu and not trl:  # check what will run: the config with the CPU profile applied
+    try:
+        backend = config_backend(read_config(config))
+    except ValueError as exc:
+        console.print(f"[red]error[/red] {config}: {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    axolotl = backend.name == "axolotl"  # trl: our own config, no Axolotl CPU profile or merge
+    if cpu and axolotl:  # check what will run: the config with the CPU profile applied
         import yaml
         from stepwise.training.checks import local_model_config_dir
         from stepwise.training.configgen import apply_cpu_profile
@@ -218,8 +228,8 @@ def train_cmd(
                 console.print(f"  eval       eval_loss {payload['eval_loss']}", highlight=False)
 
     try:
-        result = train(config, run_dir=run_dir, cpu=cpu, max_steps=max_steps, on_event=on_event)
-        if merge and not trl:
+        result = train(config, run_dir=run_dir, cpu=cpu, max_steps=max_steps, num_gpus=num_gpus, on_event=on_event)
+        if merge and axolotl:
             merged = merge_lora(result.config_path)
             console.print(f"merged model: {merged}")
     except TrainError as exc:

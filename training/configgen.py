@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from stepwise.training.common import dump_yaml
 from stepwise.training.shapes import ModelShape, resolve_shape
 from stepwise.training.vram import MODALITIES, Estimate, PlanInput, choose_modality, estimate
 
 from stepwise.io import iter_jsonl, sha256_file
+from stepwise.layout import RunLayout
 from stepwise.models import KNOWN_MODELS, known_name
 from stepwise.recipe import Recipe, TrainingSpec
 
@@ -62,15 +63,6 @@ CPU_OVERRIDES: dict[str, Any] = {
 # Unsloth-derived fused LoRA kernels below plus `activation_offloading: legacy`, Axolotl's copy of
 # Unsloth's CPU-offloaded gradient checkpointing (monkeypatch/gradient_checkpointing/offload_cpu.py).
 UNSLOTH_KEYS: dict[str, Any] = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
-
-
-class _NoAliasDumper(yaml.SafeDumper):
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
-def dump_yaml(cfg: dict[str, Any]) -> str:
-    return yaml.dump(cfg, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=False, width=110)
 
 
 def epochs_for(n_examples: int | None) -> int:
@@ -330,7 +322,12 @@ def plan_input(spec: TrainingSpec, modality: str, r: int, seq: int, optimizer: s
     )
 
 
-def generate_configs(
+def run_path_for(recipe: Recipe, run_dir: Path | None) -> Path:
+    """The run whose export the configs train on: `run_dir`, else the recipe's latest run."""
+    return Path(run_dir) if run_dir else recipe.resolve(recipe.runs_dir) / recipe.name / "latest"  # type: ignore[operator]
+
+
+def generate_axolotl_configs(
     recipe: Recipe,
     *,
     run_dir: Path | None = None,
@@ -338,16 +335,13 @@ def generate_configs(
     relative_to: Path | None = None,
     recipe_label: str | None = None,
 ) -> list[GeneratedConfig]:
+    """The SFT configs of `training.backend: axolotl` (the DPO ones: stepwise.training.dpo; both
+    through stepwise.training.backends.generate_configs)."""
     spec = recipe.training
     base = Path(relative_to or Path.cwd())
-    if spec.backend == "trl":
-        from stepwise.training.trl_backend import generate_trl_configs
-
-        return generate_trl_configs(recipe, run_dir=run_dir, use_data=use_data, relative_to=base)
-    run_path = Path(run_dir) if run_dir else recipe.resolve(recipe.runs_dir) / recipe.name / "latest"  # type: ignore[operator]
-    train_path, val_path = run_path / "export" / "train.chat.jsonl", run_path / "export" / "val.chat.jsonl"
+    run_path = run_path_for(recipe, run_dir)
+    train_path, val_path = RunLayout(run_path).chat("train"), RunLayout(run_path).chat("val")
     data = inspect_data(train_path, val_path, spec.base_model, use_data)
-    as_written = recipe  # DPO configs size their batch against the preference pairs, not these rows
     recipe, batch_why = fit_batch_to_data(recipe, data)
     spec = recipe.training
     try:
@@ -393,10 +387,6 @@ def generate_configs(
             gc.config = apply_cpu_profile(cfg, local)
             gc.header.append("Profile: cpu (bf16/tf32/flash attention/packing/fused kernels off; local model dir)")
         out.append(gc)
-    if spec.dpo.enabled and spec.backend == "axolotl":
-        from stepwise.training.dpo import dpo_generated
-
-        out += dpo_generated(as_written, out, run_path, lambda p: _rel(p, base))
     return out
 
 

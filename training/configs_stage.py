@@ -1,7 +1,7 @@
 """The configs stage: one code path for `stepwise configs` and `stepwise run`'s configs stage.
 
-Hand-written. Generates the configs from the recipe's `training` section (stepwise.training.configgen, or
-stepwise.training.trl_backend for `backend: trl`), writes them, checks every one (stepwise.training.checks:
+Hand-written. Generates the configs from the recipe's `training` section through its backend
+(stepwise.training.backends: Axolotl, TRL; openai writes none), writes them, checks every one (the backend's check:
 Axolotl's schema and ours) and, inside a run, records the `configs` stage in its manifest:
 `done` with `train_config` (the config `stepwise run` trains: the one modality `auto` picks, else
 the first) and its path only when every config passed. A config that fails a check fails the
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from stepwise.training.backends import check_config, generate_configs, get_backend
 
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
@@ -72,10 +74,10 @@ def write_checked_configs(
         if not outcome.ok:
             raise ConfigsFailed(outcome)
         return outcome
-    with run.stage("configs", inputs=[run.path / "export" / "train.chat.jsonl"]) as st:
-        _generate(recipe, outcome, run, out_dir or run.path / "configs", use_data, allow_missing_data, relative_to)
-        if outcome.backend == "openai":
-            st.extra(backend="openai")
+    with run.stage("configs", inputs=[run.layout.chat("train")]) as st:
+        _generate(recipe, outcome, run, out_dir or run.layout.configs_dir, use_data, allow_missing_data, relative_to)
+        if not get_backend(outcome.backend).writes_configs:
+            st.extra(backend=outcome.backend)
             return outcome
         st.outputs(*outcome.paths)
         st.counts(configs=len(outcome.paths))
@@ -91,10 +93,9 @@ def write_checked_configs(
 
 def _generate(recipe: Recipe, outcome: ConfigsOutcome, run: RunDir | None, out_dir: Path, use_data: bool,
               allow_missing_data: bool, relative_to: Path | None) -> None:
-    if outcome.backend == "openai":
+    if not get_backend(outcome.backend).writes_configs:
         return
-    from stepwise.training.checks import check_config
-    from stepwise.training.configgen import generate_configs, write_configs
+    from stepwise.training.configgen import write_configs
 
     base = relative_to or Path.cwd()  # the configs' relative paths are relative to it
     outcome.configs = generate_configs(recipe, run_dir=run.path if run else None, use_data=use_data, relative_to=base)

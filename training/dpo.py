@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stepwise.review.preferences import DPO_DATASET_TYPE, PREFERENCE_FIELDS
+from stepwise.training.configgen import GeneratedConfig, apply_cpu_profile
 
 from stepwise.recipe import Recipe
 
@@ -88,8 +89,6 @@ def dpo_config(recipe: Recipe, sft_cfg: dict[str, Any], sft_name: str, modality:
 
 def dpo_generated(recipe: Recipe, sft_configs: list[Any], run_path: Path, rel: Any) -> list[Any]:
     """One DPO GeneratedConfig per SFT modality (the first SFT config of each, for sweeps)."""
-    from stepwise.training.configgen import GeneratedConfig, apply_cpu_profile
-
     out, seen = [], set()
     for gc in sft_configs:
         if gc.modality in seen:

@@ -4,8 +4,8 @@ The config is checked (stepwise.training.checks), then a resolved copy is writte
 `<run>/train/<config-name>/axolotl.yaml`: dataset paths made absolute, `output_dir` and
 `dataset_prepared_path` inside the run, the CPU profile applied with `--cpu`, `max_steps` with
 `--max-steps`. Axolotl runs its own entry points, preprocess then train (`axolotl_cmd`), or
-`accelerate launch --num_processes N -m axolotl.cli.train` when several GPUs are visible, with
-the offline environment. Output goes to `preprocess.log` / `train.log`.
+`accelerate launch --num_processes N <venv>/bin/axolotl train --launcher python` with N =
+`training.num_gpus` (`train_command`), with the offline environment. Output goes to `preprocess.log` / `train.log`.
 
 Checkpoints and resuming (stepwise.training.checkpoints): the same config (same resolved content and data)
 resumes from its last complete checkpoint after a kill, passed to Axolotl as
@@ -17,56 +17,26 @@ no loss fails the stage.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from stepwise.training.checkpoints import (
-    LOSS_FIELDS,
-    NoLossRecorded,
-    config_identity,
-    prepare_output_dir,
-    recorded_losses,
-)
-from stepwise.training.configgen import apply_cpu_profile, dump_yaml
+from stepwise.training.checkpoints import LOSS_FIELDS, config_identity, prepare_output_dir
+from stepwise.training.checks import local_model_config_dir
+from stepwise.training.common import OFFLINE_ENV, TrainError, TrainResult, dump_yaml, finish
+from stepwise.training.configgen import apply_cpu_profile
 
 from stepwise.io import atomic_write_text
 from stepwise.rundir import RunDir
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-}
+# The shared types are re-exported: callers name the Axolotl launcher's results as they always have.
 __all__ = ["LOSS_FIELDS", "OFFLINE_ENV", "TrainError", "TrainResult", "merge_lora", "train"]
-
-
-class TrainError(RuntimeError):
-    pass
-
-
-@dataclass
-class TrainResult:
-    name: str
-    out_dir: Path
-    config_path: Path
-    losses: list[dict[str, Any]] = field(default_factory=list)
-    wall_s: float = 0.0
-    summary: dict[str, Any] = field(default_factory=dict)
-    resumed_from_step: int | None = None
-    global_step: int | None = None
-    moved_aside: Path | None = None
-
-    @property
-    def train_losses(self) -> list[float]:
-        return [r["loss"] for r in self.losses if r["kind"] == "train"]
 
 
 def axolotl_cmd(command: str, config: Path, *args: str) -> list[str]:
@@ -83,12 +53,26 @@ def axolotl_cmd(command: str, config: Path, *args: str) -> list[str]:
 
 
 def train_command(config: Path, gpus: int) -> list[str]:
-    """One process, or `accelerate launch` with one process per visible GPU (DeepSpeed/FSDP come
-    from the config's own `deepspeed` / `fsdp_config` keys, which Axolotl hands to accelerate)."""
+    """One process, or `accelerate launch --num_processes <gpus>` of the `axolotl train` entry point
+    (the console script beside this interpreter) with `--launcher python`, so each of the processes
+    accelerate starts trains in place instead of launching accelerate again. Not `-m
+    axolotl.cli.train`: see `axolotl_cmd` for why a `-m` main costs every spawned worker a full
+    re-import. DeepSpeed/FSDP come from the config's own `deepspeed` / `fsdp_config` keys, which
+    Axolotl hands to accelerate."""
     if gpus > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m",
-                "axolotl.cli.train", str(config)]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
+                str(Path(sys.executable).parent / "axolotl"), "train", str(config), "--launcher", "python"]
     return axolotl_cmd("train", config)
+
+
+def processes_for(num_gpus: int | None, visible: int, config_path: Path) -> int:
+    """GPU processes to launch: `num_gpus` as asked (None: all visible), never more than are visible."""
+    if num_gpus is None:
+        return visible
+    if num_gpus > 1 and num_gpus > visible:
+        raise TrainError(f"{config_path}: training.num_gpus is {num_gpus} but {visible} GPU(s) are visible "
+                         "(CUDA_VISIBLE_DEVICES); lower num_gpus or make the GPUs visible")
+    return min(num_gpus, visible)  # one asked on a machine without a GPU: one CPU process, as ever
 
 
 def visible_gpus() -> int:
@@ -128,8 +112,6 @@ def resolve_config(cfg: dict[str, Any], *, base_dir: Path, out_dir: Path, prepar
     out["output_dir"] = str(out_dir.resolve())
     out["dataset_prepared_path"] = str(prepared.resolve())
     if cpu:
-        from stepwise.training.checks import local_model_config_dir
-
         out = apply_cpu_profile(out, local_model_config_dir(str(out.get("base_model", ""))))
     if max_steps:
         out["max_steps"] = max_steps
@@ -162,15 +144,14 @@ def train(
     cpu: bool = False,
     max_steps: int | None = None,
     base_dir: Path | None = None,
+    num_gpus: int | None = None,
     on_event: Callable[[str, Any], None] | None = None,
 ) -> TrainResult:
+    """Preprocess + train one Axolotl config inside its run. `num_gpus` (the recipe's
+    `training.num_gpus`; None: every visible GPU, for a config trained without its recipe) sets the
+    process count; more than are visible is an error, not a silent smaller run. `cpu`: one process."""
     base_dir = base_dir or Path.cwd()
     cfg = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    if isinstance(cfg, dict) and cfg.get("backend") == "trl":  # training.backend: trl (IA3, prefix/prompt tuning)
-        from stepwise.training import trl_backend
-
-        return trl_backend.train(config_path, run_dir=run_dir, cpu=cpu, max_steps=max_steps, base_dir=base_dir,
-                                 on_event=on_event)
     name = config_path.stem
     run_path = Path(run_dir) if run_dir else infer_run_dir(cfg, base_dir)
     if run_path is None:
@@ -191,8 +172,8 @@ def train(
         raise TrainError(f"{config_path}: save_strategy: no leaves no checkpoint and no trainer state (the loss record "
                          "and the point a killed run resumes from); remove it (training.save_every_steps sets the "
                          "interval)")
-    out_dir = run.path / "train" / name
-    resolved = resolve_config(cfg, base_dir=base_dir, out_dir=out_dir, prepared=run.path / "train" / "prepared",
+    out_dir = run.layout.train_output(name)
+    resolved = resolve_config(cfg, base_dir=base_dir, out_dir=out_dir, prepared=run.layout.prepared,
                               cpu=cpu, max_steps=max_steps)
     data_files = [Path(ds["path"]) for s in ("datasets", "test_datasets") for ds in resolved.get(s) or []
                   if Path(str(ds.get("path"))).exists()]
@@ -211,7 +192,7 @@ def train(
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    gpus = 0 if cpu else visible_gpus()
+    gpus = 0 if cpu else processes_for(num_gpus, visible_gpus(), config_path)
     train_cmd = train_command(resolved_path, gpus)
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -236,36 +217,6 @@ def train(
         result.wall_s = round(time.time() - started, 2)
         finish(result, st, extra={"gpus": gpus, "cpu": cpu}, emit=emit)
     return result
-
-
-def finish(result: TrainResult, st: Any, *, extra: dict[str, Any], emit: Callable[[str, Any], None],
-           summary_extra: dict[str, Any] | None = None, skip_outputs: tuple[str, ...] = ()) -> None:
-    """Both backends: losses from the trainer state -> loss.csv, summary.json and the manifest's stage."""
-    out_dir = result.out_dir
-    try:
-        rows, trainer_summary, state, state_path = recorded_losses(out_dir)
-    except NoLossRecorded as exc:
-        raise TrainError(f"{exc}; see {out_dir / 'train.log'}") from None
-    result.losses, result.summary = rows, trainer_summary
-    result.global_step = state.get("global_step")
-    loss_csv = out_dir / "loss.csv"
-    with loss_csv.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOSS_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        emit("loss", row)
-    losses = result.train_losses
-    facts = {"config": result.name, "wall_s": result.wall_s, "steps": len(losses), "global_step": result.global_step,
-             "resumed_from_step": result.resumed_from_step, "first_loss": losses[0], "final_loss": losses[-1],
-             "train_runtime_s": trainer_summary.get("train_runtime"), "trainer_state": str(state_path.relative_to(out_dir)),
-             **(summary_extra or {})}
-    atomic_write_text(out_dir / "summary.json", json.dumps({**facts, "trainer": trainer_summary}, indent=2) + "\n")
-    produced = [p for p in sorted(out_dir.iterdir()) if p.suffix in {".safetensors", ".json"} and p.is_file()
-                and p.name not in skip_outputs]
-    st.outputs(loss_csv, result.config_path, *produced)
-    st.counts(steps=len(losses))
-    st.extra(**{**{k: v for k, v in facts.items() if k not in ("wall_s", "steps")}, **extra})
 
 
 def merge_lora(resolved_config: Path, *, adapter_dir: Path | None = None, log_path: Path | None = None) -> Path:

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepwise.pipelines.tokens import guess_tokens
+
 from stepwise.io import atomic_write_json, sha256_file
 from stepwise.recipe import OpenAIFineTuneSpec, Recipe
 from stepwise.rundir import RunDir
@@ -104,7 +106,7 @@ class TokenCounter:
     def text(self, text: str) -> int:
         if self._enc is not None:
             return len(self._enc.encode(text, disallowed_special=()))
-        return (len(text) + 3) // 4
+        return guess_tokens(text)
 
     def messages(self, messages: list[dict[str, Any]]) -> int:
         n = 3  # every reply is primed with <|start|>assistant<|message|>
@@ -458,8 +460,7 @@ class FineTuneRun:
     # -- the whole flow --------------------------------------------------------------------------
     def prepare(self) -> tuple[Path, Path | None, CostEstimate, list[str]]:
         """Validate the export and estimate the cost (no network)."""
-        export = self.run.path / "export"
-        train, val = export / "train.chat.jsonl", export / "val.chat.jsonl"
+        train, val = self.run.layout.chat("train"), self.run.layout.chat("val")
         if not train.exists():
             raise FineTuneInputError(f"{train}: not found; run `stepwise export` first")
         counter = TokenCounter(self.spec.model)
@@ -598,7 +599,7 @@ def train_openai_cli(recipe_path: Path, run_dir: Path | None, *, detach: bool = 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
-    from stepwise.cli import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_STOPPED, load_or_exit
+    from stepwise.cli_support import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, EXIT_STOPPED, load_or_exit
     from stepwise.rundir import resolve_run
 
     console = Console(stderr=True)

@@ -46,8 +46,31 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from stepwise.training.checkpoints import config_identity, prepare_output_dir
+from stepwise.training.checks import check_chat_rows, local_model_config_dir
+from stepwise.training.common import (
+    OFFLINE_ENV,
+    CheckReport,
+    Problem,
+    TrainError,
+    TrainResult,
+    dump_yaml,
+    finish,
+)
+from stepwise.training.configgen import (
+    DEFAULT_SEQUENCE_LEN,
+    GeneratedConfig,
+    _rel,
+    epochs_for,
+    fit_batch_to_data,
+    inspect_data,
+    sequence_len_for,
+)
+from stepwise.training.shapes import resolve_shape
 
 from stepwise.io import atomic_write_text, iter_jsonl
+from stepwise.layout import RunLayout
+from stepwise.recipe import TrainingSpec, _line_for
 from stepwise.rundir import RunDir
 
 TRL_MODALITIES = ("lora", "ia3", "prefix_tuning", "prompt_tuning")
@@ -66,10 +89,11 @@ class TRLRunConfig(BaseModel):
     modality: Literal["lora", "ia3", "prefix_tuning", "prompt_tuning"]
     num_virtual_tokens: int = Field(20, ge=1, le=1024)
     prompt_tuning_init_text: str | None = Field(None, description="Prompt tuning: initialise from this text.")
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(64, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, le=0.5)
-    lora_target: Literal["linear", "attention"] = "linear"
+    # defaults and bounds are the recipe's (TrainingSpec), the one source of them
+    lora_r: int = TrainingSpec.model_fields["lora_r"]
+    lora_alpha: int = Field(TrainingSpec().effective_lora_alpha, ge=1)
+    lora_dropout: float = TrainingSpec.model_fields["lora_dropout"]
+    lora_target: Literal["linear", "attention"] = TrainingSpec.model_fields["lora_target"].default
     learning_rate: float = Field(gt=0, le=1.0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, le=0.5)
@@ -103,17 +127,6 @@ class TRLRunConfig(BaseModel):
 
 def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, relative_to: Path) -> list[Any]:
     """GeneratedConfig(s) for `backend: trl`: the recipe's modality (`auto` = lora)."""
-    from stepwise.training.configgen import (
-        DEFAULT_SEQUENCE_LEN,
-        GeneratedConfig,
-        _rel,
-        epochs_for,
-        fit_batch_to_data,
-        inspect_data,
-        sequence_len_for,
-    )
-    from stepwise.training.shapes import resolve_shape
-
     spec = recipe.training
     modality = "lora" if spec.modality == "auto" else spec.modality
     if modality not in TRL_MODALITIES:
@@ -121,7 +134,7 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
                          "(set `backend: axolotl`)")
     base = Path(relative_to)
     run_path = Path(run_dir) if run_dir else recipe.resolve(recipe.runs_dir) / recipe.name / "latest"
-    train_path, val_path = run_path / "export" / "train.chat.jsonl", run_path / "export" / "val.chat.jsonl"
+    train_path, val_path = RunLayout(run_path).chat("train"), RunLayout(run_path).chat("val")
     data = inspect_data(train_path, val_path, spec.base_model, use_data)
     recipe, batch_why = fit_batch_to_data(recipe, data)
     spec = recipe.training
@@ -177,23 +190,9 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
 # Checks (stepwise configs / --check / train)
 
 
-def is_trl_config(path_or_cfg: Path | dict[str, Any]) -> bool:
-    if isinstance(path_or_cfg, dict):
-        return path_or_cfg.get("backend") == "trl"
-    try:
-        cfg = yaml.safe_load(Path(path_or_cfg).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(cfg, dict) and cfg.get("backend") == "trl"
-
-
 def check_trl_config(cfg: dict[str, Any], label: str, index: dict[tuple[Any, ...], int], base_dir: Path,
                      allow_missing_data: bool = False) -> Any:
     """Schema (strict), data files and rows, batch vs rows, sequence length vs the model."""
-    from stepwise.training.checks import CheckReport, Problem, check_chat_rows, local_model_config_dir
-
-    from stepwise.recipe import _line_for
-
     report = CheckReport(label)
 
     def line(loc: tuple[Any, ...]) -> int | None:
@@ -262,13 +261,13 @@ def train(
     cpu: bool = False,
     max_steps: int | None = None,
     base_dir: Path | None = None,
+    num_gpus: int | None = None,
     on_event: Callable[[str, Any], None] | None = None,
-) -> Any:
-    """Train one TRL config inside its run; returns the launcher's TrainResult."""
-    from stepwise.training.checkpoints import config_identity, prepare_output_dir
-    from stepwise.training.configgen import dump_yaml
-    from stepwise.training.launcher import OFFLINE_ENV, TrainError, TrainResult, finish
-
+) -> TrainResult:
+    """Train one TRL config inside its run (one process: `num_gpus` above 1 is refused, not ignored)."""
+    if num_gpus is not None and num_gpus > 1 and not cpu:
+        raise TrainError(f"{config_path}: the trl backend trains in one process; training.num_gpus {num_gpus} "
+                         "needs `backend: axolotl` (accelerate launch)")
     base_dir = base_dir or Path.cwd()
     cfg = _load(config_path)
     try:
@@ -282,9 +281,7 @@ def train(
     if run_path is None:
         raise TrainError(f"{config_path}: cannot tell which run this config belongs to; pass --run-dir")
     run = RunDir(run_path)
-    out_dir = run.path / "train" / name
-    from stepwise.training.checks import local_model_config_dir
-
+    out_dir = run.layout.train_output(name)
     resolved = spec.model_dump(exclude_none=True)
     resolved.update(train_file=str(train_file), output_dir=str(out_dir.resolve()),
                     base_model=local_model_config_dir(spec.base_model) or spec.base_model)
