@@ -46,7 +46,7 @@ SPLITS = ("train", "val")
 
 
 def curated_paths(run: RunDir) -> list[Path]:
-    paths = [run.path / "curate" / f"{s}.jsonl" for s in SPLITS]
+    paths = [run.layout.curated(s) for s in SPLITS]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: not found; run `stepwise curate` first")
@@ -72,16 +72,16 @@ def _review_dir(run: RunDir) -> Path:
 def review_auto(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     """Accept every curated train/val row; the default review."""
     inputs = curated_paths(run)
-    out = _review_dir(run)
+    _review_dir(run)  # the folder the files below go to
     with run.stage("review", inputs=inputs, params={"mode": "auto"}) as st:
         rows = load_curated(run)
         reviewed = [{**r, "review": {"status": "auto_accepted", "responses": [], "corrected": False}} for r in rows]
-        atomic_write_jsonl(out / "reviewed.jsonl", reviewed)
-        atomic_write_jsonl(out / "rejected.jsonl", [])
+        atomic_write_jsonl(run.layout.reviewed, reviewed)
+        atomic_write_jsonl(run.layout.review_rejected, [])
         counts = {"rows": len(rows), "auto_accepted": len(rows), "submitted": 0, "discarded": 0, "pending": 0}
         summary = {"mode": "auto", "counts": counts, "questions": {}, "teacher_accuracy": None}
-        atomic_write_json(out / "agreement.json", summary)
-        st.outputs(out / "reviewed.jsonl", out / "rejected.jsonl", out / "agreement.json")
+        atomic_write_json(run.layout.agreement, summary)
+        st.outputs(run.layout.reviewed, run.layout.review_rejected, run.layout.agreement)
         st.counts(**counts)
     return summary
 
@@ -210,9 +210,9 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
     report.created = report.sent - report.updated
     report.wall_s = round(time.time() - started, 3)
 
-    out = _review_dir(run)
-    atomic_write_jsonl(out / "push_errors.jsonl", report.errors)
-    previous = _read_json(out / "push.json") or {}
+    _review_dir(run)  # the folder the files below go to
+    atomic_write_jsonl(run.layout.review_push_errors, report.errors)
+    previous = _read_json(run.layout.review_push) or {}
     same = previous.get("dataset") == name
     pushed = sorted(set(previous.get("pushed_ids", []) if same else []) | sent_ids)
     failed = {str(e["id"]): e["error"] for e in report.errors}
@@ -220,7 +220,7 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
         failed = {k: v for k, v in (previous.get("failed") or {}).items() if k not in sent_ids} | failed
     # What was pushed decides how it is pulled (`pull` reads mode, dataset, workspace and ids from
     # here, not from a recipe that may have changed since, e.g. back to `review.mode: auto`).
-    atomic_write_json(out / "push.json", {
+    atomic_write_json(run.layout.review_push, {
         "mode": "argilla", "dataset": name, "workspace": ws_name, "url": conn.url, "dataset_id": str(dataset.id),
         "rationale_question": rationale_q,
         "send": recipe.review.send, "selected": report.selected, "sent": report.sent, "created": report.created,
@@ -230,7 +230,7 @@ def push(recipe: Recipe, run: RunDir, *, batch_size: int = 500, log=print) -> Pu
     for err in report.errors[:20]:
         log(f"error: row {err['id']}: {err['error']}")
     if len(report.errors) > 20:
-        log(f"... {len(report.errors) - 20} more in {out / 'push_errors.jsonl'}")
+        log(f"... {len(report.errors) - 20} more in {run.layout.review_push_errors}")
     return report
 
 
@@ -316,14 +316,14 @@ def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, st
     pushed before push.json recorded them (or never pushed, for the error message)."""
     from stepwise.review.argilla import dataset_name
 
-    info = _read_json(_review_dir(run) / "push.json") or {}
+    info = _read_json(run.layout.review_push) or {}
     return info, info.get("dataset") or dataset_name(recipe), info.get("workspace") or recipe.review.workspace
 
 
 def unpushed_ids(run: RunDir) -> list[str]:
     """Curated rows that a `send: all` push should have sent but did not: curation ran again after
     the push and made rows Argilla has never seen. Pulling past them would train them unreviewed."""
-    info = _read_json(_review_dir(run) / "push.json") or {}
+    info = _read_json(run.layout.review_push) or {}
     if not info or info.get("send", "all") != "all":
         return []  # a sample leaves rows out on purpose
     known = set(info.get("pushed_ids") or []) | set((info.get("failed") or {}).keys())
@@ -349,7 +349,7 @@ def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
     if push_info.get("dataset_id") and str(dataset.id) != push_info["dataset_id"]:
         raise ReviewError(
             f"dataset '{name}' in workspace '{ws}' at {conn.url} is not the one this run pushed to "
-            f"({_review_dir(run) / 'push.json'}: id {push_info['dataset_id']}, found {dataset.id}); it was deleted "
+            f"({run.layout.review_push}: id {push_info['dataset_id']}, found {dataset.id}); it was deleted "
             "and created again, so the reviews made there are not in it. Point review.url at the server that has "
             "them, or push again with `stepwise review push`"
         )
@@ -367,13 +367,13 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
     accepts every row. When pushed rows are still pending the stage records `waiting` and raises
     ReviewPending (nothing goes to training on a partial review) unless `accept_pending` or
     `review.accept_policy: submitted_or_pending` lets those rows through with the teacher's answer."""
-    if recipe.review.mode == "auto" and not (_review_dir(run) / "push.json").exists():
+    if recipe.review.mode == "auto" and not run.layout.review_push.exists():
         return review_auto(recipe, run)
     inputs = curated_paths(run)
-    out = _review_dir(run)
+    _review_dir(run)  # the folder the files below go to
     pulled = _fetch(recipe, run)
     if recipe.review.mode == "auto":
-        log(f"review: {out / 'push.json'} records {len(pulled.pushed)} rows pushed to '{pulled.name}': pulling "
+        log(f"review: {run.layout.review_push} records {len(pulled.pushed)} rows pushed to '{pulled.name}': pulling "
             "their reviews (review.mode is auto)")
     allow_pending = accept_pending or recipe.review.accept_policy == "submitted_or_pending"
     never_pushed = unpushed_ids(run)
@@ -397,16 +397,16 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
             # Nothing is written for training: the previous reviewed.jsonl (if any) stays, and the
             # stage is `waiting`, which export refuses to read past.
             progress = _progress(recipe, rows, pulled)
-            atomic_write_json(out / "progress.json", progress)
-            st.outputs(out / "progress.json")
+            atomic_write_json(run.layout.review_progress, progress)
+            st.outputs(run.layout.review_progress)
             st.counts(**c)
             st.mark("waiting")
             waiting = ReviewPending(_pending_message(progress), progress)
         else:
-            atomic_write_jsonl(out / "reviewed.jsonl", result["reviewed"])
-            atomic_write_jsonl(out / "rejected.jsonl", result["rejected"])
-            atomic_write_json(out / "agreement.json", summary)
-            st.outputs(out / "reviewed.jsonl", out / "rejected.jsonl", out / "agreement.json")
+            atomic_write_jsonl(run.layout.reviewed, result["reviewed"])
+            atomic_write_jsonl(run.layout.review_rejected, result["rejected"])
+            atomic_write_json(run.layout.agreement, summary)
+            st.outputs(run.layout.reviewed, run.layout.review_rejected, run.layout.agreement)
             st.counts(**c)
     if waiting is not None:
         raise waiting
@@ -419,10 +419,10 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
 
 def review_progress(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     """How far the reviewers are with what this run pushed, overall and per annotator."""
-    if not (_review_dir(run) / "push.json").exists():
+    if not run.layout.review_push.exists():
         from stepwise.review.argilla import ReviewError
 
-        raise ReviewError(f"{_review_dir(run) / 'push.json'}: nothing was pushed from this run "
+        raise ReviewError(f"{run.layout.review_push}: nothing was pushed from this run "
                           "(`stepwise review push`, or `stepwise run --review argilla`)")
     pulled = _fetch(recipe, run)
     return _progress(recipe, load_curated(run), pulled)

@@ -89,6 +89,10 @@ class RunLayout:
         return self.stage_dir("review") / "push.json"
 
     @property
+    def review_push_errors(self) -> Path:
+        return self.stage_dir("review") / "push_errors.jsonl"
+
+    @property
     def review_progress(self) -> Path:
         return self.stage_dir("review") / "progress.json"
 
