@@ -210,6 +210,7 @@ def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: A
     Jobs go in prompt order, so consecutive prompts share the longest prefix and its KV state stays
     hot; each request carries its own seed (from teacher.seed, the attempt and the request key, so the
     samples of one row differ and a re-ask samples afresh), so the order does not change answers."""
+    from stepwise.pipelines.constraints import sampling_params
     from stepwise.pipelines.executor import run_sync_batches
 
     from stepwise.io import sha256_text
@@ -224,10 +225,10 @@ def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: A
                                 f"({len(tokens[longest.key])} tokens) + max_new_tokens {t.max_new_tokens}; "
                                 "raise teacher.n_ctx")
         ordered = sorted(jobs, key=lambda j: tokens[j.key])
+        sampling = sampling_params(t)  # the same settings the cache key names
 
         def generate(batch: list[Any]) -> list[dict[str, Any]]:
-            return [teacher.generate([j.messages], max_new_tokens=t.max_new_tokens, temperature=t.temperature,
-                                     top_p=t.top_p, seed=request_seed(t.seed, j))[0] for j in batch]
+            return [teacher.generate([j.messages], **sampling, seed=request_seed(t.seed, j))[0] for j in batch]
 
         def request_seed(seed: int, job: Any) -> int:
             return int(sha256_text(f"{seed}:{job.attempt}:{job.key}")[:8], 16)
