@@ -119,3 +119,10 @@ def test_multi_gpu_launches_the_axolotl_train_entry_point_through_accelerate(tmp
     # the console script `axolotl train`, each process training in place (not accelerate again, not -m)
     assert cmd[5:] == [str(Path(sys.executable).parent / "axolotl"), "train", str(cfg), "--launcher", "python"]
     assert "axolotl.cli.train" not in cmd
+
+
+def test_config_headers_give_the_multi_gpu_command_stepwise_runs(tmp_path):
+    recipe, run_dir = make_run(tmp_path, EXTRA)
+    [gc] = backends.generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)
+    assert "--num-gpus N   (accelerate launch of `axolotl train`)" in gc.text()
+    assert "-m axolotl.cli.train" not in gc.text()

@@ -471,7 +471,7 @@ def _header(recipe_label: str, name: str, modality: str, data: DataInfo, base: P
         "Launch (from the directory these paths are relative to, the repository root for the bundled examples):",
         f"  stepwise train <this file> --run-dir {run_label}        (preprocess + train, logs and loss.csv in the run)",
         "  or: axolotl preprocess <this file> && axolotl train <this file>",
-        "  several GPUs: accelerate launch -m axolotl.cli.train <this file>",
+        "  several GPUs: stepwise train <this file> --num-gpus N   (accelerate launch of `axolotl train`)",
         f"Checkpoints every {spec.save_every_steps} steps (training.save_every_steps), the last "
         f"{spec.save_total_limit} kept; `stepwise train` resumes a killed run from the last complete one",
         "Data (OpenAI chat JSONL written by `stepwise export`):",
