@@ -103,3 +103,46 @@ def test_generation_kwargs_are_built_once_and_keyed_in_the_cache(tmp_path):
     cached = generation_params(recipe.model_copy(update={"teacher": server}))
     assert {k: cached[k] for k in ("max_new_tokens", "temperature", "top_p")} == \
         {k: kwargs[k] for k in ("max_new_tokens", "temperature", "top_p")}
+
+
+def test_planner_trl_and_plan_command_take_the_recipes_training_defaults():
+    """lora_r & co. have one default and one set of bounds: TrainingSpec's (the planner, the TRL run
+    config and `stepwise plan` had their own copies, e.g. a planner lora_r without the upper bound)."""
+    import inspect
+
+    from stepwise.training.cli import plan_cmd
+    from stepwise.training.trl_backend import TRLRunConfig
+    from stepwise.training.vram import PlanInput
+
+    from stepwise.recipe import TrainingSpec
+
+    spec = TrainingSpec.model_fields
+    shared = {"PlanInput": (PlanInput, ("lora_r", "lora_dropout", "num_gpus", "gradient_checkpointing")),
+              "TRLRunConfig": (TRLRunConfig, ("lora_r", "lora_dropout"))}
+    for owner, (model, names) in shared.items():
+        for name in names:
+            theirs = model.model_fields[name]
+            assert (theirs.default, theirs.metadata) == (spec[name].default, spec[name].metadata), (owner, name)
+    assert PlanInput().lora_target == TRLRunConfig.model_fields["lora_target"].default == spec["lora_target"].default
+    assert TRLRunConfig.model_fields["lora_alpha"].default == TrainingSpec().effective_lora_alpha
+    options = inspect.signature(plan_cmd).parameters
+    for option, name in (("lora_r", "lora_r"), ("target", "lora_target"), ("num_gpus", "num_gpus"),
+                         ("gpu_memory", "gpu_memory_gb")):
+        assert options[option].default.default == spec[name].default, option
+
+
+def test_eval_takes_the_schema_validator_from_curations_table(monkeypatch):
+    """evals looks `task.validator` up in curation's SCHEMA_VALIDATORS (it found one by regex-scanning
+    function names in the curation package)."""
+    from stepwise.curation import validate
+    from stepwise.evals.schema import validator_for
+
+    seen = []
+    monkeypatch.setitem(validate.SCHEMA_VALIDATORS, "opensearch_query_dsl", lambda a: seen.append(a) or "bad body")
+    check, _ = validator_for("opensearch_query_dsl")
+    assert check({"x": 1}) == ["bad body"] and seen == [{"x": 1}]
+    monkeypatch.undo()
+    check, _ = validator_for("opensearch_query_dsl")
+    assert check({"match": {"title": "x"}}) == []  # a bare query, wrapped as curation does
+    assert check({"query": {"no_such_query": {}}})
+    assert validator_for("json") == (None, "json (no schema)")

@@ -29,10 +29,10 @@ from typing import Any
 from stepwise.review.preferences import DPO_DATASET_TYPE, PREFERENCE_FIELDS
 from stepwise.training.configgen import GeneratedConfig, apply_cpu_profile
 
+from stepwise.layout import RunLayout
 from stepwise.recipe import Recipe
 
 DEFAULT_DPO_LR = {"full": 5e-7, "lora": 5e-6, "qlora": 5e-6}
-PREFERENCES_FILE = "preferences.jsonl"
 
 
 def sft_checkpoint(recipe: Recipe, sft_name: str, modality: str, run_path: Path) -> tuple[Path, str]:
@@ -44,7 +44,7 @@ def sft_checkpoint(recipe: Recipe, sft_name: str, modality: str, run_path: Path)
         if (p / "merged" / "config.json").exists():
             p = p / "merged"
         return p, "training.dpo.sft_checkpoint"
-    out = run_path / "train" / sft_name
+    out = RunLayout(run_path).train_output(sft_name)
     if modality == "full":
         return out, f"the full SFT weights of {sft_name}"
     return out / "merged", f"{sft_name}'s adapter merged into its base (`stepwise train <{sft_name}.yaml> --merge`)"
@@ -56,7 +56,7 @@ def dpo_config(recipe: Recipe, sft_cfg: dict[str, Any], sft_name: str, modality:
     spec = recipe.training.dpo
     name = f"{sft_name}-dpo"
     start, why = sft_checkpoint(recipe, sft_name, modality, run_path)
-    prefs = run_path / "export" / PREFERENCES_FILE
+    prefs = RunLayout(run_path).preferences("train")
     drop = {"datasets", "test_datasets", "val_set_size", "evals_per_epoch", "eval_sample_packing", "num_epochs",
             "learning_rate", "base_model", "output_dir", "max_steps"}
     cfg: dict[str, Any] = {"base_model": rel(start), "rl": "dpo", "rl_beta": spec.beta}
@@ -64,7 +64,7 @@ def dpo_config(recipe: Recipe, sft_cfg: dict[str, Any], sft_name: str, modality:
         if key not in drop:
             cfg[key] = value
     cfg["datasets"] = [{"path": rel(prefs), "type": DPO_DATASET_TYPE, **PREFERENCE_FIELDS}]
-    cfg["output_dir"] = rel(run_path / "train" / name)
+    cfg["output_dir"] = rel(RunLayout(run_path).train_output(name))
     cfg["sample_packing"] = False
     cfg["pad_to_sequence_len"] = False
     cfg["num_epochs"] = int(spec.num_epochs) if float(spec.num_epochs).is_integer() else spec.num_epochs

@@ -42,6 +42,7 @@ from typing import Any
 from stepwise.pipelines.tokens import guess_tokens
 
 from stepwise.io import atomic_write_json, sha256_file
+from stepwise.layout import RunLayout
 from stepwise.recipe import OpenAIFineTuneSpec, Recipe
 from stepwise.rundir import RunDir
 
@@ -581,7 +582,7 @@ class FineTuneRun:
 
 def fine_tuned_model_of(run_path: Path) -> dict[str, Any] | None:
     """The run's succeeded hosted job: {fine_tuned_model, base_url, api_key_env?} or None."""
-    state = Path(run_path) / "train" / STATE_FILE
+    state = RunLayout(Path(run_path)).train_dir / STATE_FILE
     if not state.exists():
         return None
     s = json.loads(state.read_text(encoding="utf-8"))

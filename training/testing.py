@@ -9,6 +9,7 @@ from pathlib import Path
 from stepwise.pipelines.student import training_examples
 
 from stepwise.io import atomic_write_jsonl
+from stepwise.layout import RunLayout
 from stepwise.recipe import Recipe, load_recipe
 
 TRAINING_RECIPE = """\
@@ -61,9 +62,9 @@ def write_export(recipe: Recipe, run_dir: Path, n_train: int = 12, n_val: int = 
                 out.append({"messages": messages})
         return out[: n]
 
-    export = run_dir / "export"
-    export.mkdir(parents=True, exist_ok=True)
-    train, val = export / "train.chat.jsonl", export / "val.chat.jsonl"
+    lay = RunLayout(run_dir)
+    lay.stage_dir("export").mkdir(parents=True, exist_ok=True)
+    train, val = lay.chat("train"), lay.chat("val")
     atomic_write_jsonl(train, rows(n_train, 0))
     atomic_write_jsonl(val, rows(n_val, 100))
     return train, val

@@ -158,7 +158,7 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         bf16=False if spec.profile == "cpu" else "auto", save_steps=spec.save_every_steps,
         save_total_limit=spec.save_total_limit,
         train_file=_rel(train_path, base), val_file=None if data.val_empty else _rel(val_path, base),
-        output_dir=_rel(run_path / "train" / name, base),
+        output_dir=_rel(RunLayout(run_path).train_output(name), base),
     ).model_dump(exclude_none=True)
     if modality != "lora":
         for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target"):
