@@ -28,7 +28,6 @@ from stepwise.evals.task_eval import (
     check_contamination,
     evaluate_task,
     load_test_rows,
-    predictions_path,
 )
 
 from stepwise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
@@ -223,10 +222,10 @@ def run_eval(
                         progress_factory)
                     if report["base_comparison"] is not None:
                         outcome.outputs += [eval_dir / BASE_REPORT, eval_dir / BASE_PREDICTIONS]
-                atomic_write_jsonl(predictions_path(eval_dir), preds)
+                atomic_write_jsonl(run.layout.task_predictions, preds)
                 atomic_write_json(run.layout.task_report, report)
                 outcome.task = report
-                outcome.outputs += [run.layout.task_report, predictions_path(eval_dir)]
+                outcome.outputs += [run.layout.task_report, run.layout.task_predictions]
         # -- forgetting --------------------------------------------------------------------------
         if not fspec.enabled:
             outcome.gate_verdict, outcome.gate_reason = NOT_CONFIGURED, "eval.forgetting.enabled is false"
