@@ -87,7 +87,7 @@ def check_contamination(run_path: Path, test_rows: list[dict[str, Any]]) -> dict
 
 
 def _curation_contamination_note(run_path: Path) -> dict[str, Any] | None:
-    manifest = run_path / "manifest.json"
+    manifest = RunLayout(run_path).manifest
     if not manifest.exists():
         return None
     info = json.loads(manifest.read_text(encoding="utf-8")).get("stages", {}).get("curate") or {}

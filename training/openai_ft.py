@@ -326,7 +326,8 @@ class FineTuneRun:
         self.log = log
         self.progress = progress
         self.sleep = sleep
-        self.state_path = run.stage_dir("train") / STATE_FILE
+        run.stage_dir("train")
+        self.state_path = run.layout.train_dir / STATE_FILE
         self.state: dict[str, Any] = self._load()
 
     # -- state -----------------------------------------------------------------------------------
