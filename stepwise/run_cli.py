@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stepwise.cli import EXIT_BAD_INPUT, console, load_or_exit
+from stepwise.cli_support import EXIT_BAD_INPUT, console, load_or_exit
 from stepwise.rundir import STAGES
 
 _COLORS = {"done": "green", "skipped": "cyan", "failed": "red", "stopped": "yellow", "gate_failed": "red",
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         for stage, note in stage_notes(run):
             if stage in ran:
                 wide.print(f"[yellow]note[/yellow] ({stage}): {escape(note)}", highlight=False, soft_wrap=True)
-        report = run.path / "report.html"
+        report = run.layout.report_html
         if report.exists():
             console.print(f"report: {report}", highlight=False)
         raise typer.Exit(summary.exit_code)
