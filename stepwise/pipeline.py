@@ -1,5 +1,10 @@
 """`stepwise run`: the stages in sequence, each the same function its own command runs.
 
+Each `Stage` declares what it reads and writes: the recipe sections (`sections`), the files it
+reads (`inputs`) and the files or folders it writes (`outputs`), all named through the run's
+`RunLayout` (stepwise.layout). tests/test_stage_declarations.py runs the stages with a recipe
+view that records which sections they touch and checks both against these declarations.
+
 A stage is skipped when its fingerprint (the recipe sections it reads + the sha256 of its input
 files + the run options it depends on) equals the one recorded when it last finished, and its
 outputs are still there. Any upstream change changes the downstream inputs, so it cascades.
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stepwise.io import atomic_write_json, canonical_json, sha256_file, sha256_text
+from stepwise.layout import SPLITS, RunLayout
 from stepwise.recipe import Recipe
 from stepwise.rundir import STAGES, RunDir
 
@@ -78,6 +84,8 @@ class Stage:
     # work left over although the inputs did not change (e.g. teacher requests still owed): a
     # reason to run the stage again instead of skipping it, or None
     owed: Callable[[Recipe, RunDir, RunOptions], str | None] = lambda r, run, o: None
+    # the files (or folders, for a trained model) the stage writes inside the run
+    outputs: Callable[[RunLayout], list[Path]] = lambda lay: []
 
 
 # -- stage bodies ------------------------------------------------------------------------------
@@ -110,7 +118,7 @@ def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     # What was pushed decides how it is pulled: once this run pushed rows to Argilla, a recipe
     # that says `review.mode: auto` still pulls the reviewers' work; only an explicit `--review
     # auto` accepts without it, and says so.
-    pushed = run.path / "review" / "push.json"
+    pushed = run.layout.review_push
     mode = opts.review or ("argilla" if pushed.exists() else recipe.review.mode)
     if mode == "auto":
         summary = rv.review_auto(recipe, run)
@@ -156,11 +164,11 @@ def _configs(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
-    if recipe.training.backend == "openai":
+    from stepwise.training.backends import get_backend, train
+
+    if get_backend(recipe.training.backend).hosted:  # openai: a provider's job from the recipe, no config
         return _train_openai(recipe, run)
     import sys
-
-    from stepwise.training.launcher import train
 
     info = run.stage_info("configs") or {}
     name = info.get("train_config")
@@ -168,14 +176,15 @@ def _train(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
         why = f": {info['error'].splitlines()[-1]}" if info.get("error") else ""
         raise ValueError(f"the configs stage has not finished (status {info.get('status', 'not run')}{why}): run "
                          f"`stepwise run {recipe.source_path} --from configs` (or `stepwise configs --run-dir`)")
-    config = run.path / info.get("train_config_path", f"configs/{name}.yaml")  # an absolute path stays itself
+    recorded = info.get("train_config_path")  # relative to the run; an absolute path stays itself
+    config = run.path / recorded if recorded else run.layout.config_file(name)
 
     def on_event(kind: str, payload: Any) -> None:
         if kind == "note":  # resuming from a checkpoint, or an earlier model moved aside
             print(f"train: {payload}", file=sys.stderr, flush=True)
 
     result = train(config, run_dir=run.path, cpu=opts.cpu, max_steps=opts.max_steps, base_dir=Path.cwd(),
-                   on_event=on_event)
+                   num_gpus=recipe.training.num_gpus, on_event=on_event)
     losses = result.train_losses  # floats, one per logged optimizer step, from the trainer state
     resumed = f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
     return f"{name}: {len(losses)} steps{resumed} in {result.wall_s:.0f}s, last loss {losses[-1]:.4f}"
@@ -218,8 +227,9 @@ def _report(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     return str(path)
 
 
-def _files(*rel: str) -> Callable[[Recipe, RunDir], list[Path]]:
-    return lambda recipe, run: [run.path / r for r in rel if (run.path / r).exists()]
+def _files(paths: Callable[[RunLayout], list[Path]]) -> Callable[[Recipe, RunDir], list[Path]]:
+    """Inputs inside the run: those of `paths(run.layout)` that exist (review's output is optional)."""
+    return lambda recipe, run: [p for p in paths(run.layout) if p.exists()]
 
 
 def _generate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
@@ -234,7 +244,7 @@ def _generate_owed(recipe: Recipe, run: RunDir, opts: RunOptions) -> str | None:
 
 
 def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
-    paths = [run.path / "generate" / "responses.jsonl"]
+    paths = [run.layout.responses]
     for extra in (recipe.data.test_file, recipe.curation.general_mix.file if recipe.curation.general_mix else None):
         p = recipe.resolve(extra)
         if p is not None:
@@ -245,17 +255,26 @@ def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
 PIPELINE: list[Stage] = [
     # --offline only forbids new requests; it never changes outputs, so it is not in the fingerprint
     Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate,
-          owed=_generate_owed),
-    Stage("curate", ("task", "data", "curation"), _curate_inputs, _curate),
-    Stage("review", ("review",), _files("curate/train.jsonl", "curate/val.jsonl"), _review,
-          lambda o: (o.review, "accept_pending") if o.accept_pending else o.review),
-    Stage("export", ("task", "training"), _files("review/reviewed.jsonl", "curate/train.jsonl", "curate/val.jsonl"),
-          _export),
-    Stage("configs", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl"), _configs),
-    Stage("train", ("training",), _files("export/train.chat.jsonl", "export/val.chat.jsonl", "configs"), _train,
-          lambda o: (o.cpu, o.max_steps)),
-    Stage("eval", ("eval", "training"), _files("curate/test.jsonl", "train"), _eval),
-    Stage("report", (), lambda r, run: [], _report),
+          owed=_generate_owed, outputs=lambda lay: [lay.responses]),
+    # curate reads teacher.format (a label_only teacher writes no rationale to check)
+    Stage("curate", ("task", "data", "teacher", "curation"), _curate_inputs, _curate,
+          outputs=lambda lay: [*(lay.curated(s) for s in SPLITS), lay.curate_rejected, lay.funnel]),
+    Stage("review", ("review",), _files(lambda lay: [lay.curated("train"), lay.curated("val")]), _review,
+          lambda o: (o.review, "accept_pending") if o.accept_pending else o.review,
+          # waiting for reviewers it writes progress.json (and push.json when it pushed) instead
+          outputs=lambda lay: [lay.reviewed, lay.review_rejected, lay.agreement]),
+    Stage("export", ("task", "training"),
+          _files(lambda lay: [lay.reviewed, lay.curated("train"), lay.curated("val")]), _export,
+          outputs=lambda lay: [lay.chat("train"), lay.chat("val"), lay.lineage("train"), lay.lineage("val"),
+                               lay.overlong]),
+    Stage("configs", ("training",), _files(lambda lay: [lay.chat("train"), lay.chat("val")]), _configs,
+          outputs=lambda lay: [lay.configs_dir]),
+    Stage("train", ("training",), _files(lambda lay: [lay.chat("train"), lay.chat("val"), lay.configs_dir]), _train,
+          lambda o: (o.cpu, o.max_steps), outputs=lambda lay: [lay.train_dir]),
+    Stage("eval", ("eval", "training"), _files(lambda lay: [lay.curated("test"), lay.train_dir]), _eval,
+          outputs=lambda lay: [lay.eval_dir]),
+    # always re-run (it reads every stage's files through the manifest), so its fingerprint decides nothing
+    Stage("report", (), _files(lambda lay: [lay.manifest]), _report, outputs=lambda lay: [lay.report_html]),
 ]
 
 
@@ -355,10 +374,10 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
             gate_failed = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported with the stage's own exit code
             outcome = StageOutcome(stage.name, "failed", time.time() - t0, f"{type(exc).__name__}: {exc}")
-            (run.path / f"{stage.name}.error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            run.layout.error_log(stage.name).write_text(traceback.format_exc(), encoding="utf-8")
             summary.exit_code = STAGE_EXIT[stage.name]
         if outcome.status != "failed":  # a traceback from an earlier attempt no longer describes this stage
-            (run.path / f"{stage.name}.error.txt").unlink(missing_ok=True)
+            run.layout.error_log(stage.name).unlink(missing_ok=True)
         _record_outcome(run, outcome)
         summary.outcomes.append(outcome)
         if on_stage:
