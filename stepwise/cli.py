@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 from pathlib import Path
 
 import typer
@@ -20,12 +19,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stepwise.recipe import Recipe, RecipeError, load_recipe
+from stepwise import quiet
 
-EXIT_STAGE_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 3
-EXIT_GATE_FAILED = 4
+# shared with the stage packages' command modules (re-exported here for callers of stepwise.cli)
+from stepwise.cli_support import (  # noqa: F401
+    EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
+    EXIT_STAGE_FAILED,
+    EXIT_STOPPED,
+    console,
+    load_or_exit,
+)
 
 app = typer.Typer(
     name="stepwise",
@@ -34,19 +38,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-# Library import noise (pydantic field warnings from dependencies) is not the user's business.
-warnings.filterwarnings("ignore", message=r".*The 'default' attribute with value.*")
-
-
-def load_or_exit(path: Path, *, check_files: bool = True) -> Recipe:
-    """Load a recipe or print every problem and exit 2."""
-    try:
-        return load_recipe(path, check_files=check_files)
-    except RecipeError as exc:
-        for problem in exc.problems:
-            console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+# Known-harmless dependency noise (import-time warnings and log lines) is not the user's business.
+quiet.install()
 
 
 @app.command()
