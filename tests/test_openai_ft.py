@@ -141,6 +141,7 @@ def _write_test_split(run_dir: Path) -> None:
         json.dumps({"id": f"t{i}", "input": {"text": t}, "gold": g}) + "\n" for i, (t, g) in enumerate(rows)))
 
 
+@pytest.mark.slow  # about a minute on a 2-core box: left out of `make test-fast`
 def test_job_succeeds_is_recorded_then_evaluated(tmp_path, stub_factory):
     stub = stub_factory()
     recipe, run_dir = make_run(tmp_path, _extra(stub))
