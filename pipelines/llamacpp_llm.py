@@ -99,8 +99,9 @@ class LlamaCppTeacher:
     """One GGUF model in process; `generate` answers chat requests under an optional GBNF grammar."""
 
     def __init__(self, model: str, *, grammar: str | None = None, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, vocab_only: bool = False):
         self.model, self.grammar_text, self.n_ctx, self.seed = model, grammar, n_ctx, seed
+        self.vocab_only = vocab_only  # tokenizer and chat template only: for counting prompt tokens
         self.n_threads = n_threads or default_threads()
         self.path: Path | None = None
         self.timings: list[dict[str, Any]] = []  # one per request, in order (prompt tokens evaluated, ms)
@@ -115,7 +116,8 @@ class LlamaCppTeacher:
         self.path = resolve_gguf(self.model)
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
-                                        n_threads_batch=self.n_threads, n_batch=512, seed=self.seed, verbose=False)
+                                        n_threads_batch=self.n_threads, n_batch=512, seed=self.seed, verbose=False,
+                                        vocab_only=self.vocab_only)
         except ValueError as exc:
             raise LlamaCppError(f"teacher.model: llama.cpp cannot load {self.path}: {exc}") from None
         template = self._llm.metadata.get("tokenizer.chat_template")

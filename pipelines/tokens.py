@@ -91,6 +91,13 @@ def prompt_counter(recipe: Recipe) -> PromptCounter:
                              True)
     if t.provider == "transformers":
         return PromptCounter(hf_chat_counter(t.model), f"teacher tokenizer {t.model} + chat template", True)
+    if t.provider == "llamacpp":  # the GGUF's own vocabulary and chat template, as the teacher bills them
+        from stepwise.pipelines.llamacpp_llm import LlamaCppTeacher
+
+        gguf = LlamaCppTeacher(t.model, n_ctx=t.n_ctx, n_threads=1, vocab_only=True)
+        gguf.load()
+        return PromptCounter(lambda msgs: len(gguf.prompt_tokens(msgs)), f"llama.cpp tokenizer of {t.model} + chat "
+                             "template", True)
     is_openai = (t.base_url is None or "api.openai.com" in t.base_url) and _OPENAI_NAME.match(t.model)
     if is_openai:
         try:

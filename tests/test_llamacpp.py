@@ -282,3 +282,18 @@ def test_samples_of_one_row_differ_and_replay_the_same(tmp_path):
     run_generate(recipe, create_run(recipe, tmp_path / "run2"), progress=False)
     again = [s["raw"] for s in read_jsonl(tmp_path / "run2" / "generate" / "responses.jsonl")[0]["samples"]]
     assert again == first
+
+
+@pytest.mark.slow
+def test_estimate_counts_prompt_tokens_as_llama_cpp_bills_them(tmp_path):
+    """`stepwise estimate` counts a llamacpp teacher's prompts with the GGUF's own tokenizer and chat
+    template: exactly the prompt tokens the generation then records as usage (not the 4-char guess)."""
+    from stepwise.pipelines.estimate import count_prompt_tokens
+
+    recipe = load_recipe(write(tmp_path))
+    plan = plan_requests(recipe, load_inputs(recipe))
+    counted, method = count_prompt_tokens(recipe, plan.messages)
+    assert method.startswith("llama.cpp tokenizer"), method
+    run_generate(recipe, create_run(recipe, tmp_path / "run"), progress=False)
+    billed = sum(r["usage"]["input_tokens"] for r in responses(create_run(recipe, tmp_path / "run")))
+    assert counted == billed > 0
