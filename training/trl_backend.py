@@ -392,6 +392,9 @@ def build_trainer(spec: TRLRunConfig) -> Any:
     from stepwise.models import resolve_model_dir
 
     model_dir = str(resolve_model_dir(spec.base_model))
+    from transformers import set_seed
+
+    set_seed(spec.seed)  # SFTTrainer builds the PEFT adapter before Trainer seeds: seed its init too
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
