@@ -320,14 +320,13 @@ def _pushed_target(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], str, st
     return info, info.get("dataset") or dataset_name(recipe), info.get("workspace") or recipe.review.workspace
 
 
-def unpushed_ids(run: RunDir) -> list[str]:
+def _unpushed_ids(push_info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """Curated rows that a `send: all` push should have sent but did not: curation ran again after
     the push and made rows Argilla has never seen. Pulling past them would train them unreviewed."""
-    info = _read_json(run.layout.review_push) or {}
-    if not info or info.get("send", "all") != "all":
+    if not push_info or push_info.get("send", "all") != "all":
         return []  # a sample leaves rows out on purpose
-    known = set(info.get("pushed_ids") or []) | set((info.get("failed") or {}).keys())
-    return [str(r.get("id")) for r in load_curated(run) if str(r.get("id")) not in known]
+    known = set(push_info.get("pushed_ids") or []) | set((push_info.get("failed") or {}).keys())
+    return [str(r.get("id")) for r in rows if str(r.get("id")) not in known]
 
 
 def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
@@ -376,7 +375,8 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
         log(f"review: {run.layout.review_push} records {len(pulled.pushed)} rows pushed to '{pulled.name}': pulling "
             "their reviews (review.mode is auto)")
     allow_pending = accept_pending or recipe.review.accept_policy == "submitted_or_pending"
-    never_pushed = unpushed_ids(run)
+    rows = load_curated(run)
+    never_pushed = _unpushed_ids(pulled.push_info, rows)
     if never_pushed and not allow_pending:
         raise ReviewPending(
             f"{len(never_pushed)} curated rows (e.g. {never_pushed[0]}) were never sent to Argilla: curation ran again "
@@ -387,7 +387,6 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
               "accept_pending": accept_pending}
     waiting: ReviewPending | None = None
     with run.stage("review", inputs=inputs, params=params) as st:
-        rows = load_curated(run)
         result = decide(recipe, rows, pulled.models, pulled.pushed, pulled.users,
                         failed=pulled.push_info.get("failed") or {}, accept_pending=accept_pending)
         summary = result["summary"]
