@@ -83,6 +83,20 @@ def print_base_comparison(comp: dict[str, Any], student: str) -> None:
     out.print(f"[{color}]{comp['summary']}[/{color}]", highlight=False)
 
 
+def print_student_vs_teacher(table: dict[str, Any]) -> None:
+    from stepwise.evals.teacher_compare import table_rows
+
+    columns, rows = table_rows(table)
+    t = Table(title=f"student vs teacher on the same {table.get('n')} test items "
+                    f"(student at ${table['student_cost_per_hour']:g}/h)")
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
+    out.print(f"break-even: {table['break_even']['text']}", highlight=False)
+
+
 def print_forgetting(rep: dict[str, Any]) -> None:
     gate = rep["gate"]
     table = Table(title=f"forgetting: {rep['base']} -> {rep['model']} "
@@ -130,6 +144,14 @@ def register(app: typer.Typer) -> None:
         compare_base: bool = typer.Option(None, "--compare-base/--no-compare-base",
                                           help="Run the base model on the test items too and report student vs "
                                                "base (default: eval.task.compare_base)"),
+        teacher: bool = typer.Option(None, "--teacher/--no-teacher",
+                                     help="Score the teacher on the test items too (cached answers, the rest asked "
+                                          "under the cost cap) and write eval/student_vs_teacher.json "
+                                          "(default: eval.task.compare_teacher)"),
+        offline: bool = typer.Option(False, "--offline", help="Teacher answers from the cache only; missing ones: "
+                                                              "the teacher is not scored (a note)"),
+        max_cost: float = typer.Option(None, "--max-cost", help="Cost cap for teacher requests (default: "
+                                                                "teacher.max_cost)"),
     ) -> None:
         """Did the student learn the task, and did it forget what it knew? Writes eval/task.json and
         eval/forgetting.json; exits 4 when forgetting exceeds eval.forgetting.max_drop, or when a
@@ -144,7 +166,8 @@ def register(app: typer.Typer) -> None:
         try:
             run = resolve_run(r, run_dir, create=False)
             outcome = run_eval(r, run, model=model, base=base, skip_task=skip_task, skip_forgetting=skip_forgetting,
-                               compare_base=compare_base, log=lambda m: console.print(m, highlight=False, markup=False), progress_factory=_Bar)
+                               compare_base=compare_base, compare_teacher=teacher, offline=offline,
+                               max_cost=max_cost, log=lambda m: console.print(m, highlight=False, markup=False), progress_factory=_Bar)
         except ContaminationError as exc:
             console.print(f"[red]contamination[/red]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -155,6 +178,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]note[/yellow]: {note}", highlight=False, soft_wrap=True)
         if outcome.task:
             print_task(outcome.task)
+        if outcome.student_vs_teacher:
+            print_student_vs_teacher(outcome.student_vs_teacher)
         if outcome.forgetting:
             print_forgetting(outcome.forgetting)
         console.print(f"wrote {', '.join(str(p) for p in outcome.outputs)}", highlight=False, soft_wrap=True)

@@ -77,11 +77,13 @@ def generate_local(
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     outs: list[str | None] = [None] * len(texts)
     n_out = 0
+    batch_walls: list[list[float]] = []  # [seconds, requests] per batch: the latency of each request in it
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        batch_started = time.perf_counter()
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
             gen = lm.generate(
@@ -94,11 +96,14 @@ def generate_local(
             ids = ids[ids != tok.pad_token_id] if tok.pad_token_id is not None else ids
             n_out += int(ids.numel())
             outs[i] = tok.decode(ids, skip_special_tokens=True)
+        batch_walls.append([round(time.perf_counter() - batch_started, 4), len(idx)])
         if progress:
             progress(len(idx))
     wall = time.time() - started
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mb()
-    return GenerationResult(outs, [None] * len(outs), wall, n_out, peak, {"backend": "transformers", "device": device})
+    return GenerationResult(outs, [None] * len(outs), wall, n_out, peak,
+                            {"backend": "transformers", "device": device, "batch_size": batch_size,
+                             "batch_walls": batch_walls})
 
 
 def _rss_mb() -> float | None:
@@ -122,8 +127,10 @@ def generate_openai(
     outs: list[str | None] = [None] * len(prompts)
     errs: list[str | None] = [None] * len(prompts)
     tokens = 0
+    latencies: list[float | None] = [None] * len(prompts)  # per request, seconds (errors: None)
 
     def one(i: int) -> tuple[int, str | None, str | None, int]:
+        sent = time.perf_counter()
         try:
             resp = client.chat.completions.create(
                 model=model.model_name, messages=prompts[i], max_tokens=max_new_tokens, temperature=0.0, stop=[STOP],
@@ -132,6 +139,7 @@ def generate_openai(
             if resp.choices[0].finish_reason == "stop" and "<answer>" in text and STOP not in text:
                 text += STOP  # the server strips the stop string
             used = resp.usage.completion_tokens if resp.usage else 0
+            latencies[i] = round(time.perf_counter() - sent, 4)
             return i, text, None, used
         except Exception as exc:  # noqa: BLE001 - recorded per row
             return i, None, f"{type(exc).__name__}: {exc}"[:500], 0
@@ -144,4 +152,5 @@ def generate_openai(
             if progress:
                 progress(1)
     return GenerationResult(outs, errs, time.time() - started, tokens, None,
-                            {"backend": "openai", "base_url": model.base_url, "model": model.model_name})
+                            {"backend": "openai", "base_url": model.base_url, "model": model.model_name,
+                             "concurrency": concurrency, "latencies": latencies})

@@ -4,6 +4,7 @@ manifest entry, and decide the gate."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ _VERDICT_TEXT = {PASSED: "passed", FAILED: "FAILED", NOT_MEASURED: "NOT MEASURED
 class EvalOutcome:
     task: dict[str, Any] | None = None
     forgetting: dict[str, Any] | None = None
+    student_vs_teacher: dict[str, Any] | None = None
     outputs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     gate_verdict: str = NOT_CONFIGURED
@@ -173,6 +175,7 @@ def _pool_benchmarks(path: str) -> set[str]:
 def run_eval(
     recipe: Recipe, run: RunDir, *, model: str | None = None, base: str | None = None, skip_task: bool = False,
     skip_forgetting: bool = False, compare_base: bool | None = None, log=print, progress_factory=None,
+    compare_teacher: bool | None = None, offline: bool = False, max_cost: float | None = None,
 ) -> EvalOutcome:
     eval_dir = run.stage_dir("eval")
     fspec = recipe.eval.forgetting
@@ -180,6 +183,9 @@ def run_eval(
     if compare_base is None:
         compare_base = recipe.eval.task.compare_base
     compare_base = compare_base and recipe.eval.task.enabled and not skip_task
+    if compare_teacher is None:
+        compare_teacher = recipe.eval.task.compare_teacher
+    compare_teacher = compare_teacher and recipe.eval.task.enabled and not skip_task
     student, base_ref = pick_models(recipe, run, model, base, need_base=need_forgetting)
     outcome = EvalOutcome()
     if compare_base and base_ref is None:  # only the comparison needs it: a missing base is a note, not an error
@@ -190,7 +196,8 @@ def run_eval(
     test_path = run.layout.curated("test")
     inputs = [p for p in (test_path,) if p.exists()]
     params = {"model": student.identity(), "base": base_ref.identity() if base_ref else None, "eval": recipe.eval.model_dump(),
-              "skip_task": skip_task, "skip_forgetting": skip_forgetting, "compare_base": compare_base}
+              "skip_task": skip_task, "skip_forgetting": skip_forgetting, "compare_base": compare_base,
+              "compare_teacher": compare_teacher}
     with run.stage("eval", inputs=inputs, params=params) as st:
         model_info = {"label": student.label, "kind": student.kind, "spec": student.spec,
                       "path": str(student.path) if student.path else None,
@@ -222,6 +229,9 @@ def run_eval(
                         progress_factory)
                     if report["base_comparison"] is not None:
                         outcome.outputs += [eval_dir / BASE_REPORT, eval_dir / BASE_PREDICTIONS]
+                outcome.outputs += _student_vs_teacher(
+                    recipe, run, student, base_ref if compare_base else None, rows, report, preds, device, outcome,
+                    log, compare_teacher=compare_teacher, offline=offline, max_cost=max_cost)
                 atomic_write_jsonl(run.layout.task_predictions, preds)
                 atomic_write_json(run.layout.task_report, report)
                 outcome.task = report
@@ -325,6 +335,65 @@ def _base_comparison(
                                  labels=list(recipe.task.label_set) if recipe.task.is_classification else None)
     comparison["cached"] = cached
     return comparison
+
+
+def _student_vs_teacher(
+    recipe: Recipe, run: RunDir, student: ModelRef, base_ref: ModelRef | None, rows: list[dict[str, Any]],
+    report: dict[str, Any], preds: list[dict[str, Any]], device: str, outcome: EvalOutcome, log, *,
+    compare_teacher: bool, offline: bool, max_cost: float | None,
+) -> list[Path]:
+    """eval/student_vs_teacher.json: teacher (unless skipped), base (when compared) and student with
+    accuracy, latency, cost per 1k requests and the break-even volume (stepwise.evals.teacher_compare)."""
+    from stepwise.evals import teacher_compare as tc
+
+    cph, bs = recipe.eval.student_cost_per_hour, recipe.eval.task.batch_size
+    limit = recipe.eval.task.limit
+    scored = rows[:limit] if limit else rows
+    written: list[Path] = []
+    notes: list[str] = []
+    teacher, comparisons = None, {}
+    if compare_teacher:
+        log(f"task eval: teacher {recipe.teacher.model} on the same {len(scored)} test rows (eval.task.compare_teacher)")
+        try:
+            t_report, t_preds, info, comparisons["teacher"] = tc.score_teacher(
+                recipe, rows, report, preds, offline=offline, max_cost=max_cost)
+        except tc.TeacherNotScored as exc:
+            notes.append(f"teacher not scored: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the student's results stand; say why the teacher is missing
+            notes.append(f"teacher not scored: {type(exc).__name__}: {exc}")
+        else:
+            teacher = tc.teacher_entry(recipe, t_report, info, cph)
+            atomic_write_jsonl(run.layout.teacher_predictions, t_preds)
+            written.append(run.layout.teacher_predictions)
+    else:
+        notes.append("teacher not scored: --no-teacher / eval.task.compare_teacher is false")
+    base_entry = None
+    base_cmp = report.get("base_comparison")
+    base_path = run.layout.eval_dir / BASE_REPORT
+    if base_ref is not None and base_cmp and base_path.exists():
+        base_report = json.loads(base_path.read_text(encoding="utf-8"))
+        base_entry = tc.local_model_entry("base", base_report, _batch1(tc, base_ref, recipe, scored, device, notes),
+                                          cph, bs)
+        comparisons["base"] = base_cmp
+    student_entry = tc.local_model_entry("student", report, _batch1(tc, student, recipe, scored, device, notes), cph,
+                                         bs)
+    table = tc.build_table(recipe, run, student=student_entry, base=base_entry, teacher=teacher,
+                           comparisons=comparisons, notes=notes)
+    tc.write_table(run, table)
+    outcome.student_vs_teacher = table
+    report["student_vs_teacher"] = {"path": str(run.layout.student_vs_teacher.relative_to(run.path)),
+                                    "break_even": table["break_even"]["text"]}
+    outcome.notes += notes
+    return [*written, run.layout.student_vs_teacher]
+
+
+def _batch1(tc, model: ModelRef, recipe: Recipe, rows: list[dict[str, Any]], device: str,
+            notes: list[str]) -> dict[str, Any] | None:
+    try:
+        return tc.measure_batch1(model, recipe, rows, device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        notes.append(f"batch-1 latency of {model.label} not measured: {exc}")
+        return None
 
 
 def _device(setting: str) -> str:

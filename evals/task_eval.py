@@ -105,21 +105,25 @@ def _gold_label(gold: Any, matcher: LabelMatcher) -> str | None:
 def evaluate_task(
     recipe: Recipe, model: ModelRef, test_rows: list[dict[str, Any]], *, device: str = "cpu",
     progress: Callable[[int], None] | None = None, dss_output: str | None = None,
+    generated: GenerationResult | None = None, parse_format: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(task report, per-item prediction rows)."""
+    """(task report, per-item prediction rows). `generated`: answers produced elsewhere (the teacher's,
+    stepwise.evals.teacher_compare), scored here by the same rules, parsed as `parse_format`."""
     spec = recipe.eval.task
     task = recipe.task
     dss_output = dss_output or recipe.training.dss_output
     rows = test_rows[: spec.limit] if spec.limit else test_rows
     prompts = [inference_messages(task, r["input"], dss_output) for r in rows]
     gen: GenerationResult
-    if model.kind == "openai":
+    if generated is not None:
+        gen = generated
+    elif model.kind == "openai":
         gen = generate_openai(model, prompts, max_new_tokens=spec.max_new_tokens, concurrency=spec.concurrency,
                               api_key_env=model.info.get("api_key_env") or spec.api_key_env, progress=progress)
     else:
         gen = generate_local(model, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
                              device=device, progress=progress)
-    fmt = inference_parse_format(dss_output)
+    fmt = parse_format or inference_parse_format(dss_output)
     matcher = LabelMatcher(task.label_set, task.label_aliases) if task.is_classification else None
     parsed = [parse_answer(t, task, fmt, matcher) if t is not None else None for t in gen.texts]
     statuses = Counter(p.parse_status if p else "error" for p in parsed)

@@ -419,7 +419,12 @@ def _safe_counter(recipe: Recipe):
         return PromptCounter(approx_tokens, f"approx ({type(exc).__name__})", False)
 
 
-def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budget, progress: bool) -> RunStats:
+def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budget, progress: bool,
+             timings: list[float] | None = None) -> RunStats:
+    """`timings`, when given, gets each answered request's latency in seconds (a local batch's wall
+    time for every request in it; stepwise.evals.teacher_compare reports them)."""
+    import time
+
     from tqdm import tqdm
 
     t = recipe.teacher
@@ -437,7 +442,11 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
             gen_kwargs = generation_kwargs(recipe.task, t)
             def generate(batch: list[Job]) -> list[dict[str, Any]]:
                 seed = sample_seed(recipe, max(j.attempt for j in batch))
-                return llm.generate(inputs=[j.messages for j in batch], seed=seed, **gen_kwargs)
+                sent = time.perf_counter()
+                out = llm.generate(inputs=[j.messages for j in batch], seed=seed, **gen_kwargs)
+                if timings is not None:
+                    timings.extend([time.perf_counter() - sent] * len(batch))
+                return out
 
             return run_sync_batches(generate, jobs, cache,
                                     model=t.model, batch_size=t.batch_size, price=price_fn(recipe), budget=budget,
@@ -453,7 +462,11 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
         kwargs = generation_kwargs(recipe.task, t)
 
         async def agenerate(job: Job) -> Any:
-            return await llm.agenerate(input=job.messages, num_generations=1, **request_kwargs(recipe, kwargs, job.attempt))
+            sent = time.perf_counter()
+            out = await llm.agenerate(input=job.messages, num_generations=1, **request_kwargs(recipe, kwargs, job.attempt))
+            if timings is not None:
+                timings.append(time.perf_counter() - sent)
+            return out
 
         try:
             return asyncio.run(run_async_jobs(agenerate, jobs, cache, model=t.model, concurrency=t.concurrency,

@@ -154,3 +154,14 @@ class RunLayout:
     @property
     def forgetting_items(self) -> Path:
         return self.eval_dir / "forgetting_items.jsonl"
+
+    @property
+    def student_vs_teacher(self) -> Path:
+        """eval/student_vs_teacher.json: accuracy, latency, cost per 1k requests and break-even of
+        teacher, base and student (shape: stepwise.evals.teacher_compare's docstring)."""
+        return self.eval_dir / "student_vs_teacher.json"
+
+    @property
+    def teacher_predictions(self) -> Path:
+        """eval/teacher_task_predictions.jsonl: the teacher's per-item answers on the test items."""
+        return self.eval_dir / "teacher_task_predictions.jsonl"

@@ -205,7 +205,8 @@ def _train_openai(recipe: Recipe, run: RunDir) -> str:
 def _eval(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     from stepwise.evals.runner import gate_summary, run_eval
 
-    outcome = run_eval(recipe, run, log=lambda *a, **k: None)
+    # the teacher is scored beside the student (eval.task.compare_teacher) under the run's --offline / --max-cost
+    outcome = run_eval(recipe, run, log=lambda *a, **k: None, offline=opts.offline, max_cost=opts.max_cost)
     parts = []
     if outcome.task:
         head = outcome.task.get("headline") or {}
@@ -271,7 +272,7 @@ PIPELINE: list[Stage] = [
           outputs=lambda lay: [lay.configs_dir]),
     Stage("train", ("training",), _files(lambda lay: [lay.chat("train"), lay.chat("val"), lay.configs_dir]), _train,
           lambda o: (o.cpu, o.max_steps), outputs=lambda lay: [lay.train_dir]),
-    Stage("eval", ("eval", "training"), _files(lambda lay: [lay.curated("test"), lay.train_dir]), _eval,
+    Stage("eval", ("eval", "training", "teacher"), _files(lambda lay: [lay.curated("test"), lay.train_dir]), _eval,
           outputs=lambda lay: [lay.eval_dir]),
     # always re-run (it reads every stage's files through the manifest), so its fingerprint decides nothing
     Stage("report", (), _files(lambda lay: [lay.manifest]), _report, outputs=lambda lay: [lay.report_html]),

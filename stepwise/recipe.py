@@ -397,6 +397,15 @@ class TaskEvalSpec(StrictModel):
         True, description="Also run `training.base_model` on the same test items and report student vs base "
         "(paired, bootstrap 95% CIs); cached in the run. `stepwise eval --no-compare-base` skips it once.",
     )
+    compare_teacher: bool = Field(
+        True, description="Also score the teacher on the same test items, prompted as in generation: answers from "
+        "the response cache, the rest asked now under the cost cap (`stepwise estimate` counts them). "
+        "`stepwise eval --no-teacher` skips it once.",
+    )
+    latency_rows: int = Field(
+        8, ge=0, description="Test prompts the student and base answer one at a time (batch 1) to measure latency; "
+        "0 skips the batch-1 pass (the batched pass is always timed).",
+    )
 
 
 ForgettingBenchmark = Annotated[Literal["mmlu", "arc_easy", "arc_challenge", "hellaswag", "gsm8k", "truthfulqa_mc1"],
@@ -424,6 +433,11 @@ class ForgettingSpec(StrictModel):
 class EvalSpec(StrictModel):
     task: TaskEvalSpec = Field(default_factory=TaskEvalSpec)
     forgetting: ForgettingSpec = Field(default_factory=ForgettingSpec)
+    student_cost_per_hour: float = Field(
+        1.0, ge=0, description="USD per hour of the machine serving (and training) the student: turns measured "
+        "seconds per request into cost per 1,000 requests, and training time into training cost, for the "
+        "student-vs-teacher break-even. Default 1.00: about one on-demand mid-range cloud GPU.",
+    )
 
 
 class Recipe(StrictModel):

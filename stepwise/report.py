@@ -1,6 +1,7 @@
 """report.html: one self-contained page per run (inline SVG plots, no external assets).
 
-Sections: stage status and timings, teacher cost and tokens, the curation funnel, label
+Sections: student vs teacher first (accuracy, latency, cost per 1k requests, break-even, and a plot of
+accuracy against cost), stage status and timings, teacher cost and tokens, the curation funnel, label
 distribution before/after balance, dedup, review agreement, training loss, task metrics with
 confidence intervals, forgetting before/after with the gate's verdict, and links to artifacts.
 Each section reads only its stage's files and says plainly when that stage has not run.
@@ -314,6 +315,41 @@ def _too_little(run: RunDir, *, test_items: int | None = None, benchmark_items: 
     return why
 
 
+def _student_vs_teacher(run: RunDir) -> Markup:
+    """The business case first: teacher, base and student side by side (eval/student_vs_teacher.json,
+    stepwise.evals.teacher_compare), and accuracy against cost per 1k requests, one point per model."""
+    from stepwise.evals.teacher_compare import table_rows
+
+    table = _read_json(run.layout.student_vs_teacher)
+    if not table:
+        return _missing("the student-vs-teacher comparison (eval)")
+    columns, rows = table_rows(table)
+    metric = table.get("main_metric", "accuracy")
+    points = [(m["role"], m.get("cost_per_1k"), (m.get("metrics") or {}).get(metric) or {})
+              for m in table.get("models") or []]
+    points = [(role, cost, v) for role, cost, v in points if cost is not None and v.get("value") is not None]
+    svg: Markup | str = ""
+    if points:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        colors = {"teacher": "#c77700", "base": "#90a4ae", "student": "#1565c0"}
+        for role, cost, v in points:
+            y = 100 * v["value"]
+            err = ([[y - 100 * v["ci_low"]], [100 * v["ci_high"] - y]] if v.get("ci_low") is not None else None)
+            ax.errorbar([cost], [y], yerr=err, fmt="o", capsize=4, color=colors.get(role, "#333"), label=role)
+            ax.annotate(role, (cost, y), textcoords="offset points", xytext=(6, 4))
+        ax.set_xlabel("cost per 1,000 requests (USD)")
+        ax.set_ylabel(f"{metric} (%, 95% CI)")
+        ax.set_ylim(0, 100)
+        ax.set_xlim(left=0)
+        ax.set_title(f"{metric} vs cost")
+        svg = _svg(fig)
+    return _render("sections/student_vs_teacher.html.j2", n=table.get("n"), metric=metric,
+                   cph=f"{table.get('student_cost_per_hour', 0):g}", columns=columns, rows=rows,
+                   break_even=table.get("break_even") or {}, notes=table.get("notes") or [],
+                   bases=[(m["role"], m.get("cost_basis")) for m in table.get("models") or []], svg=svg)
+
+
 def _task(run: RunDir) -> Markup:
     task = _read_json(run.layout.task_report)
     if not task:
@@ -437,7 +473,7 @@ def _artifacts(run: RunDir) -> Markup:
 
 
 SECTIONS = [
-    ("Stages", _stages), ("Teacher", _teacher), ("Curation funnel", _funnel),
+    ("Student vs teacher", _student_vs_teacher), ("Stages", _stages), ("Teacher", _teacher), ("Curation funnel", _funnel),
     ("Label distribution", _balance), ("Deduplication", _dedup), ("Review", _review),
     ("Training", _training), ("Task metrics", _task), ("Forgetting", _forgetting), ("Notes", _notes),
     ("Artifacts", _artifacts),
