@@ -3,7 +3,8 @@
 Per run: task metrics with 95% CIs, forgetting change per benchmark and the gate, trainable
 parameters, peak memory and wall time (from the manifest's train/eval stages), plus a paired
 comparison of each run against the first on the same test items (bootstrap CI of the difference,
-McNemar p). `compare_figure`/`compare_svg` give the chart the HTML report embeds.
+McNemar p), and each run's student vs teacher (teacher score, cost per 1k requests of both, break-even;
+from eval/student_vs_teacher.json, stepwise.evals.teacher_compare). `compare_figure`/`compare_svg` give the chart the HTML report embeds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from stepwise.evals.stats import paired_diff
 
 from stepwise.io import atomic_write_json, atomic_write_text, read_jsonl
+from stepwise.layout import RunLayout
 
 
 def _load_json(p: Path) -> dict[str, Any] | None:
@@ -53,6 +55,7 @@ def load_run(path: Path) -> dict[str, Any]:
     items_path = eval_dir / "forgetting_items.jsonl"
     return {
         "path": str(run_root), "task": task, "forgetting": forgetting, "manifest": manifest,
+        "student_vs_teacher": _load_json(RunLayout(run_root).student_vs_teacher),
         "recipe": recipe or {}, "predictions": read_jsonl(preds_path) if preds_path.exists() else [],
         "forgetting_items": read_jsonl(items_path) if items_path.exists() else [],
     }
@@ -169,10 +172,12 @@ def compare_runs(paths: list[Path]) -> dict[str, Any]:
             "gate_verdict": (r["forgetting"] or {}).get("gate", {}).get("verdict"),
             "vs_first": _paired_task(runs[0], r, item_key) if i and r["predictions"] and runs[0]["predictions"] else None,
             "forgetting_vs_first": _paired_forgetting(runs[0], r) if i else None,
+            "student_vs_teacher": _business(r.get("student_vs_teacher"), main),
         }
         entries.append(entry)
     columns = ["run", "model", "modality", "dss", main, second, *[f"Δ{b} (pts)" for b in benchmarks], "gate",
-               "trainable", "peak MB", "train s", "eval s", f"Δ{main} vs first (p)"]
+               "trainable", "peak MB", "train s", "eval s", f"Δ{main} vs first (p)", f"teacher {main}",
+               "student $/1k req", "teacher $/1k req", "break-even"]
     table = []
     for e in entries:
         vs = e["vs_first"]
@@ -185,9 +190,28 @@ def compare_runs(paths: list[Path]) -> dict[str, Any]:
             _int(e["trainable_params"]), _num(e["peak_memory_mb"]), _num(e["train_wall_s"]), _num(e["eval_wall_s"]),
             f"{100 * vs['delta']:+.1f} (p={vs['mcnemar_p'] if vs.get('mcnemar_p') is not None else vs['p_value']:.3f})"
             if vs else "-",
+            *_business_cells(e["student_vs_teacher"]),
         ])
     return {"task_type": task_type, "main_metric": main, "second_metric": second, "benchmarks": benchmarks,
             "runs": entries, "columns": columns, "table": table}
+
+
+def _business(table: dict[str, Any] | None, main: str) -> dict[str, Any] | None:
+    """The run's student-vs-teacher record (eval/student_vs_teacher.json) reduced to what compare shows."""
+    if not table:
+        return None
+    by_role = {m["role"]: m for m in table.get("models") or []}
+    teacher, student = by_role.get("teacher") or {}, by_role.get("student") or {}
+    return {"teacher_model": teacher.get("model"), "teacher": (teacher.get("metrics") or {}).get(main),
+            "student_cost_per_1k": student.get("cost_per_1k"), "teacher_cost_per_1k": teacher.get("cost_per_1k"),
+            "break_even": (table.get("break_even") or {}).get("text")}
+
+
+def _business_cells(b: dict[str, Any] | None) -> list[str]:
+    if not b:
+        return ["-", "-", "-", "-"]
+    usd = [("-" if v is None else f"${v:.4f}") for v in (b["student_cost_per_1k"], b["teacher_cost_per_1k"])]
+    return [_pct_ci(b["teacher"]), *usd, b["break_even"] or "-"]
 
 
 def _pct_ci(m: dict[str, Any] | None) -> str:

@@ -155,3 +155,13 @@ def test_report_opens_with_the_student_vs_teacher_table_and_plot(tmp_path):
     assert "<td>stub-teacher</td><td>teacher</td>" in first and "<td>student</td>" in first
     assert "cached, latency not measured" in first and "Break-even: <strong>" in first
     assert "<svg" in first and "cost per 1,000 requests" in first
+    # `stepwise compare` carries each run's student vs teacher
+    from stepwise.evals.compare import compare_runs
+
+    table = json.loads(run.layout.student_vs_teacher.read_text())
+    result = compare_runs([run.path, run.path])
+    cells = dict(zip(result["columns"], result["table"][1], strict=True))
+    teacher = table["models"][0]
+    assert cells["teacher accuracy"].startswith(f"{100 * teacher['metrics']['accuracy']['value']:.1f}")
+    assert cells["teacher $/1k req"] == f"${teacher['cost_per_1k']:.4f}"
+    assert cells["break-even"] == table["break_even"]["text"]
