@@ -90,6 +90,12 @@ def register(app: typer.Typer) -> None:
         for stage, note in stage_notes(run):
             if stage in ran:
                 wide.print(f"[yellow]note[/yellow] ({stage}): {escape(note)}", highlight=False, soft_wrap=True)
+        if "eval" in ran and run.layout.student_vs_teacher.exists():  # the business case closes the run
+            import json
+
+            from stepwise.evals.cli import print_student_vs_teacher
+
+            print_student_vs_teacher(json.loads(run.layout.student_vs_teacher.read_text(encoding="utf-8")))
         report = run.layout.report_html
         if report.exists():
             console.print(f"report: {report}", highlight=False)
