@@ -38,6 +38,10 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar"),
         no_retry_unparsed: bool = typer.Option(False, "--no-retry-unparsed",
                                                help="Keep malformed answers; do not ask those rows again"),
+        batch: bool = typer.Option(False, "--batch", help="Send pending requests through the Batch API "
+                                   "(teacher.batch: about half the price, results within the batch window)"),
+        cancel_batches: bool = typer.Option(False, "--cancel-batches",
+                                            help="Cancel this run's unfinished Batch API batches (answers so far are kept)"),
     ) -> None:
         """Ask the teacher for a rationale and label per input (cached, resumable, cost-capped)."""
         from stepwise.pipelines.generate import GenerateError, run_generate
@@ -48,9 +52,10 @@ def register(app: typer.Typer) -> None:
         run = create_run(r) if new_run else resolve_run(r, run_dir, create=True)
         try:
             result = run_generate(r, run, offline=offline, max_cost=max_cost, progress=not no_progress, ray=ray,
-                                  retry_unparsed=not no_retry_unparsed)
+                                  retry_unparsed=not no_retry_unparsed, batch=True if batch else None,
+                                  cancel_batches=cancel_batches)
         except KeyboardInterrupt as exc:
-            flags = [*(["--offline"] if offline else []), *(["--max-cost", f"{max_cost:g}"] if max_cost is not None else []),
+            flags = [*(["--batch"] if batch else []), *(["--offline"] if offline else []), *(["--max-cost", f"{max_cost:g}"] if max_cost is not None else []),
                      *(["--ray"] if ray else []), *(["--no-retry-unparsed"] if no_retry_unparsed else [])]
             print_interrupted(exc, resume_command("generate", recipe, run.path, *flags))
             raise typer.Exit(EXIT_INTERRUPTED) from None

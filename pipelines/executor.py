@@ -5,8 +5,8 @@ anything (a slow or retrying row stalls the batch, a failed batch becomes None r
 kill can hang). Here each request is its own unit: a sliding window of `concurrency` workers pulls
 jobs; a retriable failure (429, 5xx, timeout, dropped connection, malformed body) frees its slot
 and is re-queued no earlier than its Retry-After; every outcome is committed to the cache at once.
-The LLM calls themselves are distilabel's (`OpenAILLM.agenerate`, or our distilabel `LLM` for
-local models).
+The LLM calls themselves are the openai client's for servers (`pipelines.openai_api`, which reads
+the rate-limit headers) and our distilabel `LLM` for local models.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class RunStats:
     retried: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the provider served from its prompt cache
+    cached_saving: float = 0.0  # what those cost less than uncached input (USD)
     cost: float = 0.0
     not_run: list[str] = field(default_factory=list)
     stopped_reason: str | None = None
@@ -143,7 +145,7 @@ def _retry_after(exc: Any) -> float | None:
 
 
 def record_ok(cache: ResponseCache, job: Job, output: dict[str, Any], model: str,
-              price: Callable[[int, int], float], stats: RunStats, session: str | None = None) -> float:
+              price: Callable[..., float], stats: RunStats, session: str | None = None) -> float:
     """Commit one completed response (a distilabel GenerateOutput) and count it; return its cost."""
     text = (output.get("generations") or [None])[0]
     if text is None:
@@ -151,8 +153,13 @@ def record_ok(cache: ResponseCache, job: Job, output: dict[str, Any], model: str
     stat = output.get("statistics") or {}
     itok = int((stat.get("input_tokens") or [0])[0] or 0)
     otok = int((stat.get("output_tokens") or [0])[0] or 0)
-    cost = price(itok, otok)
-    cache.put_ok(job.key, text, itok, otok, cost, model, base_key=job.base_key, session=session)
+    ctok = min(itok, int((stat.get("cached_tokens") or [0])[0] or 0))
+    cost = price(itok, otok, ctok) if ctok else price(itok, otok)
+    cache.put_ok(job.key, text, itok, otok, cost, model, {"cached_tokens": ctok} if ctok else None,
+                 base_key=job.base_key, session=session)
+    if ctok:
+        stats.cached_tokens += ctok
+        stats.cached_saving += price(itok, otok) - cost
     stats.completed += 1
     stats.input_tokens += itok
     stats.output_tokens += otok

@@ -183,9 +183,18 @@ def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
     return Plan(rows, messages, [[ch[0] for ch in chs] for chs in chains], chains)
 
 
-def price_fn(recipe: Recipe):
+def price_fn(recipe: Recipe, batch: bool = False):
+    """USD of one response: `cached` prompt tokens (served from the provider's prompt cache) at
+    `cached_input_per_1k`; a Batch API response at `batch_discount` of the online price."""
     p = recipe.teacher.price
-    return lambda itok, otok: (itok * p.input_per_1k + otok * p.output_per_1k) / 1000.0
+    factor = p.batch_discount if batch else 1.0
+    cached_rate = p.input_per_1k if p.cached_input_per_1k is None else p.cached_input_per_1k
+
+    def price(itok: int, otok: int, cached: int = 0) -> float:
+        cached = min(max(0, cached), itok)
+        return factor * ((itok - cached) * p.input_per_1k + cached * cached_rate + otok * p.output_per_1k) / 1000.0
+
+    return price
 
 
 def reasks_allowed(recipe: Recipe, retry_unparsed: bool, offline: bool) -> bool:
@@ -311,7 +320,9 @@ def build_local_llm(recipe: Recipe, load: bool = True):
 
 
 def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost: float | None = None,
-                 progress: bool = True, ray: bool = False, retry_unparsed: bool = True) -> GenerateResult:
+                 progress: bool = True, ray: bool = False, retry_unparsed: bool = True,
+                 batch: bool | None = None, cancel_batches: bool = False) -> GenerateResult:
+    """`batch` overrides `teacher.batch` (`--batch`); `cancel_batches` cancels the run's unfinished batches."""
     rows = load_inputs(recipe)
     if not rows:
         raise DataFileError(f"{recipe.data.input_files[0]}: no input rows")
@@ -337,7 +348,9 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
             )
         stats = RunStats()
         budget = new_budget(plan, cache, cap)
-        if todo:
+        use_batch = (recipe.teacher.batch if batch is None else batch) and not ray
+        batch_info: dict[str, Any] | None = None
+        if todo or cancel_batches:
             try:
                 if ray and recipe.teacher.provider == "llamacpp":
                     raise GenerateError("--ray: the llamacpp teacher runs in this process (one model, one KV "
@@ -350,9 +363,13 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                                              build_openai_llm=build_openai_llm)
                     except RayMissing as exc:
                         raise GenerateError(str(exc)) from None
+                elif use_batch or cancel_batches:
+                    stats, batch_info = _run_batches(recipe, run, todo, cache, plan, cap, progress, cancel_batches)
                 else:
                     stats = _execute(recipe, todo, cache, budget, progress)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
+                if getattr(exc, "batches_running", False):
+                    raise  # says which batches keep running and how to resume or cancel them
                 now = cache.get_many(plan.chain_keys())
                 answered = sum(1 for chs in plan.chains for ch in chs if any(k in now and now[k].status == "ok" for k in ch))
                 raise GenerateInterrupted(answered, len(all_keys), cache.path) from None
@@ -376,14 +393,36 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
             tokens={"input": sum(r["usage"]["input_tokens"] for r in records),
                     "output": sum(r["usage"]["output_tokens"] for r in records)},
             cost={"total_usd": round(ledger.paid, 6), "this_run_usd": round(stats.cost, 6), "max_cost": cap,
-                  "in_doubt_usd": round(ledger.in_doubt, 6)},
+                  "in_doubt_usd": round(ledger.in_doubt, 6), "cached_input_tokens": stats.cached_tokens,
+                  "cached_input_saving_usd": round(stats.cached_saving, 6)},
             reasks={"answers_reasked": reasked, "enabled": reask},
         )
+        if batch_info is not None:
+            st.extra(batch=batch_info)
         if stats.stopped_reason:
             st.mark("incomplete")
             st.extra(stopped_reason=stats.stopped_reason)
     cache.close()
     return GenerateResult(out_path, len(records), dict(counts), stats, hits, stats.stopped_reason)
+
+
+def _run_batches(recipe: Recipe, run: RunDir, todo: list[Job], cache: ResponseCache, plan: Plan,
+                 cap: float | None, progress: bool, cancel: bool) -> tuple[RunStats, dict[str, Any]]:
+    from stepwise.pipelines.batch import BatchAPIError, BatchRunner
+
+    if recipe.teacher.provider != "openai":
+        raise GenerateError(f"teacher.batch: the Batch API needs an OpenAI-compatible server (provider openai), "
+                            f"not {recipe.teacher.provider}; set teacher.batch: false")
+    try:
+        kwargs = generation_kwargs(recipe.task, recipe.teacher)
+        runner = BatchRunner(recipe, run, cache, base_keys=plan.base_keys(), cap=cap, progress=progress,
+                             kwargs_for=lambda job: request_kwargs(recipe, kwargs, job.attempt),
+                             price=price_fn(recipe, batch=True), online_price=price_fn(recipe),
+                             api_key=_api_key(recipe))
+        out = runner.cancel() if cancel else runner.execute(todo)
+    except BatchAPIError as exc:
+        raise GenerateError(str(exc)) from None
+    return out.stats, out.summary
 
 
 def _pending_jobs(recipe: Recipe, plan: Plan, cached: dict[str, CacheEntry], reask: bool = True) -> list[Job]:
@@ -458,20 +497,31 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
                 return run_llamacpp(recipe, jobs, cache, budget, price_fn(recipe), on_progress)
             except LlamaCppError as exc:  # bad GGUF, rejected grammar, missing extra: the recipe's to fix
                 raise GenerateError(str(exc)) from None
-        llm = build_openai_llm(recipe)
+        from stepwise.pipelines.openai_api import online_generate
+        from stepwise.pipelines.ratelimit import RateLimiter
+
+        # the openai client (not distilabel's agenerate): the rate-limit headers hold requests back
         kwargs = generation_kwargs(recipe.task, t)
+        send = online_generate(recipe, lambda job: request_kwargs(recipe, kwargs, job.attempt),
+                               RateLimiter(t.max_requests_per_minute, t.max_tokens_per_minute), _api_key(recipe))
 
         async def agenerate(job: Job) -> Any:
             sent = time.perf_counter()
-            out = await llm.agenerate(input=job.messages, num_generations=1, **request_kwargs(recipe, kwargs, job.attempt))
+            out = await send(job)
             if timings is not None:
                 timings.append(time.perf_counter() - sent)
             return out
 
+        async def run_all() -> RunStats:
+            try:
+                return await run_async_jobs(agenerate, jobs, cache, model=t.model, concurrency=t.concurrency,
+                                            max_retries=t.max_retries, price=price_fn(recipe), budget=budget,
+                                            on_progress=on_progress)
+            finally:
+                await send.aclose()  # inside the loop: the client's connections close cleanly
+
         try:
-            return asyncio.run(run_async_jobs(agenerate, jobs, cache, model=t.model, concurrency=t.concurrency,
-                                              max_retries=t.max_retries, price=price_fn(recipe), budget=budget,
-                                              on_progress=on_progress))
+            return asyncio.run(run_all())
         except FatalTeacherError as exc:
             raise GenerateError(f"teacher {t.model} at {t.base_url or 'api.openai.com'}: {exc}") from None
     finally:

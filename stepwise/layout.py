@@ -58,6 +58,11 @@ class RunLayout:
     def responses(self) -> Path:
         return self.stage_dir("generate") / "responses.jsonl"
 
+    def batch_input(self, name: str) -> Path:
+        """generate/batches/<name>.jsonl: one Batch API input file as uploaded (its lines' custom_ids
+        are the cache keys of the requests it carries; a resume reads them back)."""
+        return self.stage_dir("generate") / "batches" / f"{name}.jsonl"
+
     # -- curate --------------------------------------------------------------------------------
     def curated(self, split: str) -> Path:
         """curate/<split>.jsonl for split in train, val, test."""

@@ -127,6 +127,11 @@ class DataSpec(StrictModel):
 class Price(StrictModel):
     input_per_1k: float = Field(0.0, ge=0, description="USD per 1K prompt tokens.")
     output_per_1k: float = Field(0.0, ge=0, description="USD per 1K completion tokens.")
+    cached_input_per_1k: float | None = Field(None, ge=0, description=(
+        "USD per 1K prompt tokens the provider served from its prompt cache (`usage.prompt_tokens_details."
+        "cached_tokens`; OpenAI: identical prefixes of 1,024+ tokens). Default: `input_per_1k` (no discount)."))
+    batch_discount: float = Field(0.5, gt=0, le=1, description=(
+        "Price factor of Batch API responses (`teacher.batch`): OpenAI bills batches at half the online price."))
 
 
 class TeacherSpec(StrictModel):
@@ -153,6 +158,19 @@ class TeacherSpec(StrictModel):
         "auto", description="How a server is constrained: JSON-schema response_format, vLLM guided params."
     )
     price: Price = Field(default_factory=Price)
+    batch: bool = Field(False, description=(
+        "Send the pending requests through the OpenAI Batch API (files + batches) instead of online: about half the "
+        "price, results within `batch_completion_window` instead of seconds. Re-running resumes the same batches."))
+    batch_max_requests: int = Field(50000, ge=1, le=50000, description="Requests per Batch API input file (API limit 50,000).")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024, description=(
+        "Bytes per Batch API input file (API limit 200 MB)."))
+    batch_completion_window: str = Field("24h", description="Batch API `completion_window` (OpenAI accepts `24h`).")
+    batch_poll_s: float = Field(30.0, gt=0, le=3600, description="Seconds between polls of running batches.")
+    max_requests_per_minute: int | None = Field(None, ge=1, description=(
+        "Online: send at most this many requests per minute (for servers without `x-ratelimit-*` headers; "
+        "with headers the server's own remaining counts hold requests back before a 429)."))
+    max_tokens_per_minute: int | None = Field(None, ge=1, description=(
+        "Online: at most this many tokens per minute (prompt estimate + max_new_tokens per request)."))
     max_cost: float | None = Field(None, gt=0, description="Stop before spending more than this (USD).")
     cache: str | None = Field(None, description="Response cache path (default: <runs root>/teacher_cache.sqlite).")
     device: str = Field("cpu", description="Device for local transformers teachers.")

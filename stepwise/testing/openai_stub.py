@@ -12,6 +12,20 @@ chat-templated prompt, as vLLM counts it) instead of a word count. Every request
 outcome, seed, usage), which is what the no-double-pay and cost tests assert on.
 `hold_after=N` parks every request after the N-th completion until `release()`, so a test can
 kill the client at a known point with requests in flight.
+
+Rate limits: `ratelimit_requests` / `ratelimit_tokens` per `ratelimit_window_s` (a fixed window)
+answer every request with OpenAI's `x-ratelimit-*` headers and a 429 past the limit (tokens are
+booked as prompt words + max_tokens, like OpenAI books max_tokens up front).
+
+Batch API (`batch_api=True`): `POST /files` (multipart, purpose=batch), `GET /files/{id}/content`,
+`POST /batches`, `GET /batches[/{id}]`, `POST /batches/{id}/cancel`. A batch's requests complete
+one by one over `batch_complete_s` (simulated time, so tests take seconds); each goes through the
+same fault script / fault rate as an online request (a fault becomes a non-200 line in the error
+file). `batch_expire_s` expires a batch before it is done: unanswered requests go to the error
+file as `batch_expired`. A line containing a `batch_reject` substring fails the whole input file's
+validation (status `failed`, `errors` naming the line). `batch_unknown_ids` adds result rows with
+custom_ids nobody sent. `batch_log` records every upload and batch creation with its custom_ids,
+which is what the submit-once tests count.
 """
 
 from __future__ import annotations
@@ -47,6 +61,15 @@ class StubConfig:
     log_path: Path | None = None
     malformed_rate: float = 0.0
     tokenizer: str | None = None
+    ratelimit_requests: int | None = None
+    ratelimit_tokens: int | None = None
+    ratelimit_window_s: float = 1.0
+    batch_api: bool = True
+    batch_complete_s: float = 0.2
+    batch_expire_s: float | None = None
+    batch_reject: tuple[str, ...] = ()
+    batch_unknown_ids: int = 0
+    cached_prompt_tokens: int = 0  # report this many prompt tokens as served from a prompt cache
 
 
 class OpenAIStub(LoopbackServer):
@@ -61,6 +84,12 @@ class OpenAIStub(LoopbackServer):
         self._release = threading.Event()
         self._stopping = threading.Event()
         self._count_prompt = None
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_log: list[dict[str, Any]] = []
+        self._ids = 0
+        self._rl_start = time.monotonic()
+        self._rl_used = {"requests": 0, "tokens": 0}
         if self.config.tokenizer:
             from stepwise.pipelines.tokens import hf_chat_counter
 
@@ -76,12 +105,21 @@ class OpenAIStub(LoopbackServer):
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": "stub-teacher", "object": "model"}]})
+                elif stub.config.batch_api and ("/files" in self.path or "/batches" in self.path):
+                    stub._batch_route(self, "GET", b"")
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
+                raw_body = self.rfile.read(length)
+                if "/files" in self.path or "/batches" in self.path:
+                    if stub.config.batch_api:
+                        stub._batch_route(self, "POST", raw_body)
+                    else:
+                        self._send(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                body = json.loads(raw_body or b"{}")
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
@@ -157,10 +195,42 @@ class OpenAIStub(LoopbackServer):
                 with open(self.config.log_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(entry) + "\n")
 
+    def _rate_limit(self, body: dict[str, Any]) -> tuple[bool, dict[str, str]]:
+        """(over the limit?, x-ratelimit-* headers) for one arriving request (fixed window)."""
+        c = self.config
+        if c.ratelimit_requests is None and c.ratelimit_tokens is None:
+            return False, {}
+        tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + int(
+            body.get("max_tokens") or 0)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._rl_start >= c.ratelimit_window_s:
+                self._rl_start, self._rl_used = now, {"requests": 0, "tokens": 0}
+            left_s = max(0.0, self._rl_start + c.ratelimit_window_s - now)
+            over = ((c.ratelimit_requests is not None and self._rl_used["requests"] + 1 > c.ratelimit_requests)
+                    or (c.ratelimit_tokens is not None and self._rl_used["tokens"] + tokens > c.ratelimit_tokens))
+            if not over:
+                self._rl_used["requests"] += 1
+                self._rl_used["tokens"] += tokens
+            headers = {}
+            for name, limit in (("requests", c.ratelimit_requests), ("tokens", c.ratelimit_tokens)):
+                if limit is not None:
+                    headers[f"x-ratelimit-limit-{name}"] = str(limit)
+                    headers[f"x-ratelimit-remaining-{name}"] = str(max(0, limit - self._rl_used[name]))
+                    headers[f"x-ratelimit-reset-{name}"] = f"{left_s * 1000:.0f}ms"
+            if over:
+                headers["Retry-After"] = f"{left_s:.3f}"
+        return over, headers
+
     def _handle(self, handler: Any, body: dict[str, Any]) -> None:
         messages = body.get("messages", [])
         user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+        over, rl_headers = self._rate_limit(body)
+        if over:
+            self._record(user, "429", key, rate_limited=True)
+            handler._send(429, {"error": {"message": "rate limit reached", "type": "requests"}}, headers=rl_headers)
+            return
         hold = self.config.hold_after
         if hold is not None and self.completed_count() >= hold:
             with self._lock:
@@ -206,8 +276,165 @@ class OpenAIStub(LoopbackServer):
             handler._send(200, None, raw=b'{"id": "x", "choices": [{"message": ')
         else:
             payload = self._completion(body, user, outcome)
-            self._record(user, outcome, key, seed=body.get("seed"), usage=payload["usage"])
-            handler._send(200, payload)
+            self._record(user, outcome, key, seed=body.get("seed"), usage=payload["usage"],
+                         response_format=body.get("response_format"))
+            handler._send(200, payload, headers=rl_headers)
+
+    # -- Batch API ------------------------------------------------------------------------------
+    def _new_id(self, prefix: str) -> str:
+        with self._lock:
+            self._ids += 1
+            return f"{prefix}-{self._ids:06d}"
+
+    def _batch_route(self, handler: Any, method: str, raw: bytes) -> None:
+        path = handler.path.split("?", 1)[0].rstrip("/")
+        parts = path.split("/")
+        i = max(j for j, p in enumerate(parts) if p in ("files", "batches"))
+        kind, rest = parts[i], parts[i + 1:]
+        if kind == "files" and method == "POST" and not rest:
+            fields = _multipart(handler.headers.get("Content-Type", ""), raw)
+            data = fields.get("file", b"")
+            fid = self._new_id("file")
+            with self._lock:
+                self.files[fid] = {"data": data, "purpose": (fields.get("purpose") or b"").decode(),
+                                   "created_at": int(time.time())}
+                self.batch_log.append({"event": "file_upload", "file_id": fid,
+                                       "custom_ids": [json.loads(x)["custom_id"] for x in data.splitlines()
+                                                      if x.strip() and _json_or_none(x) is not None]})
+            handler._send(200, self._file_obj(fid))
+        elif kind == "files" and method == "GET" and len(rest) == 2 and rest[1] == "content" and rest[0] in self.files:
+            handler._send(200, None, raw=self.files[rest[0]]["data"])
+        elif kind == "files" and method == "GET" and len(rest) == 1 and rest[0] in self.files:
+            handler._send(200, self._file_obj(rest[0]))
+        elif kind == "batches" and method == "POST" and not rest:
+            body = json.loads(raw or b"{}")
+            fid = body.get("input_file_id")
+            if fid not in self.files:
+                handler._send(404, {"error": {"message": f"no file {fid}"}})
+                return
+            handler._send(200, self._create_batch(fid, body))
+        elif kind == "batches" and method == "GET" and not rest:
+            with self._lock:
+                ids = list(self.batches)
+            handler._send(200, {"object": "list", "data": [self._batch_obj(b) for b in reversed(ids)],
+                                "has_more": False})
+        elif kind == "batches" and rest and rest[0] in self.batches:
+            if method == "POST" and rest[1:] == ["cancel"]:
+                with self._lock:
+                    b = self.batches[rest[0]]
+                    if b["status"] not in ("completed", "failed", "expired", "cancelled"):
+                        b["cancel_at"] = time.monotonic()
+            handler._send(200, self._batch_obj(rest[0]))
+        else:
+            handler._send(404, {"error": {"message": f"no route {handler.path}"}})
+
+    def _file_obj(self, fid: str) -> dict[str, Any]:
+        f = self.files[fid]
+        return {"id": fid, "object": "file", "bytes": len(f["data"]), "created_at": f["created_at"],
+                "filename": f"{fid}.jsonl", "purpose": f["purpose"] or "batch", "status": "processed"}
+
+    def _create_batch(self, fid: str, body: dict[str, Any]) -> dict[str, Any]:
+        lines = [x for x in self.files[fid]["data"].decode().splitlines() if x.strip()]
+        errors = []
+        for n, line in enumerate(lines, 1):
+            parsed = _json_or_none(line.encode())
+            if parsed is None or "custom_id" not in parsed or "body" not in parsed:
+                errors.append({"code": "invalid_json_line", "line": n, "message": "not a valid batch request line"})
+            elif any(needle in line for needle in self.config.batch_reject):
+                errors.append({"code": "invalid_request", "line": n, "message": "request body rejected"})
+        bid = self._new_id("batch")
+        with self._lock:
+            self.batches[bid] = {"id": bid, "input_file_id": fid, "endpoint": body.get("endpoint"),
+                                 "completion_window": body.get("completion_window", "24h"),
+                                 "metadata": body.get("metadata"), "created_at": int(time.time()),
+                                 "t0": time.monotonic(), "lines": [json.loads(x) for x in lines] if not errors else [],
+                                 "errors": errors, "status": "failed" if errors else "in_progress",
+                                 "output_file_id": None, "error_file_id": None, "cancel_at": None, "done": 0}
+            self.batch_log.append({"event": "batch_create", "batch_id": bid, "input_file_id": fid,
+                                   "custom_ids": [json.loads(x).get("custom_id") for x in lines
+                                                  if _json_or_none(x.encode()) is not None]})
+        return self._batch_obj(bid)
+
+    def _batch_obj(self, bid: str) -> dict[str, Any]:
+        self._advance(bid)
+        with self._lock:
+            b = self.batches[bid]
+            n = len(b["lines"])
+            failed = b.get("failed", 0)
+            return {"id": bid, "object": "batch", "endpoint": b["endpoint"] or "/v1/chat/completions",
+                    "completion_window": b["completion_window"], "created_at": b["created_at"],
+                    "input_file_id": b["input_file_id"], "status": b["status"],
+                    "output_file_id": b["output_file_id"], "error_file_id": b["error_file_id"],
+                    "errors": {"object": "list", "data": b["errors"]} if b["errors"] else None,
+                    "request_counts": {"total": n, "completed": b["done"] - failed, "failed": failed},
+                    "metadata": b["metadata"]}
+
+    def _advance(self, bid: str) -> None:
+        """Move a batch along its simulated clock; finished batches get their output/error files."""
+        c = self.config
+        with self._lock:
+            b = self.batches[bid]
+            if b["status"] not in ("in_progress",):
+                return
+            now = time.monotonic()
+            end = now if b["cancel_at"] is None else b["cancel_at"]
+            elapsed = end - b["t0"]
+            n = len(b["lines"])
+            done = n if elapsed >= c.batch_complete_s else int(n * elapsed / c.batch_complete_s)
+            status = "in_progress"
+            if done >= n:
+                status = "completed"
+            elif c.batch_expire_s is not None and elapsed >= c.batch_expire_s:
+                done, status = min(done, int(n * c.batch_expire_s / c.batch_complete_s)), "expired"
+            elif b["cancel_at"] is not None:
+                status = "cancelled"
+            todo = b["lines"][b["done"]:done]
+            b["done"] = done
+        results = [self._batch_answer(bid, line) for line in todo]  # outside the lock: _decide locks
+        with self._lock:
+            b.setdefault("results", []).extend(results)
+            b["failed"] = sum(1 for r in b["results"] if r["response"]["status_code"] != 200)
+            if status == "in_progress":
+                return
+            out = [r for r in b["results"] if r["response"]["status_code"] == 200]
+            err = [r for r in b["results"] if r["response"]["status_code"] != 200]
+            if status == "expired":
+                err += [{"id": f"req-{bid}-x{i}", "custom_id": line["custom_id"], "response": None,
+                         "error": {"code": "batch_expired",
+                                   "message": "This request could not be executed before the completion window expired."}}
+                        for i, line in enumerate(b["lines"][done:])]
+            for k in range(c.batch_unknown_ids):
+                fake = dict(out[0]) if out else {"response": {"status_code": 200, "body": {}}, "error": None}
+                out.append({**fake, "id": f"req-unknown-{k}", "custom_id": f"unknown-{bid}-{k}"})
+            b["status"] = status
+            for name, rows in (("output_file_id", out), ("error_file_id", err)):
+                if rows:
+                    fid = f"file-{bid}-{name[:3]}"
+                    self.files[fid] = {"data": "".join(json.dumps(r) + "\n" for r in rows).encode(),
+                                       "purpose": "batch_output", "created_at": int(time.time())}
+                    b[name] = fid
+
+    def _batch_answer(self, bid: str, line: dict[str, Any]) -> dict[str, Any]:
+        body = line.get("body") or {}
+        messages = body.get("messages", [])
+        user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+        outcome = self._decide(user, body.get("seed"))
+        rid = f"req-{bid}-{line['custom_id'][:12]}"
+        if outcome in ("ok", "garbage", "wrong_label", "length"):
+            payload = self._completion(body, user, outcome)
+            self._record(user, outcome, line["custom_id"], seed=body.get("seed"), usage=payload["usage"], batch=bid)
+            return {"id": rid, "custom_id": line["custom_id"], "response": {"status_code": 200, "body": payload},
+                    "error": None}
+        self._record(user, outcome, line["custom_id"], batch=bid)
+        status = 429 if outcome == "429" else 500
+        return {"id": rid, "custom_id": line["custom_id"],
+                "response": {"status_code": status, "body": {"error": {"message": f"server error ({outcome})"}}},
+                "error": None}
+
+    def submitted_ids(self) -> list[str]:
+        """Every custom_id in every batch created, in order (a request submitted twice shows twice)."""
+        with self._lock:
+            return [cid for e in self.batch_log if e["event"] == "batch_create" for cid in e["custom_ids"]]
 
     def _completion(self, body: dict[str, Any], user: str, outcome: str) -> dict[str, Any]:
         text = answer_for(user, body, outcome)
@@ -224,8 +451,32 @@ class OpenAIStub(LoopbackServer):
             "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                         for i in range(int(body.get("n") or 1))],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      **({"prompt_tokens_details": {"cached_tokens": min(prompt_tokens, self.config.cached_prompt_tokens)}}
+                         if self.config.cached_prompt_tokens else {})},
         }
+
+
+def _json_or_none(line: bytes) -> Any:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, bytes]:
+    """Fields of a multipart/form-data body (the openai client's file upload)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    out: dict[str, bytes] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            out[str(name)] = part.get_payload(decode=True) or b""
+    return out
 
 
 def _client_gone(conn: socket.socket) -> bool:
@@ -246,8 +497,13 @@ def answer_for(user: str, body: dict[str, Any], outcome: str = "ok") -> str:
     text = user.split("Input:", 1)[-1].strip()
     if outcome == "garbage":
         return "I think this is probably fine."
+    fmt = body.get("response_format") or {}
     if m:
         labels = [x.strip() for x in m.group(1).split(",") if x.strip()]
+        # a JSON-schema enum on the answer restricts it, as a constrained server does
+        enum = (((fmt.get("json_schema") or {}).get("schema") or {}).get("properties") or {}).get("answer", {}).get("enum")
+        if enum:
+            labels = [lab for lab in labels if lab in enum] or list(enum)
         words = set(re.findall(r"[a-z]+", text.lower()))
         scored = sorted(labels, key=lambda lab: (-len(words & set(lab.lower().split("_"))), labels.index(lab)))
         answer = "not_a_label" if outcome == "wrong_label" else scored[0]
@@ -257,7 +513,6 @@ def answer_for(user: str, body: dict[str, Any], outcome: str = "ok") -> str:
         rationale = "The question asks for all documents, so a match_all query is enough."
     if outcome == "length":
         return f"<rationale>{rationale[: len(rationale) // 2]}"
-    fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_schema":
         return json.dumps({"rationale": rationale, "answer": answer if m else json.loads(answer)})
     return f"<rationale>{rationale}</rationale><answer>{answer}</answer>"
