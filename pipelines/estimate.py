@@ -9,6 +9,7 @@ cache (not paid again by the run) and count against `max_cost` like any other re
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from stepwise.pipelines.cache import ResponseCache
@@ -65,9 +66,48 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
         "output tokens": f"{est_out:.0f} ({out_method})",
         "cost, whole run": f"${price(prompt_tokens, int(est_out)):.4f}",
         "cost, still to pay": f"${price(int(prompt_tokens * frac), int(est_out * frac)):.4f}",
+        "cost, still to pay (Batch API)": (
+            f"${price_fn(recipe, batch=True)(int(prompt_tokens * frac), int(est_out * frac)):.4f} "
+            f"(x{t.price.batch_discount:g}; teacher.batch / --batch, results within {t.batch_completion_window})"),
+        **prompt_cache_estimate(recipe, plan.messages, prompt_tokens, requests),
         "spent so far (ledger)": f"${spent.total:.4f}",
         "max_cost": cap if cap is not None else "none",
     }
     if sample_note:
         out["sample stopped"] = sample_note
     return out
+
+
+# OpenAI caches identical prompt prefixes of 1,024+ tokens, in steps of 128 tokens
+CACHE_MIN_TOKENS, CACHE_STEP_TOKENS = 1024, 128
+
+
+def shared_prefix(messages: list[list[dict[str, str]]]) -> list[dict[str, str]]:
+    """The part every request shares, from the start (system prompt, few-shot turns, and the user
+    turn's instructions and label list up to where the row's input begins)."""
+    if not messages:
+        return []
+    first = messages[0]
+    n = 0
+    while n < len(first) - 1 and all(len(m) > n + 1 and m[n] == first[n] for m in messages):
+        n += 1
+    last = [m[n]["content"] for m in messages if len(m) > n]
+    common = os.path.commonprefix(last) if len(last) == len(messages) else ""
+    return [*first[:n], {"role": first[n]["role"], "content": common}]
+
+
+def prompt_cache_estimate(recipe: Recipe, messages: list[list[dict[str, str]]], prompt_tokens: int,
+                          requests: int) -> dict[str, str]:
+    """Expected saving from the provider's prompt cache: every request after the first reuses the
+    shared prefix if it is long enough (priced at price.cached_input_per_1k)."""
+    p = recipe.teacher.price
+    prefix = shared_prefix(messages)
+    shared = prompt_counter(recipe).count(prefix) if prefix else 0
+    cacheable = 0 if shared < CACHE_MIN_TOKENS else shared - (shared - CACHE_MIN_TOKENS) % CACHE_STEP_TOKENS
+    cached_total = cacheable * max(0, requests - 1)
+    rate = p.input_per_1k if p.cached_input_per_1k is None else p.cached_input_per_1k
+    saving = cached_total * (p.input_per_1k - rate) / 1000.0
+    note = ("" if cacheable else f"; under the {CACHE_MIN_TOKENS}-token minimum, no discount expected")
+    return {"shared prompt prefix": f"{shared} tokens per request{note}",
+            "expected prompt-cache saving": f"${saving:.4f} ({cached_total} of {prompt_tokens} prompt tokens cached"
+                                            f" at ${rate:g}/1K; price.cached_input_per_1k)"}

@@ -296,3 +296,29 @@ def load_recipe_text(tmp_path: Path):
     p.write_text(RECIPE.format(base_url="http://127.0.0.1:9/v1", batch="false", per_file=10, max_attempts=2,
                                concurrency=1))
     return load_recipe(p)
+
+
+def test_estimate_shows_batch_cost_and_expected_prompt_cache_saving(tmp_path):
+    from stepwise.pipelines.estimate import estimate_run, shared_prefix
+
+    recipe = load_recipe_text(tmp_path)
+    (tmp_path / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(5)))
+    recipe.teacher.price.cached_input_per_1k = 0.25
+    short = estimate_run(recipe)
+    online = float(short["cost, still to pay"].lstrip("$"))
+    batch = float(short["cost, still to pay (Batch API)"].split()[0].lstrip("$"))
+    assert batch == pytest.approx(online * 0.5, abs=1e-4) and online > 0
+    assert "no discount expected" in short["shared prompt prefix"]  # a short prompt is not cached
+    assert short["expected prompt-cache saving"].startswith("$0.0000")
+    # a long shared instruction (> 1,024 tokens) is cached for every request after the first
+    recipe.task.instructions = "Classify the ticket. " + "Read the whole message carefully. " * 200
+    plan = plan_requests(recipe, load_inputs(recipe))
+    prefix = shared_prefix(plan.messages)
+    assert prefix[-1]["content"].endswith("Input:\nrow00")  # everything up to the row's own text
+    est = estimate_run(recipe)
+    shared = int(est["shared prompt prefix"].split()[0])
+    assert shared > 1024
+    cached = int(est["expected prompt-cache saving"].split("(")[1].split()[0])
+    step = shared - (shared - 1024) % 128
+    assert cached == step * 4
+    assert float(est["expected prompt-cache saving"].split()[0].lstrip("$")) == pytest.approx(cached * 0.75 / 1000, abs=1e-4)
