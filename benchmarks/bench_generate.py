@@ -13,6 +13,14 @@ malformed (seeded by the request, so a re-ask with a fresh seed draws again), `s
 runs N times, and the rows still unparsed after each run are printed. `--cap C --kill-after K`
 measures the cost cap across resumes: the first run is SIGKILLed after K answers, then resumed
 until it stops on the cap; the teacher's bill after each run is printed.
+
+`--batch` runs the prompts through the stub's Batch API (Files + Batches endpoints, simulated
+completion over `--batch-complete` seconds, `--fault-rate` of the requests failing with a 500):
+`stepwise generate --batch` is SIGKILLed once every batch is submitted and polling, then re-run to
+resume. Printed: requests submitted (each once; only the failed ones again, from the stub's log),
+answers paid twice, the bill at the batch discount vs the same answers online, and wall time.
+
+    .venv/bin/python benchmarks/bench_generate.py --batch --rows 20000 --fault-rate 0.02
 """
 
 from __future__ import annotations
@@ -268,6 +276,65 @@ def cap_scenario(args) -> None:
         stub.wait(timeout=10)
 
 
+def batch_scenario(args) -> None:
+    sys.path.insert(0, str(REPO))
+    from stepwise.rundir import RunDir
+    from stepwise.testing.openai_stub import OpenAIStub, StubConfig
+
+    price = (args.price_in, args.price_out)
+    cfg = StubConfig(batch_complete_s=args.batch_complete, fault_rate=args.fault_rate, fault_kinds=("500",),
+                     seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp, OpenAIStub(cfg) as stub:
+        work = Path(tmp)
+        recipe, _ = setup_workdir(work, args.rows, stub.base_url, 8, args.retries, price)
+        text = recipe.read_text().replace("  max_retries:", f"  batch: true\n  batch_poll_s: 0.5\n"
+                                          f"  batch_max_requests: {args.batch_per_file}\n  max_retries:")
+        recipe.write_text(text)
+        run_dir = work / "run"
+        cmd = [PY, "-m", "stepwise", "generate", str(recipe), "--run-dir", str(run_dir), "--no-progress"]
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        expected = -(-args.rows // args.batch_per_file)
+        while proc.poll() is None:  # SIGKILL once every batch is submitted and being polled
+            entries = RunDir(run_dir).read_manifest().get("teacher_batches", []) if (run_dir / "manifest.json").exists() else []
+            if len(entries) >= expected and all(e.get("batch_id") for e in entries):
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        proc.wait()
+        killed_at = round(time.time() - t0, 1)
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.time() - t0
+        ids = stub.submitted_ids()
+        per_id = Counter(ids)
+        failed = Counter(e["key"] for e in stub.log if e["outcome"] == "500")
+        answered = Counter(e["key"] for e in stub.completed())
+        stage = RunDir(run_dir).read_manifest()["stages"]["generate"]
+        b = stage.get("batch", {})
+        online = billed_usage(stub.completed(), price)
+        batch_cost = stage["cost"]["total_usd"]
+        print(json.dumps({
+            "rows": args.rows, "exit": done.returncode, "rows_ok": stage["counts"].get("status_ok"),
+            "batches": len(stub.batches), "killed_after_s": killed_at,
+            "submitted": len(ids), "distinct_requests": len(per_id),
+            "submitted_again": sum(n - 1 for n in per_id.values()),
+            "failed_by_server": sum(failed.values()),
+            "resubmitted_without_failure": sum(1 for k, n in per_id.items() if n - 1 > failed.get(k, 0)),
+            "answered_twice": sum(1 for n in answered.values() if n > 1),
+            "cost_batch_usd": round(batch_cost, 4), "cost_online_same_answers_usd": round(online, 4),
+            "batch/online": round(batch_cost / online, 3) if online else None,
+            "manifest_saving_usd": b.get("batch_saving_usd"), "wall_s": round(wall, 1),
+            "stub_completion_s": args.batch_complete}), flush=True)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-2000:])
+
+
+def billed_usage(entries: list[dict], price: tuple[float, float]) -> float:
+    return sum(e["usage"]["prompt_tokens"] * price[0] + e["usage"]["completion_tokens"] * price[1]
+               for e in entries) / 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2000)
@@ -284,8 +351,14 @@ def main() -> None:
     ap.add_argument("--kill-after", type=int, default=100, help="cap benchmark: SIGKILL after this many answers")
     ap.add_argument("--price-in", type=float, default=0.00015, help="cap benchmark: USD per 1K prompt tokens")
     ap.add_argument("--price-out", type=float, default=0.0006, help="cap benchmark: USD per 1K output tokens")
+    ap.add_argument("--batch", action="store_true", help="Batch API benchmark (stub Files + Batches endpoints)")
+    ap.add_argument("--batch-complete", type=float, default=20.0, help="batch benchmark: simulated completion (s)")
+    ap.add_argument("--batch-per-file", type=int, default=5000, help="batch benchmark: teacher.batch_max_requests")
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.batch:
+        batch_scenario(args)
+        return
     if args.malformed_rate is not None:
         malformed_scenario(args)
         return

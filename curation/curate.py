@@ -4,8 +4,10 @@ Steps, in order (each one a function from rows to kept rows + reasons, see `step
 validate -> filter -> dedup_exact -> dedup_near -> dedup_semantic -> split -> decontaminate ->
 balance -> general_mix. The test split is cut before decontamination (so training rows are
 checked against it) and before balancing (so it keeps the real class distribution); a held-out
-`data.test_file` takes its place when given. Every response row ends in exactly one of train,
-val, test or rejected; `funnel.json` says how many went where and why.
+`data.test_file` takes its place when given, and so do the gold inputs generate held out before
+asking the teacher (`stepwise.curation.holdout`, the funnel's first step `hold_out_test`). Every
+response row ends in exactly one of train, val, test or rejected; `funnel.json` says how many went
+where and why.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from stepwise.curation.contamination import contamination_step
 from stepwise.curation.dedup import exact_step, near_step, semantic_step
 from stepwise.curation.filters import filter_step
 from stepwise.curation.funnel import Funnel, StepOutcome
+from stepwise.curation.holdout import HELD_OUT, check_held_out, held_out_info, read_held_out
+from stepwise.curation.holdout import applies as holdout_applies
 from stepwise.curation.labels import curated_gold_labels
 from stepwise.curation.mixing import mix_step
 from stepwise.curation.splits import stratified_split
@@ -104,11 +108,20 @@ def _stratum(recipe: Recipe):
 
 def curate_rows(
     rows: list[dict[str, Any]], recipe: Recipe, test_file_rows: list[dict[str, Any]] | None = None,
-    progress: bool = False,
+    progress: bool = False, test_source: str | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], Funnel]:
-    """The whole stage on rows in memory; returns {train, val, test} and the funnel."""
+    """The whole stage on rows in memory; returns {train, val, test} and the funnel. `test_file_rows`
+    are the test split when given: `data.test_file`'s rows, or (`test_source` HELD_OUT) the gold
+    inputs generate held out before asking the teacher, shown as the funnel's first step."""
     funnel = Funnel()
     n = len(rows)
+    if test_source is None:
+        test_source = "data.test_file" if test_file_rows else "split"
+    if test_source == HELD_OUT:  # never sent to the teacher: the requests they saved are in the funnel
+        held = len(test_file_rows or [])
+        funnel.record("hold_out_test", n + held, StepOutcome(rows, moved={"test": held} if held else {},
+                                                              info={"before_generation": True,
+                                                                    **held_out_info(recipe, held)}))
     steps = [("validate", validate_step), ("filter", filter_step), ("dedup_exact", exact_step)]
     for name, fn in steps:
         rows = funnel.record(name, len(rows), fn(rows, recipe))
@@ -117,16 +130,14 @@ def curate_rows(
     rows = funnel.record("dedup_semantic", len(rows), semantic_step(rows, recipe))
 
     sp = recipe.curation.split
-    if test_file_rows:
+    if test_source != "split":
         parts = stratified_split(rows, {"train": sp.train, "val": sp.val}, recipe.curation.seed, _stratum(recipe))
         parts["test"] = []
-        test_rows = list(test_file_rows)
-        test_source = "data.test_file"
+        test_rows = list(test_file_rows or [])
     else:
         parts = stratified_split(rows, {"train": sp.train, "val": sp.val, "test": sp.test},
                                  recipe.curation.seed, _stratum(recipe))
         test_rows = parts["test"]
-        test_source = "split"
     kept = parts["train"] + parts["val"]
     rows = funnel.record("split", len(rows), StepOutcome(kept, moved={"test": len(parts["test"])} if parts["test"] else {}, info={
         "test_source": test_source, "train": len(parts["train"]), "val": len(parts["val"]), "test": len(test_rows)}))
@@ -150,7 +161,7 @@ def curate_rows(
     for r in test_rows:
         r["split"] = "test"
     splits["test"] = test_rows
-    from_pool = 0 if test_file_rows else len(test_rows)
+    from_pool = len(test_rows) if test_source == "split" else 0
     added = sum(s.get("added", 0) for s in funnel.steps)
     total_out = len(splits["train"]) + len(splits["val"]) + from_pool + len(funnel.rejected)
     if total_out != n + added:
@@ -161,6 +172,7 @@ def curate_rows(
 def funnel_report(funnel: Funnel, splits: dict[str, list[dict[str, Any]]], n_in: int, test_source: str) -> dict[str, Any]:
     validate = next((s for s in funnel.steps if s["step"] == "validate"), {})
     mix = next((s for s in funnel.steps if s["step"] == "general_mix"), {})
+    held = next((s for s in funnel.steps if s["step"] == "hold_out_test"), None)
     return {
         "steps": funnel.steps,
         "responses": n_in,
@@ -168,6 +180,9 @@ def funnel_report(funnel: Funnel, splits: dict[str, list[dict[str, Any]]], n_in:
         "rejected": len(funnel.rejected),
         "removed_by_reason": funnel.removed_by_reason(),
         "test_source": test_source,
+        # the gold test rows held out of the inputs before generation: requests never sent
+        "held_out_before_generation": None if held is None else {
+            k: held[k] for k in ("rows", "requests_saved")},
         "teacher_accuracy": validate.get("teacher_accuracy"),
         "general_mix": None if mix.get("skipped") or not mix else {
             k: mix[k] for k in ("file", "fraction", "rows", "in_domain_benchmarks") if k in mix},
@@ -211,17 +226,28 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     test_path = recipe.resolve(recipe.data.test_file)
     if test_path is not None:
         inputs.append(test_path)
+    held_path = run.layout.held_out_test
+    if held_path.exists():
+        inputs.append(held_path)
     if recipe.curation.general_mix is not None:
         inputs.append(recipe.resolve(recipe.curation.general_mix.file))
     params = recipe.curation.model_dump(mode="json")
     with run.stage("curate", inputs=inputs, params=params) as st:
         rows = read_responses(responses)
-        test_rows = namespace_test_ids(read_test_file(recipe), rows)
+        held = read_held_out(held_path) if test_path is None and held_path.exists() else []
+        if held_path.exists() and holdout_applies(recipe, [*rows, *held]):
+            stale = check_held_out(recipe, held_path, rows, held)
+            if stale:
+                raise DataFileError(stale)
+            test_rows, test_source = held, HELD_OUT  # the gold test split, held out before generation
+        else:  # data.test_file's rows, or none: the split cuts them from teacher-validated rows
+            test_rows = namespace_test_ids(read_test_file(recipe), rows)
+            test_source = "data.test_file" if test_rows else "split"
         bad_labels = curated_gold_labels(recipe, rows, test_rows)
         if bad_labels:  # a gold label the task does not spell that way: never normalised in silence
             raise DataFileError("\n".join(bad_labels))
         n_in = len(rows)
-        splits, funnel = curate_rows(rows, recipe, test_rows)
+        splits, funnel = curate_rows(rows, recipe, test_rows, test_source=test_source)
         run.stage_dir("curate")
         paths = {}
         for name in ("train", "val", "test"):
@@ -229,14 +255,15 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
             atomic_write_jsonl(paths[name], splits[name])
         paths["rejected"] = run.layout.curate_rejected
         atomic_write_jsonl(paths["rejected"], funnel.rejected)
-        report = funnel_report(funnel, splits, n_in, "data.test_file" if test_rows else "split")
+        report = funnel_report(funnel, splits, n_in, test_source)
         paths["funnel"] = run.layout.funnel
         atomic_write_json(paths["funnel"], report)
         st.outputs(*paths.values())
         st.counts(responses=n_in, train=len(splits["train"]), val=len(splits["val"]), test=len(splits["test"]),
                   rejected=len(funnel.rejected), **{f"removed_{k}": v for k, v in report["removed_by_reason"].items()})
         st.extra(funnel=[{k: s[k] for k in ("step", "in", "out", "removed")} for s in funnel.steps],
-                 teacher_accuracy=report["teacher_accuracy"], general_mix=report["general_mix"])
+                 teacher_accuracy=report["teacher_accuracy"], general_mix=report["general_mix"],
+                 held_out_before_generation=report["held_out_before_generation"])
         minimum = recipe.curation.min_train_rows
         in_domain = report["kept"]["train"] - int((report["general_mix"] or {}).get("rows") or 0)
         stopped = too_few_rows_message(report, minimum) if in_domain < minimum else None

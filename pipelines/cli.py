@@ -66,6 +66,9 @@ def register(app: typer.Typer) -> None:
         for status, n in sorted(result.status_counts.items()):
             table.add_row(status, str(n))
         console.print(table)
+        if result.extra.get("held_out"):
+            console.print(f"held out for test before generation (never sent): {result.extra['held_out']} gold rows, "
+                          f"in {run.layout.held_out_test}", highlight=False)
         s = result.stats
         console.print(f"cache hits {result.cache_hits}, requests sent {s.sent} (retried {s.retried}, failed {s.failed}), "
                       f"tokens {s.input_tokens}+{s.output_tokens}, cost this run ${s.cost:.4f}", highlight=False)

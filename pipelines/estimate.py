@@ -12,8 +12,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from stepwise.curation.holdout import held_out_info
 from stepwise.pipelines.cache import ResponseCache
-from stepwise.pipelines.generate import cache_path, load_inputs, new_budget, plan_requests, price_fn
+from stepwise.pipelines.generate import (
+    cache_path,
+    load_inputs,
+    new_budget,
+    plan_requests,
+    price_fn,
+    split_inputs,
+)
 from stepwise.pipelines.tokens import prompt_counter
 
 from stepwise.recipe import Recipe
@@ -26,7 +34,7 @@ def count_prompt_tokens(recipe: Recipe, messages: list[list[dict[str, str]]]) ->
 
 
 def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None) -> dict[str, Any]:
-    rows = load_inputs(recipe)
+    rows, held_out = split_inputs(recipe, load_inputs(recipe))  # the gold test split is never requested
     plan = plan_requests(recipe, rows)
     t = recipe.teacher
     cap = max_cost if max_cost is not None else t.max_cost
@@ -58,8 +66,10 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
     remaining = max(0, requests - done)
     frac = remaining / requests if requests else 0.0
     est_out = out_per_req * requests
+    saved = held_out_info(recipe, len(held_out))
     out: dict[str, Any] = {
-        "input rows": len(rows),
+        "input rows": len(rows) + len(held_out),
+        "held out for test (never sent)": f"{saved['rows']} rows, {saved['requests_saved']} requests saved",
         "requests (rows x num_rationales)": requests,
         "already cached": done,
         "prompt tokens": f"{prompt_tokens} ({method})",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepwise.curation.holdout import held_out_info, hold_out_test
 from stepwise.pipelines.cache import CacheEntry, ResponseCache, request_key
 from stepwise.pipelines.constraints import (
     constraint_fingerprint,
@@ -111,6 +112,17 @@ def load_inputs(recipe: Recipe) -> list[InputRow]:
     if recipe.data.limit and len(rows) > recipe.data.limit:
         rows = _subset(rows, recipe.data.limit, recipe.data.seed, recipe.data.stratify_limit)
     return rows
+
+
+def split_inputs(recipe: Recipe, rows: list[InputRow]) -> tuple[list[InputRow], list[InputRow]]:
+    """(rows to ask the teacher about, gold test rows held out before generation): the test split
+    of gold-labelled inputs is never sent (stepwise.curation.holdout)."""
+    return hold_out_test(recipe, rows, lambda r: r.id, lambda r: r.gold)
+
+
+def held_out_record(row: InputRow) -> dict[str, Any]:
+    """A held-out input as a test row, the shape of a `data.test_file` row in curate."""
+    return {"id": row.id, "input": row.input, "gold": row.gold, "source": row.source, "split": "test"}
 
 
 def _subset(rows: list[InputRow], n: int, seed: int, stratify: bool) -> list[InputRow]:
@@ -250,7 +262,7 @@ def owed_requests(recipe: Recipe, *, offline: bool, retry_unparsed: bool) -> int
     re-runs generate when this is > 0 even though its inputs did not change."""
     if offline:
         return 0
-    plan = plan_requests(recipe, load_inputs(recipe))
+    plan = plan_requests(recipe, split_inputs(recipe, load_inputs(recipe))[0])
     path = cache_path(recipe)
     if not path.exists():
         return sum(len(chains) for chains in plan.chains)
@@ -326,16 +338,19 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
     rows = load_inputs(recipe)
     if not rows:
         raise DataFileError(f"{recipe.data.input_files[0]}: no input rows")
+    rows, held_out = split_inputs(recipe, rows)  # the gold test split is never sent to the teacher
     plan = plan_requests(recipe, rows)
     cache = ResponseCache(cache_path(recipe))
     run.stage_dir("generate")
     out_path = run.layout.responses
+    held_path = run.layout.held_out_test
     inputs = [p for p in (recipe.resolve(f) for f in recipe.data.input_files) if p is not None]
     if recipe.source_path:
         inputs.append(recipe.source_path)
     cap = max_cost if max_cost is not None else recipe.teacher.max_cost
     reask = reasks_allowed(recipe, retry_unparsed, offline)
     with run.stage("generate", inputs=inputs) as st:
+        atomic_write_jsonl(held_path, [held_out_record(r) for r in held_out])
         all_keys = plan.base_keys()
         cached = cache.get_many(plan.chain_keys())
         hits = sum(1 for k in all_keys if k in cached and cached[k].status == "ok")
@@ -348,7 +363,9 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
             )
         stats = RunStats()
         budget = new_budget(plan, cache, cap)
-        use_batch = (recipe.teacher.batch if batch is None else batch) and not ray
+        use_batch = recipe.teacher.batch if batch is None else batch
+        if use_batch and ray:
+            raise GenerateError("--ray sends requests online; with teacher.batch (or --batch) run without --ray")
         batch_info: dict[str, Any] | None = None
         if todo or cancel_batches:
             try:
@@ -380,8 +397,9 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                    for row, chains in zip(plan.rows, plan.chains, strict=True)]
         atomic_write_jsonl(out_path, records)
         counts = Counter(r["parse_status"] for r in records)
-        st.outputs(out_path)
-        st.counts(rows=len(records), **{f"status_{k}": v for k, v in sorted(counts.items())})
+        st.outputs(out_path, held_path)
+        st.counts(rows=len(records), held_out=len(held_out),
+                  **{f"status_{k}": v for k, v in sorted(counts.items())})
         ledger = cache.spend(all_keys)
         reasked = sum(r.get("reasks", 0) for r in records)
         st.extra(
@@ -396,6 +414,7 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                   "in_doubt_usd": round(ledger.in_doubt, 6), "cached_input_tokens": stats.cached_tokens,
                   "cached_input_saving_usd": round(stats.cached_saving, 6)},
             reasks={"answers_reasked": reasked, "enabled": reask},
+            held_out=held_out_info(recipe, len(held_out)),
         )
         if batch_info is not None:
             st.extra(batch=batch_info)
@@ -403,7 +422,8 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
             st.mark("incomplete")
             st.extra(stopped_reason=stats.stopped_reason)
     cache.close()
-    return GenerateResult(out_path, len(records), dict(counts), stats, hits, stats.stopped_reason)
+    return GenerateResult(out_path, len(records), dict(counts), stats, hits, stats.stopped_reason,
+                          extra={"held_out": len(held_out)})
 
 
 def _run_batches(recipe: Recipe, run: RunDir, todo: list[Job], cache: ResponseCache, plan: Plan,

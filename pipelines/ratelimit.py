@@ -91,11 +91,12 @@ class RateLimiter:
             b = self._buckets[name]
             if b.reset_at is not None and now >= b.reset_at:  # the window reset: full again
                 b.remaining, b.reset_at = b.limit, None
+            if b.limit is not None and need > b.limit:
+                continue  # a single request over the whole limit: the server decides
             if b.remaining is not None and b.remaining < need:
-                if b.reset_at is not None:
-                    waits.append(b.reset_at - now)
-                elif name == "requests" or b.remaining <= 0:
-                    waits.append(0.05)  # spent, reset unknown: wait for the next response's headers
+                if b.reset_at is None:  # spent, reset time unknown: assume a one-second window
+                    b.reset_at = now + 1.0
+                waits.append(b.reset_at - now)
         return max(waits, default=0.0)
 
     async def acquire(self, tokens: int = 0) -> int:
@@ -108,8 +109,6 @@ class RateLimiter:
                 if waited == 0.0:
                     self.waits += 1
                 waited += delay
-                if waited > 120 and self._sent == 0:  # nothing in flight can ever update the headers
-                    break
                 await asyncio.sleep(delay)
             self.waited_s += waited
             now = self.clock()

@@ -55,6 +55,12 @@ class RunLayout:
 
     # -- generate ------------------------------------------------------------------------------
     @property
+    def held_out_test(self) -> Path:
+        """generate/held_out_test.jsonl: gold input rows held out as the test split before any
+        teacher request (stepwise.curation.holdout; empty when nothing is held out)."""
+        return self.stage_dir("generate") / "held_out_test.jsonl"
+
+    @property
     def responses(self) -> Path:
         return self.stage_dir("generate") / "responses.jsonl"
 

@@ -1,9 +1,10 @@
 """`stepwise run`: the stages in sequence, each the same function its own command runs.
 
-Each `Stage` declares what it reads and writes: the recipe sections (`sections`), the files it
-reads (`inputs`) and the files or folders it writes (`outputs`), all named through the run's
-`RunLayout` (stepwise.layout). tests/test_stage_declarations.py runs the stages with a recipe
-view that records which sections they touch and checks both against these declarations.
+Each `Stage` declares what it reads and writes: the recipe sections (`sections`, or single settings
+of a section, `fields`), the files it reads (`inputs`) and the files or folders it writes
+(`outputs`), all named through the run's `RunLayout` (stepwise.layout).
+tests/test_stage_declarations.py runs the stages with a recipe view that records which sections
+they touch and checks both against these declarations.
 
 A stage is skipped when its fingerprint (the recipe sections it reads + the sha256 of its input
 files + the run options it depends on) equals the one recorded when it last finished, and its
@@ -86,6 +87,9 @@ class Stage:
     owed: Callable[[Recipe, RunDir, RunOptions], str | None] = lambda r, run, o: None
     # the files (or folders, for a trained model) the stage writes inside the run
     outputs: Callable[[RunLayout], list[Path]] = lambda lay: []
+    # single settings read from sections not in `sections` ("section.field"): only these are in the
+    # fingerprint, so other settings of that section do not re-run the stage
+    fields: tuple[str, ...] = ()
 
 
 # -- stage bodies ------------------------------------------------------------------------------
@@ -98,7 +102,8 @@ def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
                        retry_unparsed=opts.retry_unparsed)
     if res.stopped_reason:
         raise StageStopped(res.stopped_reason)
-    return ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items()))
+    held = f", held out for test {res.extra['held_out']} (not sent)" if res.extra.get("held_out") else ""
+    return ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items())) + held
 
 
 def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
@@ -245,7 +250,8 @@ def _generate_owed(recipe: Recipe, run: RunDir, opts: RunOptions) -> str | None:
 
 
 def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
-    paths = [run.layout.responses]
+    held = run.layout.held_out_test  # the gold test split generate held out (absent in older runs)
+    paths = [run.layout.responses, *([held] if held.exists() else [])]
     for extra in (recipe.data.test_file, recipe.curation.general_mix.file if recipe.curation.general_mix else None):
         p = recipe.resolve(extra)
         if p is not None:
@@ -255,8 +261,10 @@ def _curate_inputs(recipe: Recipe, run: RunDir) -> list[Path]:
 
 PIPELINE: list[Stage] = [
     # --offline only forbids new requests; it never changes outputs, so it is not in the fingerprint
+    # the gold test split is held out of the inputs before any request: a changed split or seed re-splits
     Stage("generate", ("task", "data", "teacher"), _generate_inputs, _generate,
-          owed=_generate_owed, outputs=lambda lay: [lay.responses]),
+          owed=_generate_owed, outputs=lambda lay: [lay.responses, lay.held_out_test],
+          fields=("curation.split", "curation.seed")),
     # curate reads teacher.format (a label_only teacher writes no rationale to check)
     Stage("curate", ("task", "data", "teacher", "curation"), _curate_inputs, _curate,
           outputs=lambda lay: [*(lay.curated(s) for s in SPLITS), lay.curate_rejected, lay.funnel]),
@@ -282,7 +290,8 @@ PIPELINE: list[Stage] = [
 def fingerprint(stage: Stage, recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     dump = recipe.model_dump(mode="json")
     parts = {
-        "sections": {s: dump.get(s) for s in stage.sections},
+        "sections": {s: dump.get(s) for s in stage.sections}
+                    | {f: dump.get(f.split(".")[0], {}).get(f.split(".")[1]) for f in stage.fields},
         "inputs": {str(p.relative_to(run.path)) if p.is_relative_to(run.path) else str(p):
                    _hash_path(p, run) for p in stage.inputs(recipe, run)},
         "options": stage.options(opts),

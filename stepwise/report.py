@@ -176,7 +176,8 @@ def _funnel(run: RunDir) -> Markup:
     ax.set_title(f"curation funnel: {funnel.get('responses')} teacher responses -> kept {funnel.get('kept')}")
     rows = [[s["step"], s["in"], s["out"],
              (", ".join(f"{k}: {v}" for k, v in s.get("removed", {}).items()) or "-")
-             + "".join(f"; kept after repair ({k}): {v}" for k, v in (s.get("repaired") or {}).items())]
+             + "".join(f"; kept after repair ({k}): {v}" for k, v in (s.get("repaired") or {}).items())
+             + "".join(f"; to {k}: {v}" for k, v in (s.get("moved") or {}).items())]
             for s in steps]
     acc = funnel.get("teacher_accuracy") or {}
     decon = next((s for s in steps if s["step"] == "decontaminate"), None)
@@ -186,6 +187,7 @@ def _funnel(run: RunDir) -> Markup:
     return _render("sections/funnel.html.j2", svg=_svg(fig), rows=rows, accuracy=acc.get("accuracy"),
                    agree=acc.get("agree"), rows_with_gold=acc.get("rows_with_gold"), decontaminated=refs,
                    dropped_against=(decon or {}).get("dropped_against") or "none",
+                   held_out=funnel.get("held_out_before_generation"),
                    rejected=_rel(run, run.layout.curate_rejected))
 
 

@@ -142,7 +142,7 @@ def test_unknown_custom_id_is_ignored_never_attached(tmp_path):
     cfg = StubConfig(batch_complete_s=0.1, batch_unknown_ids=2)
     with OpenAIStub(cfg) as stub:
         recipe, run = setup(tmp_path, stub, 4)
-        result = run_generate(recipe, run, progress=False)
+        result = run_generate(recipe, run, progress=True)  # (the progress bar's path, too)
         assert result.status_counts == {"ok": 4}
         assert run.read_manifest()["stages"]["generate"]["batch"]["unknown_custom_ids_ignored"] == 2
         cache = ResponseCache(cache_path(recipe))
@@ -263,6 +263,12 @@ def test_static_requests_per_minute_without_headers():
     assert limiter._delay(10, now[0]) == pytest.approx(30.0)
     now[0] += 31
     assert limiter._delay(10, now[0]) == 0.0
+    # headers that say "spent" without a reset time: held back a second, never forever
+    spent = RateLimiter(clock=lambda: now[0])
+    spent.observe({"x-ratelimit-remaining-requests": "0"})
+    assert spent._delay(1, now[0]) == pytest.approx(1.0)
+    now[0] += 1.0
+    assert spent._delay(1, now[0]) == 0.0
     assert parse_reset("6m0s") == 360 and parse_reset("20ms") == pytest.approx(0.02)
     assert parse_reset("1h2m3.5s") == pytest.approx(3723.5) and parse_reset("soon") is None
 

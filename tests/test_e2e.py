@@ -97,7 +97,12 @@ def test_example_end_to_end(tmp_path, example, limit):
     manifest = run.read_manifest()
     for stage in ["generate", "curate", "review", "export", "configs", "train", "eval", "report"]:
         assert stage in manifest["stages"], stage
-    assert manifest["stages"]["generate"]["cache"]["requests_sent"] == limit
+    gen = manifest["stages"]["generate"]
+    # every input is asked once, except the gold test split held out before generation (nl2dsl)
+    assert gen["cache"]["requests_sent"] + gen["counts"]["held_out"] == limit
+    assert (gen["counts"]["held_out"] > 0) == (recipe.data.test_file is None)
+    if recipe.data.test_file is None:  # the test split is the held-out file, never sent
+        assert test_ids == {r["id"] for r in read_jsonl(run.layout.held_out_test)}
 
     html = (p / "report.html").read_text()
     for title in SECTIONS:

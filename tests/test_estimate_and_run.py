@@ -13,6 +13,7 @@ from stepwise.pipelines.generate import cache_path, load_inputs, plan_requests, 
 from typer.testing import CliRunner
 
 from stepwise.cli import app
+from stepwise.io import read_jsonl
 from stepwise.pipeline import STAGE_EXIT, RunOptions, run_pipeline
 from stepwise.recipe import load_recipe
 from stepwise.testing.openai_stub import OpenAIStub, StubConfig
@@ -55,10 +56,19 @@ def test_run_pipeline_skips_unchanged_and_names_failed_stage(tmp_path):
         assert [o.status for o in second.outcomes[:4]] == ["skipped"] * 4
         assert len(stub.log) == sent
         # a changed curation setting re-runs curate and what follows, not generate
-        text = recipe.source_path.read_text() + "curation:\n  min_train_rows: 5\n  split: {train: 0.6, val: 0.2, test: 0.2}\n"
+        text = recipe.source_path.read_text() + "curation:\n  min_train_rows: 5\n"
         recipe.source_path.write_text(text)
         third = run_pipeline(load_recipe(recipe.source_path), run, opts)
         assert [o.status for o in third.outcomes[:4]] == ["skipped", "done", "done", "done"]
+        # ... but a changed split ratio re-runs generate, which holds the gold test split out of the
+        # inputs: 3 of 30 rows at 10%, 6 at 20% (a superset here: same seed, same order), none sent
+        held = read_jsonl(run.layout.held_out_test)
+        recipe.source_path.write_text(text + "  split: {train: 0.6, val: 0.2, test: 0.2}\n")
+        third = run_pipeline(load_recipe(recipe.source_path), run, opts)
+        assert [o.status for o in third.outcomes[:4]] == ["done", "done", "done", "done"]
+        held_now = read_jsonl(run.layout.held_out_test)
+        assert (len(held), len(held_now)) == (3, 6) and {r["id"] for r in held} < {r["id"] for r in held_now}
+        assert len(stub.log) == sent
         # a broken stage input: curate fails with its own exit code and later stages do not run
         (run.path / "generate" / "responses.jsonl").write_text("{not json\n")
         fourth = run_pipeline(load_recipe(recipe.source_path), run, RunOptions(from_stage="curate", until_stage="export",

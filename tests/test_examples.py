@@ -67,7 +67,8 @@ def test_recorded_teacher_cache_covers_every_input(tmp_path, example, recipe_fil
     assert gen["cache"]["requests_sent"] == 0
     n_inputs = sum(1 for _ in (dst / "data" / Path(recipe.data.inputs).name).open())
     expected = min(n_inputs, recipe.data.limit or n_inputs)
-    assert gen["counts"]["rows"] == expected
+    # the gold test split is held out before generation (nl2dsl: 17 of 85), the rest replayed
+    assert gen["counts"]["rows"] + gen["counts"]["held_out"] == expected
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

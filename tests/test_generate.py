@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from stepwise.pipelines.cache import ResponseCache
-from stepwise.pipelines.generate import GenerateError, cache_path, run_generate
+from stepwise.pipelines.generate import GenerateError, cache_path, load_inputs, run_generate, split_inputs
 
 from stepwise.io import read_jsonl
 from stepwise.recipe import load_recipe
@@ -58,6 +58,11 @@ def setup_recipe(tmp_path: Path, stub: OpenAIStub, rows: list[dict], concurrency
     path.write_text(RECIPE.format(base_url=stub.base_url, concurrency=concurrency, k=k))
     recipe = load_recipe(path)
     return recipe, create_run(recipe, tmp_path / "run")
+
+
+def asked(recipe) -> int:
+    """How many rows generate asks the teacher about: the gold test split is held out first."""
+    return len(split_inputs(recipe, load_inputs(recipe))[0])
 
 
 def by_id(run: RunDir) -> dict[str, dict]:
@@ -151,8 +156,9 @@ def test_cost_cap_stops_before_cap_and_resumes(tmp_path):
         paid_first = len(stub.completed())
         result = run_generate(recipe, run, max_cost=100.0, progress=False)
         assert result.stopped_reason is None
-        assert Counter(r["parse_status"] for r in by_id(run).values()) == {"ok": 20}
-        assert len(stub.completed()) == 20 and paid_first < 20  # nothing paid twice
+        n = asked(recipe)  # 18: two gold rows are held out for test, never sent
+        assert Counter(r["parse_status"] for r in by_id(run).values()) == {"ok": n}
+        assert len(stub.completed()) == n and paid_first < n  # nothing paid twice
 
 
 def test_self_consistency_majority_and_agreement(tmp_path):
@@ -207,6 +213,7 @@ def test_sigkill_then_resume_never_repays(tmp_path, kill_after):
         # resume in-process
         recipe2 = load_recipe(recipe.source_path)
         result = run_generate(recipe2, RunDir(tmp_path / "run"), progress=False)
+        n = asked(recipe2)  # the gold test split is held out, never sent
         assert result.status_counts == {"ok": n}
         completed = Counter(e["input"] for e in stub.completed())
         assert len(completed) == n
@@ -387,7 +394,8 @@ def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, comman
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, out
         cached = cache.count_ok()
-        assert re.search(rf"\b{cached} of 20 teacher requests are answered and safely cached", out), out
+        n = asked(recipe)  # the gold test split is held out, never sent
+        assert re.search(rf"\b{cached} of {n} teacher requests are answered and safely cached", out), out
         resume = shlex.split(re.search(r"resume with: (.+)", out).group(1))
         assert resume[:3] == ["stepwise", command, str(recipe.source_path)] and "--run-dir" in resume, resume
         stage = RunDir(tmp_path / "run").read_manifest()["stages"]["generate"]
@@ -395,7 +403,7 @@ def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, comman
         done = subprocess.run([sys.executable, "-m", "stepwise", *resume[1:]], cwd=REPO, capture_output=True,
                               text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert Counter(r["parse_status"] for r in by_id(RunDir(tmp_path / "run")).values()) == {"ok": 20}
+        assert Counter(r["parse_status"] for r in by_id(RunDir(tmp_path / "run")).values()) == {"ok": n}
         # answered twice at most: the (concurrency=2) requests in flight at Ctrl-C, which the server may
         # still have finished after the client let go; the ledger keeps them as spend in doubt
         assert sum(n - 1 for n in Counter(e["input"] for e in stub.completed()).values()) <= 2

@@ -13,7 +13,7 @@ from stepwise.report import MAX_CLASS_ROWS, MIN_TRAIN_ROWS, render_report, write
 from stepwise.rundir import create_run
 from stepwise.testing.openai_stub import OpenAIStub
 from tests.conftest import CLASSIFICATION_RECIPE
-from tests.test_generate import make_rows, setup_recipe
+from tests.test_generate import asked, make_rows, setup_recipe
 
 
 def _row(html: str, stage: str) -> list[str]:
@@ -39,7 +39,7 @@ def test_stage_seconds_and_status_are_what_stepwise_run_printed(tmp_path):
         assert detail == printed[stage].detail[:300]
         recorded = run.read_manifest()["stages"][stage]["pipeline"]
         assert recorded["wall_s"] == round(printed[stage].wall_s, 3)
-    assert "replayed from cache: 30 responses" in _row(html, "generate")[1]
+    assert f"replayed from cache: {asked(recipe)} responses" in _row(html, "generate")[1]  # 3 held out for test
     assert first.outcomes[0].status == "done"
     # the report stage is running while it writes the page: its row says so, not "running"
     written = write_report(recipe, run).read_text(encoding="utf-8")
