@@ -227,6 +227,7 @@ def local_model_entry(role: str, report: dict[str, Any], batch1: dict[str, Any] 
                       batch_size: int) -> dict[str, Any]:
     """A student or base row: latency from its batched eval pass and its batch-1 pass (this machine)."""
     gen = report.get("generation") or {}
+    batch_size = int(gen.get("batch_size") or gen.get("concurrency") or batch_size)  # an endpoint: requests in flight
     batched = latency_stats(batch_latencies(gen), batch_size=batch_size, output_tokens=gen.get("output_tokens"),
                             wall_s=gen.get("wall_s"))
     if batched is None and gen.get("wall_s") and report.get("n"):  # an older record without per-batch times
@@ -398,3 +399,46 @@ def markdown(table: dict[str, Any]) -> str:
             f"${be.get('training_cost_usd', 0):.4f}). Cost bases: "
             + "; ".join(f"{m['role']}: {m.get('cost_basis')}" for m in table.get("models") or []) + ".\n")
     return out
+
+
+# -- `stepwise estimate` ----------------------------------------------------------------------------
+
+
+def test_file_inputs(recipe: Recipe) -> list[Any]:
+    """`data.test_file`'s rows as generation InputRows (empty when the recipe names none)."""
+    from stepwise.curation.curate import read_test_file
+    from stepwise.pipelines.generate import InputRow
+
+    return [InputRow(str(r["id"]), r["input"], r.get("gold"), r.get("source") or {}) for r in read_test_file(recipe)]
+
+
+def teacher_eval_estimate(recipe: Recipe, test_inputs: list[Any] | None = None) -> dict[str, Any]:
+    """What scoring the teacher will ask at eval time (stepwise.pipelines.generate.InputRow test rows,
+    default `data.test_file`'s; `eval.task.limit` applied): requests, how many are cached, and the
+    cost still to pay (prompt tokens counted as generation counts them, output at `max_new_tokens`)."""
+    from stepwise.pipelines.cache import ResponseCache
+    from stepwise.pipelines.generate import _pending_jobs, cache_path, plan_requests, price_fn
+
+    if test_inputs is None:
+        test_inputs = test_file_inputs(recipe)
+    spec, t = recipe.eval.task, recipe.teacher
+    if not (spec.enabled and spec.compare_teacher) or not test_inputs:
+        return {"teacher eval requests (test rows)": "none" if test_inputs else "none (no test rows known yet)"}
+    rows = test_inputs[: spec.limit] if spec.limit else test_inputs
+    plan = plan_requests(recipe, rows)
+    path = cache_path(recipe)
+    cache = ResponseCache(path)
+    try:
+        todo = _pending_jobs(recipe, plan, cache.get_many(plan.chain_keys()), reask=False)
+    finally:
+        cache.close()
+    cost = 0.0
+    if todo and (t.price.input_per_1k > 0 or t.price.output_per_1k > 0):
+        from stepwise.pipelines.tokens import prompt_counter
+
+        counter = prompt_counter(recipe)
+        price = price_fn(recipe)
+        cost = sum(price(counter.count(j.messages), t.max_new_tokens) for j in todo)
+    total = len(plan.base_keys())
+    return {"teacher eval requests (test rows)": f"{total} ({total - len(todo)} cached; eval.task.compare_teacher)",
+            "teacher eval cost, still to pay": f"${cost:.4f} (output at max_new_tokens)"}

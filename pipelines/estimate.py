@@ -85,6 +85,10 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
     }
     if sample_note:
         out["sample stopped"] = sample_note
+    # eval scores the teacher on the test prompts too: those not cached are asked then, under the cap
+    from stepwise.evals.teacher_compare import teacher_eval_estimate
+
+    out.update(teacher_eval_estimate(recipe))
     return out
 
 

@@ -165,3 +165,27 @@ def test_report_opens_with_the_student_vs_teacher_table_and_plot(tmp_path):
     assert cells["teacher accuracy"].startswith(f"{100 * teacher['metrics']['accuracy']['value']:.1f}")
     assert cells["teacher $/1k req"] == f"${teacher['cost_per_1k']:.4f}"
     assert cells["break-even"] == table["break_even"]["text"]
+
+
+def test_estimate_counts_the_teacher_eval_requests(tmp_path):
+    from stepwise.pipelines.estimate import estimate_run
+
+    from stepwise.recipe import load_recipe
+
+    rows = make_rows(4)
+    test = [{"id": f"t{i}", "text": r["text"], "label": r["label"]} for i, r in enumerate(rows[:2])]
+    test += [{"id": "t9", "text": "a brand new question about billing", "label": "billing"}]
+    with OpenAIStub() as teacher:
+        recipe, run = setup_recipe(tmp_path, teacher, rows)
+        run_generate(recipe, run, progress=False)  # caches the answers to the first two test prompts
+        (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+        text = recipe.source_path.read_text().replace("  label_field: label\n",
+                                                        "  label_field: label\n  test_file: test.jsonl\n")
+        recipe.source_path.write_text(text)
+        recipe = load_recipe(recipe.source_path)
+        est = estimate_run(recipe)
+        assert est["teacher eval requests (test rows)"].startswith("3 (2 cached")
+        assert float(est["teacher eval cost, still to pay"].split()[0][1:]) > 0  # one priced request to go
+        recipe.source_path.write_text(text + "eval:\n  task: {compare_teacher: false}\n")
+        assert estimate_run(load_recipe(recipe.source_path))["teacher eval requests (test rows)"] == "none"
+        assert len(teacher.log) == 4  # estimating asks nothing
