@@ -108,13 +108,26 @@ def _generate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 def _curate(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     from stepwise.curation.curate import TooFewTrainRows, run_curate
+    from stepwise.curation.rationalization import RationalizeStopped
 
     try:
-        funnel = run_curate(recipe, run)
-    except TooFewTrainRows as exc:  # a weak teacher is named here, not as a batch-size error at configs
+        funnel = run_curate(recipe, run, offline=opts.offline, max_cost=opts.max_cost, progress=opts.progress,
+                            retry_unparsed=opts.retry_unparsed)
+    except (TooFewTrainRows, RationalizeStopped) as exc:  # a weak teacher is named here; a cap stop resumes
         raise StageStopped(str(exc)) from None
     kept = funnel.get("kept") or {}
-    return ", ".join(f"{k} {v}" for k, v in kept.items()) + f", rejected {funnel.get('rejected', 0)}"
+    detail = ", ".join(f"{k} {v}" for k, v in kept.items()) + f", rejected {funnel.get('rejected', 0)}"
+    rat = funnel.get("rationalize")
+    if rat:
+        detail += f", rationalized {sum(rat['in_splits'].values())} of {rat['requested']} gold mismatches"
+    return detail
+
+
+def _curate_owed(recipe: Recipe, run: RunDir, opts: RunOptions) -> str | None:
+    from stepwise.curation.rationalization import owed_rationalizations
+
+    n = owed_rationalizations(recipe, run, offline=opts.offline, retry_unparsed=opts.retry_unparsed)
+    return f"{n} rationalization requests still owed" if n else None
 
 
 def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
@@ -136,7 +149,7 @@ def _review(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
         raise StageStopped(f"pushed {getattr(report, 'sent', '?')} records to Argilla for review; when reviewers are "
                            f"done run `stepwise run {recipe.source_path} --from review` to pull")
     try:
-        summary = rv.pull(recipe, run, accept_pending=opts.accept_pending)
+        summary = rv.pull(recipe, run, accept_pending=opts.accept_pending, offline=opts.offline, max_cost=opts.max_cost)
     except rv.ReviewPending as exc:
         fresh = exc.progress.get("never_pushed")
         if fresh:  # curation ran again after the push: its new rows go to the reviewers first
@@ -266,9 +279,12 @@ PIPELINE: list[Stage] = [
           owed=_generate_owed, outputs=lambda lay: [lay.responses, lay.held_out_test],
           fields=("curation.split", "curation.seed")),
     # curate reads teacher.format (a label_only teacher writes no rationale to check)
-    Stage("curate", ("task", "data", "teacher", "curation"), _curate_inputs, _curate,
+    # with on_gold_mismatch: rationalize it asks the teacher too (owed: requests not answered yet)
+    Stage("curate", ("task", "data", "teacher", "curation"), _curate_inputs, _curate, owed=_curate_owed,
           outputs=lambda lay: [*(lay.curated(s) for s in SPLITS), lay.curate_rejected, lay.funnel]),
-    Stage("review", ("review",), _files(lambda lay: [lay.curated("train"), lay.curated("val")]), _review,
+    # a pull checks reviewers' rewrites like curation (task, curation, teacher.format) and, with
+    # review.rationalize_corrections, asks the teacher
+    Stage("review", ("review", "task", "curation", "teacher"), _files(lambda lay: [lay.curated("train"), lay.curated("val")]), _review,
           lambda o: (o.review, "accept_pending") if o.accept_pending else o.review,
           # waiting for reviewers it writes progress.json (and push.json when it pushed) instead
           outputs=lambda lay: [lay.reviewed, lay.review_rejected, lay.agreement]),

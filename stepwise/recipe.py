@@ -274,8 +274,10 @@ class CurationSpec(StrictModel):
     split: SplitSpec = Field(default_factory=SplitSpec)
     general_mix: GeneralMixSpec | None = None
     min_agreement: Probability = Field(0.0, description="Drop rows whose self-consistency agreement is below this.")
-    on_gold_mismatch: Literal["keep", "drop"] = Field(
-        "drop", description="Classification rows whose teacher label contradicts the gold label: keep or drop."
+    on_gold_mismatch: Literal["keep", "drop", "rationalize"] = Field(
+        "drop", description="Rows whose teacher answer contradicts the gold label: `keep`, `drop` (classification), "
+        "or `rationalize`: ask the teacher once more, with the gold answer as a hint and the answer constrained to "
+        "it, to explain that answer (through the same cache and cost cap; needs data.label_field)."
     )
     min_train_rows: int = Field(
         20, ge=0, description="Curate stops (exit 3, resumable) when fewer training rows survive, naming the "
@@ -295,6 +297,11 @@ class ReviewSpec(StrictModel):
     min_submitted: int = Field(1, ge=1, description="Responses needed before a record counts as reviewed.")
     accept_policy: Literal["submitted_only", "submitted_or_pending"] = Field(
         "submitted_only", description="Whether rows nobody reviewed may still go to training."
+    )
+    rationalize_corrections: bool = Field(
+        False, description="A row whose label a reviewer corrected without a usable rewrite of the rationale asks "
+        "the teacher to explain the corrected answer (as `curation.on_gold_mismatch: rationalize` does) instead "
+        "of training label-only."
     )
 
 
@@ -720,6 +727,14 @@ def _resolve_and_check(recipe: Recipe, index: dict[tuple[Any, ...], int], label:
             if isinstance(shot.answer, str) and recipe.task.label_aliases.get(shot.answer, shot.answer) not in classes:
                 line = _line_for(index, ("task", "few_shot", i, "answer"))
                 problems.append(f"{label}:{line} task.few_shot[{i}].answer: '{shot.answer}' is not one of task.classes")
+    if recipe.curation.on_gold_mismatch == "rationalize":  # the hint is the gold answer: there must be one
+        line = _line_for(index, ("curation", "on_gold_mismatch"))
+        if not recipe.data.label_field:
+            problems.append(f"{label}:{line} curation.on_gold_mismatch: 'rationalize' needs data.label_field (the "
+                            "gold answer the teacher is asked to explain); set it, or use 'drop' / 'keep'")
+        if recipe.teacher.format != "dss":
+            problems.append(f"{label}:{line} curation.on_gold_mismatch: 'rationalize' asks for a rationale, but "
+                            f"teacher.format is '{recipe.teacher.format}'; use 'drop' / 'keep'")
     if recipe.teacher.provider == "openai" and recipe.teacher.base_url is None and recipe.teacher.model.startswith("/"):
         line = _line_for(index, ("teacher", "model"))
         problems.append(f"{label}:{line} teacher.model: a local path needs `provider: transformers` (or `llamacpp` for a GGUF)")

@@ -56,7 +56,7 @@ def test_run_pipeline_skips_unchanged_and_names_failed_stage(tmp_path):
         assert [o.status for o in second.outcomes[:4]] == ["skipped"] * 4
         assert len(stub.log) == sent
         # a changed curation setting re-runs curate and what follows, not generate
-        text = recipe.source_path.read_text() + "curation:\n  min_train_rows: 5\n"
+        text = recipe.source_path.read_text() + "curation:\n  min_train_rows: 5\n  filters: {max_input_chars: 30}\n"
         recipe.source_path.write_text(text)
         third = run_pipeline(load_recipe(recipe.source_path), run, opts)
         assert [o.status for o in third.outcomes[:4]] == ["skipped", "done", "done", "done"]
