@@ -25,6 +25,8 @@ from stepwise.curation.holdout import HELD_OUT, check_held_out, held_out_info, r
 from stepwise.curation.holdout import applies as holdout_applies
 from stepwise.curation.labels import curated_gold_labels
 from stepwise.curation.mixing import mix_step
+from stepwise.curation.rationalization import RationalizeStopped, attach_rationalizations, rationale_sources
+from stepwise.curation.rationalization import report as rationalization_report
 from stepwise.curation.splits import stratified_split
 from stepwise.curation.validate import validate_step
 
@@ -215,10 +217,13 @@ def too_few_rows_message(report: dict[str, Any], minimum: int) -> str:
     return "; ".join(parts) + f". {hint}"
 
 
-def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+def run_curate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost: float | None = None,
+               progress: bool = False, retry_unparsed: bool = True) -> dict[str, Any]:
     """Read responses, curate, write the stage files and the manifest entry; return the funnel.
     Raises TooFewTrainRows (after writing the files) when fewer than `curation.min_train_rows`
-    training rows survive."""
+    training rows survive. With `on_gold_mismatch: rationalize` the teacher is asked first
+    (`stepwise.curation.rationalization`; `offline`, `max_cost`: as for generate); RationalizeStopped
+    (files written, stage `stopped`) when the cost cap stopped it."""
     responses = run.layout.responses
     if not responses.exists():
         raise DataFileError(f"{responses}: file not found (run `stepwise generate` first)")
@@ -246,6 +251,10 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         bad_labels = curated_gold_labels(recipe, rows, test_rows)
         if bad_labels:  # a gold label the task does not spell that way: never normalised in silence
             raise DataFileError("\n".join(bad_labels))
+        rationalized = None
+        if recipe.curation.on_gold_mismatch == "rationalize":  # the teacher explains the gold answers first
+            rationalized = attach_rationalizations(recipe, rows, offline=offline, max_cost=max_cost,
+                                                   progress=progress, retry_unparsed=retry_unparsed)
         n_in = len(rows)
         splits, funnel = curate_rows(rows, recipe, test_rows, test_source=test_source)
         run.stage_dir("curate")
@@ -256,6 +265,9 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         paths["rejected"] = run.layout.curate_rejected
         atomic_write_jsonl(paths["rejected"], funnel.rejected)
         report = funnel_report(funnel, splits, n_in, test_source)
+        validated = next((s for s in funnel.steps if s["step"] == "validate"), {})
+        report["rationalize"] = rationalization_report(rationalized, validated.get("rationalized"), splits)
+        report["rationale_sources"] = rationale_sources(splits)
         paths["funnel"] = run.layout.funnel
         atomic_write_json(paths["funnel"], report)
         st.outputs(*paths.values())
@@ -263,13 +275,19 @@ def run_curate(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                   rejected=len(funnel.rejected), **{f"removed_{k}": v for k, v in report["removed_by_reason"].items()})
         st.extra(funnel=[{k: s[k] for k in ("step", "in", "out", "removed")} for s in funnel.steps],
                  teacher_accuracy=report["teacher_accuracy"], general_mix=report["general_mix"],
-                 held_out_before_generation=report["held_out_before_generation"])
+                 held_out_before_generation=report["held_out_before_generation"],
+                 rationalize=report["rationalize"], rationale_sources=report["rationale_sources"])
         minimum = recipe.curation.min_train_rows
         in_domain = report["kept"]["train"] - int((report["general_mix"] or {}).get("rows") or 0)
         stopped = too_few_rows_message(report, minimum) if in_domain < minimum else None
+        if rationalized is not None and rationalized.stopped_reason:  # resumable: the rest is asked next run
+            stopped = (f"rationalization stopped: {rationalized.stopped_reason}; "
+                       f"{rationalized.statuses.get('not_run', 0)} rows not rationalized yet")
         if stopped:  # not `done`: the next run curates again instead of skipping
             st.mark("stopped")
             st.extra(stopped_reason=stopped)
+    if stopped and rationalized is not None and rationalized.stopped_reason:
+        raise RationalizeStopped(stopped)
     if stopped:
         raise TooFewTrainRows(stopped)
     return report

@@ -5,8 +5,10 @@ train/val. Task rows become chat examples through `stepwise.pipelines.student.tr
 definition of the student format, shared with evaluation: `multitask`, `cot` or `label_only`, with
 the task's system prompt the model will see at inference); general-mix rows keep their own
 messages. `{split}.lineage.jsonl` is line-aligned with `{split}.chat.jsonl` and records each
-row's `rationale_source` (`teacher`, `reviewer`, or null when the row trains label-only, e.g. a
-reviewer changed the answer but not the teacher's rationale, see `stepwise.review.stage`).
+row's `rationale_source` (`teacher`, `rationalized` (the teacher explaining a gold or corrected
+answer, `stepwise.pipelines.rationalize`), `reviewer`, or null when the row trains label-only, e.g.
+a reviewer changed the answer but not the teacher's rationale, see `stepwise.review.stage`); the
+manifest counts rows per source and split (`rationale_sources`).
 
 Every example is measured with the student's tokenizer and chat template. With
 `training.sequence_len` set, examples that do not fit are left out and listed in
@@ -98,9 +100,13 @@ def run_export(recipe: Recipe, run: RunDir, counter: TokenCounter | None = None)
         for name, rows in splits.items():
             chat, lineage = [], []
             kinds: dict[str, int] = {}
+            sources: dict[str, int] = {}  # rows by whose rationale they train with (teacher/rationalized/reviewer)
             for line, row in enumerate(rows, start=1):
                 if "id" not in row or (not row.get("general") and ("input" not in row or "label" not in row)):
                     raise DataFileError(f"{source} {name} row {line}: needs 'id', 'input' and 'label'")
+                if not row.get("general"):
+                    src = rationale_source(row) or "none"
+                    sources[src] = sources.get(src, 0) + 1
                 for kind, messages in export_rows(row, recipe):
                     n_tok = counter(messages)
                     longest = max(longest, n_tok)
@@ -115,7 +121,8 @@ def run_export(recipe: Recipe, run: RunDir, counter: TokenCounter | None = None)
             atomic_write_jsonl(chat_path, chat)
             atomic_write_jsonl(lin_path, lineage)
             written += [chat_path, lin_path]
-            summary[name] = {"rows": len(rows), "examples": len(chat), "kinds": kinds}
+            summary[name] = {"rows": len(rows), "examples": len(chat), "kinds": kinds,
+                             "rationale_sources": dict(sorted(sources.items()))}
         over_path = run.layout.overlong
         atomic_write_jsonl(over_path, overlong)
         written.append(over_path)

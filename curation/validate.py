@@ -3,7 +3,11 @@
 - classification: the label must be one of the classes after normalisation and the alias map
   (the shared `stepwise.pipelines.parsing.LabelMatcher`); agreement with gold is teacher accuracy, and
   (`curation.on_gold_mismatch: drop`) a row whose teacher label contradicts gold is dropped,
-  since its rationale argues for a wrong answer.
+  since its rationale argues for a wrong answer. With `rationalize` (either task type) the row's
+  `rationalization` (the teacher explaining the gold answer, asked by curate before this step,
+  `stepwise.curation.rationalization`) takes the teacher's place when its answer is the gold one,
+  and its rationale goes through the checks below; a failure is rejected as `rationalize_*` /
+  `rationalized_<check>`. Kept rows record `rationale_source` (`teacher` or `rationalized`).
 - structured JSON: must parse; for `validator: opensearch_query_dsl` it must validate against the
   vendored OpenSearch spec (`stepwise.curation.dsl_schema`), the failing JSON path in the detail. A bare
   query clause is wrapped as `{"query": ...}` first (`dsl_schema.wrap_bare_query`, the repair
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +100,8 @@ class Validator:
         self.gold_correct = 0
         self.parsed = 0
         self.repaired: dict[str, int] = {}  # repair -> rows kept with it (the funnel's `repaired`)
+        # on_gold_mismatch: rationalize -> `kept` or the reason each rationalized row was rejected
+        self.rationalize_outcomes: Counter[str] = Counter()
 
     def check(self, row: dict[str, Any]) -> Rejection | None:
         """Validate one row in place (canonical label, `checks`); a Rejection when it fails."""
@@ -109,19 +116,34 @@ class Validator:
             return rej
         row["label"] = label
         self.parsed += 1
+        rationalized = False
         if row.get("gold") is not None:
             agrees = self._agrees_with_gold(label, row["gold"])
-            checks["gold_agrees"] = agrees
+            checks["gold_agrees"] = agrees  # the teacher's own answer: teacher accuracy
             self.gold_total += 1
             self.gold_correct += int(agrees)
-            if not agrees and self.task.is_classification and self.cur.on_gold_mismatch == "drop":
+            if not agrees and self.cur.on_gold_mismatch == "rationalize":
+                label, rej = self._rationalized(row, label)
+                if rej:
+                    self.rationalize_outcomes[rej.reason] += 1
+                    return rej
+                rationalized = True
+            elif not agrees and self.task.is_classification and self.cur.on_gold_mismatch == "drop":
                 return Rejection(row, "disagrees_with_gold", f"teacher said '{label}', gold is '{row['gold']}'")
         if self.fmt == "dss":
             rej = self._rationale(row, label)
             if rej:
+                if rationalized:  # its own reason in the funnel: the teacher could not explain the gold answer
+                    rej.reason = f"rationalized_{rej.reason}"
+                    rej.detail = f"{rej.detail} (rationalized toward the gold answer)"
+                    self.rationalize_outcomes[rej.reason] += 1
                 return rej
+            row.setdefault("rationale_source", "teacher")
+        if rationalized:
+            self.rationalize_outcomes["kept"] += 1
         agreement = row.get("agreement")
-        if agreement is not None and agreement < self.cur.min_agreement:
+        # self-consistency measured the teacher's own label; a rationalized row's label is the gold one
+        if agreement is not None and agreement < self.cur.min_agreement and not rationalized:
             return Rejection(row, "low_agreement", f"self-consistency {agreement:.2f} < {self.cur.min_agreement:g}")
         checks["valid"] = True
         for fix in checks.get("repaired") or []:
@@ -161,6 +183,30 @@ class Validator:
                 row.setdefault("checks", {})["repaired"] = [BARE_QUERY_REPAIR]
         return label, None
 
+    def _rationalized(self, row: dict[str, Any], teacher_label: Any) -> tuple[Any, Rejection | None]:
+        """Swap in the row's rationalization (the teacher's explanation of the gold answer, asked by
+        curate before validation, `stepwise.pipelines.rationalize`) when its answer is the gold one;
+        the teacher's own answer stays in `teacher_answer`. The rationale is then checked like any."""
+        rat = row.get("rationalization")
+        gold = row["gold"]
+        if not isinstance(rat, dict):
+            return None, Rejection(row, "not_rationalized", f"teacher said '{teacher_label}', gold is '{gold}'; no "
+                                   "rationalization was asked for this row")
+        if rat.get("status") != "ok":
+            return None, Rejection(row, f"rationalize_{rat.get('status') or 'error'}",
+                                   rat.get("detail") or rat.get("error"))
+        candidate = {**row, "label": rat.get("label"), "answer_text": rat.get("answer_text"), "checks": {}}
+        label, rej = self._label(candidate)
+        if rej is not None or not self._agrees_with_gold(label, gold):
+            said = rej.detail if rej is not None else f"it answered '{answer_text(label)[:80]}'"
+            return None, Rejection(row, "rationalize_wrong_answer", f"asked to explain the gold answer '{gold}', {said}")
+        row["teacher_answer"] = {"label": teacher_label, "rationale": row.get("rationale"), "raw": row.get("raw")}
+        row.update(label=label, answer_text=rat.get("answer_text"), rationale=rat.get("rationale"),
+                   raw=rat.get("raw"), rationale_source="rationalized")
+        if candidate["checks"].get("repaired"):
+            row["checks"]["repaired"] = candidate["checks"]["repaired"]
+        return label, None
+
     def _agrees_with_gold(self, label: Any, gold: Any) -> bool:
         if self.task.is_classification:
             gold_label = self.matcher.match(str(gold))
@@ -171,6 +217,20 @@ class Validator:
             except json.JSONDecodeError:
                 return False
         return canonical_json(self._as_body(gold)) == canonical_json(label)
+
+    def gold_answer(self, gold: Any) -> Any:
+        """The gold label as curation keeps answers (canonical class; canonical JSON body), or None
+        when it cannot be read as one."""
+        if self.task.is_classification:
+            return self.matcher.match(str(gold))
+        if isinstance(gold, str):
+            try:
+                gold = json.loads(gold)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(gold, dict | list):
+            return None
+        return json.loads(canonical_json(self._as_body(gold)))
 
     def _as_body(self, obj: Any) -> Any:
         """A quoted or gold DSL object in the form answers are kept in (bare clause wrapped)."""
@@ -215,6 +275,28 @@ class Validator:
         }
 
 
+def answer_text(label: Any) -> str:
+    return label if isinstance(label, str) else canonical_json(label)
+
+
+def gold_mismatches(recipe: Recipe, rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Any]]:
+    """(row, gold answer) for each parsed row whose teacher answer contradicts its gold label, the
+    gold answer in the form curation keeps answers in (canonical label / canonical JSON body): the
+    rows `on_gold_mismatch: rationalize` asks the teacher about. Rows are not changed."""
+    v = Validator(recipe)
+    out = []
+    for row in rows:
+        if row.get("gold") is None or row.get("parse_status") != "ok":
+            continue
+        label, rej = v._label({**row, "checks": {}})
+        if rej is not None or v._agrees_with_gold(label, row["gold"]):
+            continue
+        gold = v.gold_answer(row["gold"])
+        if gold is not None:
+            out.append((row, gold))
+    return out
+
+
 def validate_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
     v = Validator(recipe)
     kept, rejected = [], []
@@ -225,6 +307,8 @@ def validate_step(rows: list[dict[str, Any]], recipe: Recipe) -> StepOutcome:
         else:
             kept.append(row)
     info: dict[str, Any] = {"teacher_accuracy": v.teacher_accuracy()}
+    if recipe.curation.on_gold_mismatch == "rationalize":
+        info["rationalized"] = dict(sorted(v.rationalize_outcomes.items()))
     if v.repaired:
         info["repaired"] = dict(sorted(v.repaired.items()))
     return StepOutcome(kept, rejected, info=info)

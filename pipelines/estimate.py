@@ -83,6 +83,8 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
         "spent so far (ledger)": f"${spent.total:.4f}",
         "max_cost": cap if cap is not None else "none",
     }
+    if recipe.curation.on_gold_mismatch == "rationalize":
+        out.update(rationalize_estimate(recipe, rows, price))
     if sample_note:
         out["sample stopped"] = sample_note
     # eval scores the teacher on the test prompts too: those not cached are asked then, under the cap
@@ -90,6 +92,19 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
 
     out.update(teacher_eval_estimate(recipe))
     return out
+
+
+def rationalize_estimate(recipe: Recipe, rows: list[Any], price: Any) -> dict[str, str | int]:
+    """`on_gold_mismatch: rationalize` asks once more for each row whose teacher answer contradicts
+    its gold label. Which rows those are is known only after generation, so this is an upper bound:
+    every row with a gold label (sent to the teacher) is counted, at max_new_tokens each."""
+    from stepwise.pipelines.prompts import rationalize_messages
+
+    gold = [r for r in rows if r.gold is not None]
+    tokens, _ = count_prompt_tokens(recipe, [rationalize_messages(recipe.task, r.input, r.gold) for r in gold])
+    out_tokens = len(gold) * recipe.teacher.max_new_tokens
+    return {"rationalize requests (upper bound: every row with gold)": len(gold),
+            "rationalize cost (upper bound)": f"${price(tokens, out_tokens):.4f} ({tokens} prompt tokens)"}
 
 
 # OpenAI caches identical prompt prefixes of 1,024+ tokens, in steps of 128 tokens

@@ -79,6 +79,21 @@ def build_messages(task: TaskSpec, row_input: dict[str, Any] | str, fmt: str) ->
     return messages
 
 
+RATIONALIZE_HINT = (
+    "The correct answer is: {answer}\n"
+    "Explain step by step why this is the correct answer for the input, then give exactly this answer."
+)
+
+
+def rationalize_messages(task: TaskSpec, row_input: dict[str, Any] | str, answer: Any) -> list[dict[str, str]]:
+    """The chat that asks the teacher to explain a known answer (STaR's rationalization): the DSS
+    prompt of `build_messages`, with the answer given as a hint after the input."""
+    messages = build_messages(task, row_input, "dss")
+    hint = RATIONALIZE_HINT.format(answer=answer_to_text(answer))
+    messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n{hint}"}
+    return messages
+
+
 def _shot_turns(task: TaskSpec, shot: FewShotExample, fmt: str) -> list[dict[str, str]]:
     return [
         {"role": "user", "content": user_message(task, shot.input)},

@@ -358,7 +358,8 @@ def _fetch(recipe: Recipe, run: RunDir) -> _Pulled:
     return _Pulled(name, ws, conn.url, push_info, users, models, pushed)
 
 
-def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print) -> dict[str, Any]:
+def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print, offline: bool = False,
+         max_cost: float | None = None) -> dict[str, Any]:
     """Read the reviewers' responses and write the review stage's outputs.
 
     What was pushed decides how it is pulled: with a `review/push.json` the dataset, workspace and
@@ -402,6 +403,13 @@ def pull(recipe: Recipe, run: RunDir, *, accept_pending: bool = False, log=print
             st.mark("waiting")
             waiting = ReviewPending(_pending_message(progress), progress)
         else:
+            if recipe.review.rationalize_corrections:  # the teacher explains the reviewers' corrected answers
+                from stepwise.curation.rationalization import rationalize_corrected
+
+                rat = rationalize_corrected(recipe, result["reviewed"], offline=offline, max_cost=max_cost)
+                summary["rationalize_corrections"] = rat
+                c["rationalized_corrections"] = rat.get("rationalized_corrections", 0)
+                c["rationalize_rejected"] = rat.get("rationalize_rejected", 0)
             atomic_write_jsonl(run.layout.reviewed, result["reviewed"])
             atomic_write_jsonl(run.layout.review_rejected, result["rejected"])
             atomic_write_json(run.layout.agreement, summary)

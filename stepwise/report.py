@@ -188,7 +188,18 @@ def _funnel(run: RunDir) -> Markup:
                    agree=acc.get("agree"), rows_with_gold=acc.get("rows_with_gold"), decontaminated=refs,
                    dropped_against=(decon or {}).get("dropped_against") or "none",
                    held_out=funnel.get("held_out_before_generation"),
+                   rationalize=funnel.get("rationalize"), sources=_rationale_sources(run, funnel),
                    rejected=_rel(run, run.layout.curate_rejected))
+
+
+def _rationale_sources(run: RunDir, funnel: dict[str, Any]) -> tuple[str, dict[str, int]] | None:
+    """Whose rationales the training rows carry (teacher / rationalized / reviewer / none): from the
+    export when it ran (after review), else from curation's train split."""
+    export = ((run.stage_info("export") or {}).get("export") or {}).get("train") or {}
+    if export.get("rationale_sources"):
+        return "export/train", export["rationale_sources"]
+    train = (funnel.get("rationale_sources") or {}).get("train")
+    return ("curate/train", train) if train else None
 
 
 def _rel(run: RunDir, path: Path) -> str:
