@@ -149,16 +149,12 @@ class BatchRunner:
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             session = f"batch-{name}"
             prior = self.cache.spend(self.base_keys, exclude_session=session).total
-            booked: list[tuple[str, str]] = []
-            worst = 0.0
-            for key, line in chunk:
-                job = by_key[key]
-                amount = job.worst_case_cost * self.t.price.batch_discount
-                if not self.cache.reserve(key, job.base_key or key, amount, session, cap=self.cap, prior=prior):
-                    left.append(job)
-                    continue
-                booked.append((key, line))
-                worst += amount
+            amounts = [(key, by_key[key].base_key or key, by_key[key].worst_case_cost * self.t.price.batch_discount)
+                       for key, _ in chunk]
+            n = self.cache.reserve_many(amounts, session, cap=self.cap, prior=prior)  # in order, while they fit
+            booked = chunk[:n]
+            left.extend(by_key[key] for key, _ in chunk[n:])
+            worst = sum(a for _, _, a in amounts[:n])
             if len(booked) < len(chunk):
                 self.stats.stopped_reason = (
                     f"cost cap reached: submitted batches are booked at their worst case; spent or booked "

@@ -251,6 +251,31 @@ class ResponseCache:
                 self._conn.execute("ROLLBACK")
                 raise
 
+    def reserve_many(self, items: list[tuple[str, str, float]], session: str, *, cap: float | None,
+                     prior: float = 0.0) -> int:
+        """`reserve` for many (key, base_key, amount) in one transaction (a Batch API file's requests):
+        books them in order while they fit under the cap; returns how many were booked."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT booked FROM ledger_sessions WHERE session=?", (session,)).fetchone()
+                booked, total, now, n = (row[0] if row else 0.0), 0.0, time.time(), 0
+                for _, _, amount in items:
+                    if cap is not None and prior + booked + total + amount > cap + 1e-12:
+                        break
+                    total += amount
+                    n += 1
+                self._conn.executemany(
+                    """INSERT INTO ledger (key, base_key, kind, cost, session, created)
+                       VALUES (?, ?, 'reserved', ?, ?, ?)""",
+                    [(key, base_key, amount, session, now) for key, base_key, amount in items[:n]])
+                self._book(session, total)
+                self._conn.execute("COMMIT")
+                return n
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
     def release(self, key: str, session: str) -> None:
         """A request that settled without a response (an error: nothing billed) frees its reservation."""
         with self._lock:

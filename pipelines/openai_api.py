@@ -84,6 +84,8 @@ class online_generate:  # noqa: N801 - used as a function: `await online_generat
         except openai.APIStatusError as exc:
             self.limiter.observe(exc.response.headers, ticket)
             raise
+        finally:
+            self.limiter.done(ticket)
         self.limiter.observe(raw.headers, ticket)
         return output_from_completion(raw.parse().model_dump())
 

@@ -71,6 +71,7 @@ class RateLimiter:
         self._window: deque[tuple[float, int]] = deque()  # (sent at, tokens) over the last 60 s
         self._buckets = {"requests": _Bucket(), "tokens": _Bucket()}
         self._sent = 0  # tickets handed out so far
+        self._tokens: dict[int, int] = {}  # ticket -> tokens, of the requests in flight
         self._lock: asyncio.Lock | None = None
         self.waits = 0  # how often a request was held back (reported, and asserted by tests)
         self.waited_s = 0.0
@@ -89,8 +90,11 @@ class RateLimiter:
                 waits.append(oldest)  # (a single request over the whole limit still goes alone)
         for name, need in (("requests", 1), ("tokens", tokens)):
             b = self._buckets[name]
-            if b.reset_at is not None and now >= b.reset_at:  # the window reset: full again
-                b.remaining, b.reset_at = b.limit, None
+            if b.reset_at is not None and now >= b.reset_at:  # the window reset: full again, less what is
+                # in flight (a request sent before the reset may reach the server after it)
+                in_flight = self.in_flight if name == "requests" else self.in_flight_tokens
+                b.remaining = None if b.limit is None else b.limit - in_flight
+                b.reset_at = None
             if b.limit is not None and need > b.limit:
                 continue  # a single request over the whole limit: the server decides
             if b.remaining is not None and b.remaining < need:
@@ -119,7 +123,20 @@ class RateLimiter:
                     b.remaining -= need
             ticket = self._sent
             self._sent += 1
+            self._tokens[ticket] = tokens
             return ticket
+
+    def done(self, ticket: int) -> None:
+        """The request settled (answered, refused or failed): no longer in flight."""
+        self._tokens.pop(ticket, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def in_flight_tokens(self) -> int:
+        return sum(self._tokens.values())
 
     # -- after a response (or a 429) ----------------------------------------------------------
     def observe(self, headers: Mapping[str, str] | None, ticket: int | None = None) -> None:
