@@ -189,3 +189,24 @@ def test_estimate_counts_the_teacher_eval_requests(tmp_path):
         recipe.source_path.write_text(text + "eval:\n  task: {compare_teacher: false}\n")
         assert estimate_run(load_recipe(recipe.source_path))["teacher eval requests (test rows)"] == "none"
         assert len(teacher.log) == 4  # estimating asks nothing
+
+
+def test_a_free_local_teacher_is_costed_by_its_measured_hardware_time_or_not_at_all():
+    from stepwise.evals.teacher_compare import teacher_entry
+
+    from stepwise.recipe import load_recipe
+    from tests.conftest import REPO
+
+    recipe = load_recipe(REPO / "examples" / "support-tickets" / "recipe.yaml")  # transformers, price 0
+    assert recipe.teacher.price.input_per_1k == recipe.teacher.price.output_per_1k == 0
+    report = {"n": 4, "headline": {"accuracy": {"value": 0.5, "ci_low": 0.0, "ci_high": 1.0}}}
+    asked = {"cached": 0, "asked": 4, "timings": [3.6] * 4, "elapsed_s": 7.2, "output_tokens_asked": 360,
+             "tokens": (300.0, 90.0)}  # two batches of 2 (batch_size 8 in the recipe; times as measured)
+    t = teacher_entry(recipe, report, asked, cost_per_hour=2.0)
+    assert t["latency"]["measured"] and t["latency"]["batched"]["s_per_request"] == pytest.approx(1.8)
+    assert t["latency"]["batched"]["tokens_per_s"] == pytest.approx(50.0)
+    assert t["cost_per_1k"] == pytest.approx(1000 * 1.8 / 3600 * 2.0) and "local teacher" in t["cost_basis"]
+    cached = teacher_entry(recipe, report, {**asked, "cached": 4, "asked": 0, "timings": []}, cost_per_hour=2.0)
+    assert cached["cost_per_1k"] == 0.0 and "not measured" in cached["cost_basis"]
+    assert cached["latency"] == {"measured": False, "note": "cached, latency not measured", "batched": None,
+                                 "batch1": None}
