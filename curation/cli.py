@@ -77,18 +77,27 @@ def register(app: typer.Typer) -> None:
     def curate(
         recipe: Path = typer.Argument(..., help="Recipe YAML"),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
+        offline: bool = typer.Option(False, "--offline", help="Rationalizations (on_gold_mismatch: rationalize) "
+                                     "from the teacher cache only"),
+        max_cost: float | None = typer.Option(None, "--max-cost", help="Teacher cost cap for this run (USD)"),
     ) -> None:
-        """Validate, filter, dedup, decontaminate, balance and split teacher responses."""
+        """Validate, filter, dedup, decontaminate, balance and split teacher responses (with
+        `curation.on_gold_mismatch: rationalize`, ask the teacher to explain gold answers first)."""
         import json
+        from functools import partial
 
         from stepwise.curation.curate import TooFewTrainRows, run_curate
+        from stepwise.curation.rationalization import RationalizeStopped
+        from stepwise.pipelines.rationalize import RationalizeError
 
         from stepwise.cli_support import EXIT_STOPPED
 
         r, run = _run(recipe, run_dir)
         try:
-            report = _call_reporting(run_curate, r, run)
-        except TooFewTrainRows as exc:  # the files are written: show the funnel, then why it stopped
+            report = _call_reporting(partial(run_curate, offline=offline, max_cost=max_cost, progress=True), r, run)
+        except RationalizeError as exc:  # offline cache miss, teacher unreachable: the message says which
+            raise _bad_input(exc) from None
+        except (TooFewTrainRows, RationalizeStopped) as exc:  # the files are written: show the funnel, then why it stopped
             print_funnel(json.loads((run.layout.funnel).read_text(encoding="utf-8")))
             console.print(f"[yellow]stopped[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_STOPPED) from None

@@ -249,3 +249,24 @@ def test_estimate_counts_rationalization_requests_as_an_upper_bound(tmp_path: Pa
     with OpenAIStub() as stub:
         recipe, _ = _setup(tmp_path / "drop2", stub, mode="drop")
         assert not any(k.startswith("rationalize") for k in estimate_run(recipe))
+
+
+def test_curate_command_offline_miss_exits_2_and_validate_names_the_field(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stepwise.cli import app
+
+    runner = CliRunner()
+    with OpenAIStub() as stub:
+        recipe, run = _setup(tmp_path, stub)
+        run_generate(recipe, run, progress=False)
+        res = runner.invoke(app, ["curate", str(recipe.source_path), "--run-dir", str(run.path), "--offline"])
+        assert res.exit_code == 2 and "rationalization requests are not in the cache" in res.output
+        res = runner.invoke(app, ["curate", str(recipe.source_path), "--run-dir", str(run.path)])
+        assert res.exit_code == 0, res.output
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "inputs.jsonl").write_text(json.dumps(_rows()[0]) + "\n")
+        text = RECIPE.format(base_url=stub.base_url, mode="rationalize", label_field="label")
+        (tmp_path / "bad" / "recipe.yaml").write_text(text.replace("  label_field: label\n", ""))
+    res = runner.invoke(app, ["validate", str(tmp_path / "bad" / "recipe.yaml")])
+    assert res.exit_code == 2 and "curation.on_gold_mismatch: 'rationalize' needs data.label_field" in res.output
