@@ -185,7 +185,7 @@ def test_auth_failure_stops_with_clear_message(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kill_after", [3, 12, 25])
 def test_sigkill_then_resume_never_repays(tmp_path, kill_after):
     """Kill `stepwise generate` with requests in flight; the re-run completes only what never completed."""
-    n = 30
+    n = 33  # 30 requests: 3 gold rows are held out for test (requests must be left to park after kill_after)
     cfg = StubConfig(hold_after=kill_after, latency_s=0.01)
     with OpenAIStub(cfg) as stub:
         recipe, _ = setup_recipe(tmp_path, stub, make_rows(n), concurrency=4)
@@ -213,7 +213,7 @@ def test_sigkill_then_resume_never_repays(tmp_path, kill_after):
         # resume in-process
         recipe2 = load_recipe(recipe.source_path)
         result = run_generate(recipe2, RunDir(tmp_path / "run"), progress=False)
-        n = asked(recipe2)  # the gold test split is held out, never sent
+        n = asked(recipe2)  # 30: the gold test split is held out, never sent
         assert result.status_counts == {"ok": n}
         completed = Counter(e["input"] for e in stub.completed())
         assert len(completed) == n
