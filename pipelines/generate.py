@@ -283,10 +283,11 @@ def _parser(recipe: Recipe):
     return lambda text: parse_answer(text, task, fmt, matcher)
 
 
-def new_budget(plan: Plan, cache: ResponseCache, cap: float | None) -> Budget:
-    """This invocation's budget: the ledger's spend on these inputs so far counts against the cap."""
+def new_budget(plan: Plan, cache: ResponseCache, cap: float | None, also: list[str] | None = None) -> Budget:
+    """This invocation's budget: the ledger's spend on these inputs so far counts against the cap,
+    and on the `also` keys (the held-out test rows': paid before a re-split moved them to test)."""
     session = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    prior = cache.spend(plan.base_keys(), exclude_session=session)
+    prior = cache.spend(plan.base_keys() + list(also or []), exclude_session=session)
     return Budget(cap, cache, session, prior.total)
 
 
@@ -362,7 +363,8 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                 f"{cache.path} (first missing row id={missing_row.id}); run without --offline to request them"
             )
         stats = RunStats()
-        budget = new_budget(plan, cache, cap)
+        # what earlier runs paid for rows now held out for test still counts against the cap
+        budget = new_budget(plan, cache, cap, also=plan_requests(recipe, held_out).base_keys() if held_out else None)
         use_batch = recipe.teacher.batch if batch is None else batch
         if use_batch and ray:
             raise GenerateError("--ray sends requests online; with teacher.batch (or --batch) run without --ray")

@@ -220,3 +220,29 @@ def test_nl2dsl_test_split_keeps_every_gold_row(tmp_path):
     test = read_jsonl(run.layout.curated("test"))
     assert report["test_source"] == HELD_OUT and len(test) == 17 and all(r["gold"] for r in test)
     assert {r["id"] for r in test} == {r.id for r in held}
+
+
+def test_spend_on_rows_a_resplit_held_out_still_counts_against_the_cap(tmp_path):
+    """A changed split can move rows the teacher already answered into the test split: what they
+    cost stays in the ledger `max_cost` caps (the cap is over the recipe's whole spend)."""
+    rows = uneven_rows()
+    resplit = "curation:\n  split: {train: 0.4, val: 0.1, test: 0.5}\n"
+    (tmp_path / "r").mkdir()
+    later_held = _held(_recipe(tmp_path / "r", resplit), rows)
+    failing = next(r["id"] for r in rows if r["id"] not in later_held)  # still owed a request later
+    with OpenAIStub(StubConfig(script={failing: ["500"] * 20})) as stub:
+        recipe, run = setup_recipe(tmp_path, stub, rows)
+        text = recipe.source_path.read_text() + "  max_new_tokens: 16\n"
+        recipe.source_path.write_text(text + "curation:\n  split: {train: 0.9, val: 0.1, test: 0.0}\n")
+        first = run_generate(load_recipe(recipe.source_path), run, progress=False)
+        assert first.extra["held_out"] == 0 and first.status_counts["error"] == 1
+        spent = run.read_manifest()["stages"]["generate"]["cost"]["total_usd"]
+        recipe.source_path.write_text(text + resplit)
+        recipe = load_recipe(recipe.source_path)
+        sent = len(stub.log)
+        # the cap leaves a cent: the failed row's request (worst case ~$0.5) does not fit, although
+        # the rows now held out (~$1 of the spend) are no longer asked about
+        again = run_generate(recipe, run, progress=False, max_cost=spent + 0.01)
+    assert {r["id"] for r in read_jsonl(run.layout.held_out_test)} == later_held
+    assert again.stopped_reason and "cost cap" in again.stopped_reason
+    assert len(stub.log) == sent
