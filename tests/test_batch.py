@@ -328,3 +328,27 @@ def test_estimate_shows_batch_cost_and_expected_prompt_cache_saving(tmp_path):
     step = shared - (shared - 1024) % 128
     assert cached == step * 4
     assert float(est["expected prompt-cache saving"].split()[0].lstrip("$")) == pytest.approx(cached * 0.75 / 1000, abs=1e-4)
+
+
+def test_killed_between_submission_and_recording_the_batch_id_is_found_not_resubmitted(tmp_path, monkeypatch):
+    import openai.resources.batches as batches_api
+    from stepwise.pipelines.generate import GenerateInterrupted
+
+    real_create = batches_api.Batches.create
+
+    def create_then_die(self, **kw):
+        real_create(self, **kw)  # the server has the batch; the client dies before writing its id
+        raise KeyboardInterrupt
+
+    with OpenAIStub(StubConfig(batch_complete_s=0.1)) as stub:
+        recipe, run = setup(tmp_path, stub, 3)
+        monkeypatch.setattr(batches_api.Batches, "create", create_then_die)
+        with pytest.raises(GenerateInterrupted):
+            run_generate(recipe, run, progress=False)
+        entry = run.read_manifest()["teacher_batches"][0]
+        assert entry["file_id"] and entry["batch_id"] is None
+        monkeypatch.undo()
+        result = run_generate(recipe, run, progress=False)
+        assert result.status_counts == {"ok": 3}
+        events = Counter(e["event"] for e in stub.batch_log)
+        assert events == {"file_upload": 1, "batch_create": 1}  # found by its input file, not created again
