@@ -72,6 +72,12 @@ def register(app: typer.Typer) -> None:
         s = result.stats
         console.print(f"cache hits {result.cache_hits}, requests sent {s.sent} (retried {s.retried}, failed {s.failed}), "
                       f"tokens {s.input_tokens}+{s.output_tokens}, cost this run ${s.cost:.4f}", highlight=False)
+        if result.extra.get("batch"):
+            b = result.extra["batch"]
+            done = sum(1 for x in b["batches"] if x["processed"])
+            console.print(f"batches {len(b['batches'])} ({done} finished), submitted this run {b['submitted_this_run']} "
+                          f"(re-submitted {b['resubmitted']}), cost ${b['batch_cost_usd']:.4f} vs "
+                          f"${b['online_cost_usd']:.4f} online", highlight=False)
         if result.stopped_reason:
             console.print(f"[yellow]stopped[/yellow]: {result.stopped_reason}; raise the cap to go on (what is cached "
                           "is kept and not paid again)", highlight=False, soft_wrap=True)

@@ -36,6 +36,7 @@ def count_prompt_tokens(recipe: Recipe, messages: list[list[dict[str, str]]]) ->
 def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None) -> dict[str, Any]:
     rows, held_out = split_inputs(recipe, load_inputs(recipe))  # the gold test split is never requested
     plan = plan_requests(recipe, rows)
+    held_keys = plan_requests(recipe, held_out).base_keys() if held_out else []  # paid before a re-split
     t = recipe.teacher
     cap = max_cost if max_cost is not None else t.max_cost
     requests = len(rows) * t.num_rationales
@@ -54,13 +55,13 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
                              [chs[:1] for chs in plan.chains[:sample]])
         jobs = [j for j in _pending_jobs(recipe, sub, cache.get_many(sub.chain_keys()), reask=False) if j.attempt == 0]
         if jobs:  # the same ledger and cap as `stepwise generate`
-            stats = _execute(recipe, jobs, cache, new_budget(plan, cache, cap), progress=True)
+            stats = _execute(recipe, jobs, cache, new_budget(plan, cache, cap, also=held_keys), progress=True)
             sample_note = stats.stopped_reason
         got = [e for e in cache.get_many([ks[0] for ks in sub.keys]).values() if e.status == "ok"]
         if got:
             out_per_req = sum(e.output_tokens for e in got) / len(got)
             out_method = f"mean of {len(got)} sampled responses"
-    spent = cache.spend(plan.base_keys())
+    spent = cache.spend(plan.base_keys() + held_keys)
     cache.close()
     price = price_fn(recipe)
     remaining = max(0, requests - done)

@@ -425,7 +425,7 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
             st.extra(stopped_reason=stats.stopped_reason)
     cache.close()
     return GenerateResult(out_path, len(records), dict(counts), stats, hits, stats.stopped_reason,
-                          extra={"held_out": len(held_out)})
+                          extra={"held_out": len(held_out), **({"batch": batch_info} if batch_info else {})})
 
 
 def _run_batches(recipe: Recipe, run: RunDir, todo: list[Job], cache: ResponseCache, plan: Plan,

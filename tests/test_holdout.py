@@ -243,6 +243,8 @@ def test_spend_on_rows_a_resplit_held_out_still_counts_against_the_cap(tmp_path)
         # the cap leaves a cent: the failed row's request (worst case ~$0.5) does not fit, although
         # the rows now held out (~$1 of the spend) are no longer asked about
         again = run_generate(recipe, run, progress=False, max_cost=spent + 0.01)
+        est = estimate_run(recipe)
     assert {r["id"] for r in read_jsonl(run.layout.held_out_test)} == later_held
+    assert est["spent so far (ledger)"] == f"${spent:.4f}"  # estimate reads the same whole-recipe ledger
     assert again.stopped_reason and "cost cap" in again.stopped_reason
     assert len(stub.log) == sent
