@@ -389,9 +389,9 @@ class _Progress:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
         self.runner = runner
-        self.prog = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+        self.prog = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
                              TextColumn("{task.fields[info]}"), transient=True)
-        self.task = self.prog.add_task(f"batches {runner.t.model}", total=None, info="")
+        self.task = self.prog.add_task("batches", total=None, info="")
         self.prog.start()
 
     def update(self, started: float, done0: int) -> None:
@@ -402,9 +402,9 @@ class _Progress:
         n_prog = sum(1 for e in entries if not e.get("processed"))
         rate = (done - done0) / max(1e-6, time.time() - started)
         eta = f"ETA {max(0.0, (total - done) / rate):.0f}s" if rate > 0 and total > done else "ETA ?"
-        self.prog.update(self.task, total=total or None, completed=done, info=(
-            f"batches {len(entries)} submitted, {n_prog} in progress, {len(entries) - n_prog} completed; "
-            f"requests {done}/{total}; cost ${self.runner.stats.cost:.4f}; {eta}"))
+        self.prog.update(self.task, total=total or None, completed=done,
+                         description=f"batches {len(entries)} ({n_prog} running, {len(entries) - n_prog} done)",
+                         info=f"{done}/{total} req, ${self.runner.stats.cost:.4f}, {eta}")
 
     def close(self) -> None:
         self.prog.stop()

@@ -528,9 +528,14 @@ def main() -> None:  # `python -m stepwise.testing.openai_stub --port 8011 --lat
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--malformed-rate", type=float, default=0.0, help="share of answers malformed (seeded by request)")
     ap.add_argument("--log", type=Path)
+    ap.add_argument("--batch-complete", type=float, default=0.2, help="seconds a batch takes to complete (simulated)")
+    ap.add_argument("--ratelimit-requests", type=int, default=None, help="requests per --ratelimit-window")
+    ap.add_argument("--ratelimit-window", type=float, default=1.0)
     args = ap.parse_args()
     stub = OpenAIStub(StubConfig(latency_s=args.latency, fault_rate=args.fault_rate, seed=args.seed,
-                                 malformed_rate=args.malformed_rate, log_path=args.log), port=args.port).start()
+                                 malformed_rate=args.malformed_rate, log_path=args.log,
+                                 batch_complete_s=args.batch_complete, ratelimit_requests=args.ratelimit_requests,
+                                 ratelimit_window_s=args.ratelimit_window), port=args.port).start()
     print(f"stub listening on {stub.base_url}", flush=True)
     try:
         while True:
