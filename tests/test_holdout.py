@@ -21,6 +21,7 @@ from stepwise.pipelines.generate import load_inputs, run_generate, split_inputs
 from stepwise.io import DataFileError, read_jsonl
 from stepwise.pipeline import RunOptions, run_pipeline
 from stepwise.recipe import load_recipe
+from stepwise.report import render_report
 from stepwise.rundir import create_run
 from stepwise.testing.openai_stub import OpenAIStub, StubConfig
 from tests.conftest import REPO
@@ -79,6 +80,9 @@ def test_gold_test_inputs_are_never_sent_to_the_teacher(tmp_path):
     assert (first["step"], first["in"], first["out"], first["moved"]) == (
         "hold_out_test", len(rows), len(rows) - len(test), {"test": len(test)})
     assert run.read_manifest()["stages"]["generate"]["counts"]["held_out"] == len(test)
+    html = render_report(recipe, run)
+    assert (f"held out of the gold inputs before generation: <b>{len(test)}</b> rows; <b>{len(test)}</b> teacher "
+            "requests never sent") in html
 
 
 def test_test_file_rows_are_never_sent_and_nothing_is_held_out(tmp_path):
