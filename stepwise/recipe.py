@@ -186,6 +186,13 @@ class TeacherSpec(StrictModel):
         "(known name or path) or `tiktoken:<encoding>`. Default: the local teacher's own, tiktoken for OpenAI "
         "model names, else a 4-characters-per-token guess."))
 
+    @model_validator(mode="after")
+    def _batch_needs_a_server(self) -> TeacherSpec:
+        if self.batch and self.provider != "openai":
+            raise ValueError(f"batch: the Batch API needs an OpenAI-compatible server (provider openai), not "
+                             f"{self.provider}; set teacher.batch: false")
+        return self
+
 
 class MinHashSpec(StrictModel):
     enabled: bool = True

@@ -269,6 +269,9 @@ def test_static_requests_per_minute_without_headers():
     assert spent._delay(1, now[0]) == pytest.approx(1.0)
     now[0] += 1.0
     assert spent._delay(1, now[0]) == 0.0
+    tokens = RateLimiter(max_tokens_per_minute=100, clock=lambda: now[0])
+    asyncio.run(tokens.acquire(60))
+    assert tokens._delay(50, now[0]) == pytest.approx(60.0) and tokens._delay(40, now[0]) == 0.0
     assert parse_reset("6m0s") == 360 and parse_reset("20ms") == pytest.approx(0.02)
     assert parse_reset("1h2m3.5s") == pytest.approx(3723.5) and parse_reset("soon") is None
 
@@ -352,3 +355,12 @@ def test_killed_between_submission_and_recording_the_batch_id_is_found_not_resub
         assert result.status_counts == {"ok": 3}
         events = Counter(e["event"] for e in stub.batch_log)
         assert events == {"file_upload": 1, "batch_create": 1}  # found by its input file, not created again
+
+
+def test_batch_with_a_local_teacher_is_a_recipe_error(tmp_path):
+    from pydantic import ValidationError
+
+    recipe = load_recipe_text(tmp_path)
+    data = recipe.teacher.model_dump() | {"provider": "llamacpp", "batch": True}
+    with pytest.raises(ValidationError, match="Batch API needs an OpenAI-compatible server"):
+        type(recipe.teacher).model_validate(data)
