@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 from stepwise.pipelines.cache import ResponseCache
 from stepwise.pipelines.constraints import dss_regex
-from stepwise.pipelines.generate import GenerateError, cache_path, load_inputs, plan_requests, run_generate
+from stepwise.pipelines.generate import (
+    GenerateError,
+    cache_path,
+    load_inputs,
+    plan_requests,
+    run_generate,
+    split_inputs,
+)
 
 from stepwise.io import read_jsonl
 from stepwise.recipe import load_recipe
@@ -160,10 +167,11 @@ def test_kill_mid_run_then_resume_answers_only_the_rest(tmp_path):
     c = ResponseCache(cpath)
     kept = c.count_ok()
     c.close()
-    assert 2 <= kept < 12  # killed mid-run: some answered, some not
+    n = len(split_inputs(recipe, load_inputs(recipe))[0])  # 11: one gold row is held out for test, never sent
+    assert 2 <= kept < n  # killed mid-run: some answered, some not
     result = run_generate(load_recipe(path), RunDir(tmp_path / "run"), progress=False)
-    assert result.cache_hits == kept and result.stats.sent == 12 - kept
-    assert sum(result.status_counts.values()) == 12 and "error" not in result.status_counts
+    assert result.cache_hits == kept and result.stats.sent == n - kept
+    assert sum(result.status_counts.values()) == n and "error" not in result.status_counts
 
 
 def test_bad_gguf_paths_exit_2_naming_them(tmp_path):
