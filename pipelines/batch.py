@@ -57,8 +57,8 @@ class BatchesRunning(KeyboardInterrupt):
         super().__init__(
             f"interrupted: {len(running)} batch(es) still running on the server ({', '.join(running[:5])}"
             f"{', ...' if len(running) > 5 else ''}); {answered} of {total} requests answered and cached. "
-            "Re-run the same command to resume polling them (nothing is submitted twice), or add "
-            "--cancel-batches to cancel them")
+            "Re-run the same command to resume polling them (nothing is submitted twice), or cancel them "
+            "with `stepwise generate --cancel-batches` (same recipe and --run-dir)")
 
 
 @dataclass
