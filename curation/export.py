@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stepwise.curation.dataset_card import write_dataset_card
 from stepwise.pipelines.student import training_examples
 from stepwise.pipelines.tokens import CHARS_PER_TOKEN, approx_tokens
 from stepwise.review.stage import rationale_source, training_rationale
@@ -128,6 +129,8 @@ def run_export(recipe: Recipe, run: RunDir, counter: TokenCounter | None = None)
         written.append(over_path)
         summary.update(max_tokens=longest, suggested_sequence_len=max(64, math.ceil(longest / 64) * 64),
                        overlong=len(overlong))
+        # the data's card and a `datasets`-loadable parquet copy, beside the files they describe
+        written += write_dataset_card(recipe, run)
         st.outputs(*written)
         st.counts(train_examples=summary["train"]["examples"], val_examples=summary["val"]["examples"],
                   overlong=len(overlong), max_tokens=longest)

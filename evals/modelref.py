@@ -1,5 +1,6 @@
 """What `--model` names, resolved offline: a known name, an HF dir, a LoRA adapter dir, a run's
-trained model, or an OpenAI-compatible endpoint (`openai:<model>@<base_url>`)."""
+trained model, a GGUF file (evaluated through llama.cpp, e.g. `package/student-f16.gguf`), or an
+OpenAI-compatible endpoint (`openai:<model>@<base_url>`)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safeten
 
 @dataclass
 class ModelRef:
-    kind: Literal["hf", "adapter", "openai"]
+    kind: Literal["hf", "adapter", "openai", "gguf"]
     label: str  # what reports call it
-    path: Path | None = None  # hf: the model dir; adapter: the adapter dir
+    path: Path | None = None  # hf: the model dir; adapter: the adapter dir; gguf: the file
     base: Path | None = None  # adapter: the base model dir
     model_name: str | None = None  # openai: the served model name
     base_url: str | None = None
@@ -44,10 +45,16 @@ class ModelRef:
             return f"pretrained={self.base},peft={self.path},dtype={dtype}"
         if self.kind == "hf":
             return f"pretrained={self.path},dtype={dtype}"
+        if self.kind == "gguf":
+            raise ValueError(f"{self.path}: lm-eval forgetting runs need the HF weights (e.g. package/model/), "
+                             "not a GGUF file")
         raise ValueError("lm-eval forgetting runs need a local model (HF dir or adapter), not an endpoint")
 
 
 def _weights_stamp(p: Path) -> list[Any]:
+    if p.is_file():  # a GGUF
+        st = p.stat()
+        return [[p.name, st.st_size, int(st.st_mtime)]]
     out = []
     for name in ("config.json", "adapter_config.json", *WEIGHT_FILES):
         f = p / name
@@ -92,6 +99,13 @@ def resolve_model(spec: str, base_override: str | None = None) -> ModelRef:
     p = Path(spec).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model '{spec}': not a known name, directory or openai:<model>@<url>")
+    if p.is_file():
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise FileNotFoundError(f"{p}: a file but not a GGUF (starts with {magic!r}); --model takes a model "
+                                    "directory, a GGUF file, a known name or openai:<model>@<url>")
+        return ModelRef("gguf", label=p.name, path=p, spec=spec)
     if (p / "merged" / "config.json").exists():
         p = p / "merged"
     if (p / "adapter_config.json").exists():

@@ -248,7 +248,12 @@ def run_eval(
             outcome.gate_verdict, outcome.gate_reason = NOT_MEASURED, "the forgetting eval did not run"
         if need_forgetting and base_ref is not None and fspec.benchmarks:
             endpoint_error, api_key = None, None
-            if not student.is_local:
+            if student.kind == "gguf":  # lm-eval's hf model reads HF weights; the gate is not measured
+                endpoint_error = (f"{student.path} is a GGUF file; evaluate forgetting on the same student's HF "
+                                  "weights (e.g. --model <run>/package/model)")
+                outcome.notes.append(f"forgetting eval NOT run: {endpoint_error}")
+                outcome.gate_reason = f"forgetting eval NOT run: {endpoint_error}"
+            elif not student.is_local:
                 try:
                     if not base_ref.is_local:
                         raise EndpointLogprobsError("the base model must be local (its tokenizer splits prompts)")

@@ -120,6 +120,10 @@ def evaluate_task(
     elif model.kind == "openai":
         gen = generate_openai(model, prompts, max_new_tokens=spec.max_new_tokens, concurrency=spec.concurrency,
                               api_key_env=model.info.get("api_key_env") or spec.api_key_env, progress=progress)
+    elif model.kind == "gguf":  # llama.cpp in process, the same prompts and stop rule
+        from stepwise.evals.gguf_generate import generate_gguf
+
+        gen = generate_gguf(model, prompts, max_new_tokens=spec.max_new_tokens, progress=progress)
     else:
         gen = generate_local(model, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
                              device=device, progress=progress)

@@ -166,6 +166,43 @@ class RunLayout:
     def forgetting_items(self) -> Path:
         return self.eval_dir / "forgetting_items.jsonl"
 
+    # -- package (the shippable student; the dataset card goes beside the export it describes) ---
+    @property
+    def package_dir(self) -> Path:
+        return self.stage_dir("package")
+
+    @property
+    def package_model(self) -> Path:
+        """package/model/: merged weights, tokenizer, chat template, model card (README.md)."""
+        return self.package_dir / "model"
+
+    @property
+    def model_card(self) -> Path:
+        return self.package_model / "README.md"
+
+    def package_gguf(self, outtype: str) -> Path:
+        """package/student-<outtype>.gguf (f16, q8_0)."""
+        return self.package_dir / f"student-{outtype}.gguf"
+
+    @property
+    def modelfile(self) -> Path:
+        """package/Modelfile: Ollama's recipe for the q8_0 GGUF."""
+        return self.package_dir / "Modelfile"
+
+    @property
+    def serve_commands(self) -> Path:
+        """package/SERVE.md: the vLLM and Ollama commands."""
+        return self.package_dir / "SERVE.md"
+
+    @property
+    def dataset_card(self) -> Path:
+        """export/README.md: the curated data's card (Hugging Face dataset card format)."""
+        return self.stage_dir("export") / "README.md"
+
+    def dataset_parquet(self, split: str) -> Path:
+        """export/data/<split>.parquet: the `datasets`-loadable copy of a split."""
+        return self.stage_dir("export") / "data" / f"{split}.parquet"
+
     @property
     def student_vs_teacher(self) -> Path:
         """eval/student_vs_teacher.json: accuracy, latency, cost per 1k requests and break-even of

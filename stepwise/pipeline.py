@@ -28,7 +28,7 @@ from stepwise.recipe import Recipe
 from stepwise.rundir import STAGES, RunDir
 
 # exit codes: 0 ok, 2 bad input, 3 stopped by a limit / waiting for reviewers, 4 forgetting gate,
-# 10 + stage number for a stage that failed (generate=11 ... report=18)
+# 10 + stage number for a stage that failed (generate=11 ... report=18, package=19)
 STAGE_EXIT = {name: 11 + i for i, name in enumerate(STAGES)}
 
 
@@ -246,6 +246,14 @@ def _report(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
     return str(path)
 
 
+def _package(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from stepwise.training.package import run_package
+
+    res = run_package(recipe, run)
+    files = ", ".join(p.name for p in res.gguf.values())
+    return f"{run.layout.package_dir}: merged model, {files or 'no GGUF'}, model card ({res.timings.get('total_s')}s)"
+
+
 def _files(paths: Callable[[RunLayout], list[Path]]) -> Callable[[Recipe, RunDir], list[Path]]:
     """Inputs inside the run: those of `paths(run.layout)` that exist (review's output is optional)."""
     return lambda recipe, run: [p for p in paths(run.layout) if p.exists()]
@@ -288,10 +296,12 @@ PIPELINE: list[Stage] = [
           lambda o: (o.review, "accept_pending") if o.accept_pending else o.review,
           # waiting for reviewers it writes progress.json (and push.json when it pushed) instead
           outputs=lambda lay: [lay.reviewed, lay.review_rejected, lay.agreement]),
-    Stage("export", ("task", "training"),
+    # export also writes the data's card: its sources and licences (data, curation.general_mix) and teacher
+    Stage("export", ("task", "training", "data", "teacher", "curation"),
           _files(lambda lay: [lay.reviewed, lay.curated("train"), lay.curated("val")]), _export,
           outputs=lambda lay: [lay.chat("train"), lay.chat("val"), lay.lineage("train"), lay.lineage("val"),
-                               lay.overlong]),
+                               lay.overlong, lay.dataset_card, lay.dataset_parquet("train"),
+                               lay.dataset_parquet("val")]),
     Stage("configs", ("training",), _files(lambda lay: [lay.chat("train"), lay.chat("val")]), _configs,
           outputs=lambda lay: [lay.configs_dir]),
     Stage("train", ("training",), _files(lambda lay: [lay.chat("train"), lay.chat("val"), lay.configs_dir]), _train,
@@ -300,6 +310,10 @@ PIPELINE: list[Stage] = [
           outputs=lambda lay: [lay.eval_dir]),
     # always re-run (it reads every stage's files through the manifest), so its fingerprint decides nothing
     Stage("report", (), _files(lambda lay: [lay.manifest]), _report, outputs=lambda lay: [lay.report_html]),
+    # the shippable student (merged weights, GGUF, model card): skip it with `--until report`
+    Stage("package", ("task", "data", "teacher", "curation", "training"),
+          _files(lambda lay: [lay.train_dir, lay.chat("train"), lay.chat("val"), lay.dataset_card, lay.eval_dir]),
+          _package, outputs=lambda lay: [lay.package_dir]),
 ]
 
 

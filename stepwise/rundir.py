@@ -35,7 +35,7 @@ from typing import Any
 from stepwise.io import atomic_write_json, sha256_file, sha256_text
 from stepwise.layout import RunLayout
 
-STAGES = ["generate", "curate", "review", "export", "configs", "train", "eval", "report"]
+STAGES = ["generate", "curate", "review", "export", "configs", "train", "eval", "report", "package"]
 
 _VERSIONED = [
     "stepwise", "distilabel", "argilla", "datasketch", "openai", "outlines", "transformers",

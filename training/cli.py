@@ -240,7 +240,43 @@ def train_cmd(
                   f"{result.wall_s:.0f}s; logs and loss.csv in {result.out_dir}", highlight=False)
 
 
+def package_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
+    gguf: list[str] = typer.Option(["f16", "q8_0"], "--gguf", help="GGUF types to write (f16, q8_0, bf16, f32)"),
+    no_gguf: bool = typer.Option(False, "--no-gguf", help="Merged weights and cards only"),
+) -> None:
+    """Ship the student: merged weights + tokenizer + model card in <run>/package/model, GGUF files,
+    an Ollama Modelfile and the vLLM / Ollama commands (SERVE.md)."""
+    from stepwise.training.gguf import OUTTYPES, ConversionError
+    from stepwise.training.package import NoTrainedModel, run_package
+
+    from stepwise.cli_support import load_or_exit
+    from stepwise.rundir import resolve_run
+
+    r = load_or_exit(recipe)
+    bad = [g for g in gguf if g not in OUTTYPES]
+    if bad:
+        console.print(f"[red]error[/red] --gguf {', '.join(bad)}: use {', '.join(OUTTYPES)}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        run = resolve_run(r, run_dir, create=False)
+        res = run_package(r, run, gguf=[] if no_gguf else list(dict.fromkeys(gguf)),
+                          log=lambda m: console.print(m, highlight=False))
+    except (FileNotFoundError, NoTrainedModel) as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except ConversionError as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    console.print(f"[green]done[/green] {res.merged_from}; model card {res.model_dir / 'README.md'}", highlight=False)
+    for kind, path in res.gguf.items():
+        console.print(f"  GGUF {kind}: {path}", highlight=False)
+    console.print(f"  timings: {res.timings}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("configs")(configs_cmd)
     app.command("plan")(plan_cmd)
     app.command("train")(train_cmd)
+    app.command("package")(package_cmd)

@@ -1,0 +1,286 @@
+"""`stepwise package` (issue 17 item 2) and GGUF students evaluated through llama.cpp (issue 21).
+
+A tiny LoRA student (peft on the bundled SmolLM2-135M, its B matrices set to small random values so
+the merge changes the weights) is packaged once per module: merged weights + card + f16/q8_0 GGUF.
+The GGUF round trip loads the f16 file back with transformers (`gguf_file=`) and with llama.cpp, and
+both must give the merged model's greedy answers on 5 test prompts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from stepwise.training.testing import TICKETS, TRAINING_RECIPE, write_export
+
+from stepwise.io import atomic_write_jsonl
+from stepwise.layout import RunLayout
+from stepwise.recipe import load_recipe
+from stepwise.rundir import RunDir
+
+EVAL = "eval:\n  task:\n    max_new_tokens: 16\n    bootstrap: 0\n  forgetting:\n    enabled: false\n"
+N_PROMPTS = 5
+
+
+def _recipe(tmp: Path):
+    (tmp / "inputs.jsonl").write_text('{"text": "x", "label": "billing"}\n', encoding="utf-8")
+    (tmp / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge, ...\n", encoding="utf-8")
+    path = tmp / "recipe.yaml"
+    path.write_text(TRAINING_RECIPE.format(extra="") + EVAL, encoding="utf-8")
+    return load_recipe(path)
+
+
+def _test_rows() -> list[dict]:
+    return [{"id": f"t{i}", "input": {"text": text}, "gold": label} for i, (text, label, _) in enumerate(TICKETS)]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A run with an exported dataset, a test split and a LoRA adapter under train/ (as training leaves it)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from stepwise.curation.dataset_card import write_dataset_card
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stepwise.models import resolve_model_dir
+
+    tmp = tmp_path_factory.mktemp("package")
+    recipe = _recipe(tmp)
+    run_dir = tmp / "runs" / recipe.name / "r1"
+    write_export(recipe, run_dir, n_train=6, n_val=2)
+    lay = RunLayout(run_dir)
+    lay.stage_dir("curate").mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(lay.curated("test"), _test_rows())
+    run = RunDir(run_dir)
+    write_dataset_card(recipe, run)
+    base_dir = resolve_model_dir("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    out = lay.train_output("tiny-lora")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(out)
+    return recipe, run, tmp
+
+
+@pytest.fixture(scope="module")
+def packaged(lora_run):
+    from stepwise.training.package import run_package
+
+    recipe, run, tmp = lora_run
+    return recipe, run, run_package(recipe, run)
+
+
+def _greedy(model, tok, prompts: list[list[dict]], max_new_tokens: int = 16) -> list[str]:
+    import torch
+
+    out = []
+    for messages in prompts:
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def _prompts(recipe) -> list[list[dict]]:
+    from stepwise.pipelines.student import inference_messages
+
+    return [inference_messages(recipe.task, r["input"], recipe.training.dss_output) for r in _test_rows()[:N_PROMPTS]]
+
+
+@pytest.mark.slow
+def test_package_lora_student(packaged):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stepwise.models import resolve_model_dir
+
+    recipe, run, res = packaged
+    lay = run.layout
+    model_dir = lay.package_model
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json", "system_prompt.txt", "README.md"):
+        assert (model_dir / name).exists(), name
+    assert (model_dir / "system_prompt.txt").read_text().strip() == recipe.task.system_prompt.strip()
+    # merged = base + adapter: the same logits as the PeftModel, different from the base's
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    enc = tok.apply_chat_template(_prompts(recipe)[0], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("smollm2-135m-instruct")), dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(**enc).logits
+        peft_logits = PeftModel.from_pretrained(base, str(lay.train_output("tiny-lora"))).eval()(**enc).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()(**enc).logits
+    assert torch.allclose(peft_logits, merged_logits, atol=1e-3), (peft_logits - merged_logits).abs().max()
+    assert (base_logits - merged_logits).abs().max() > 1e-2
+    # the model card: HF front matter with the bundled base and its licence, the lineage hash, the tables
+    card = lay.model_card.read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
+    assert front["pipeline_tag"] == "text-generation"
+    from stepwise.curation.dataset_card import lineage_hash
+
+    assert lineage_hash(lay)[0] in card
+    assert "| input | `inputs.jsonl` | 1 | mit |" in card  # the data file's licence, from the LICENSE beside it
+    assert "Not measured (no `eval/student_vs_teacher.json`" in card and "Not measured (no `eval/task.json`" in card
+    assert "```yaml\nname: tiny-train" in card  # the recipe
+    # serving files
+    modelfile = lay.modelfile.read_text()
+    assert "FROM ./student-q8_0.gguf" in modelfile and recipe.task.system_prompt.strip() in modelfile
+    serve = lay.serve_commands.read_text()
+    assert "vllm serve ./model" in serve and "ollama create" in serve
+    for kind in ("f16", "q8_0"):
+        path = lay.package_gguf(kind)
+        assert res.gguf[kind] == path and path.read_bytes()[:4] == b"GGUF"
+    assert not list(lay.package_dir.rglob("*.partial"))
+    info = run.stage_info("package")
+    assert info["status"] == "done" and info["lineage_hash"] == lineage_hash(lay)[0]
+
+
+@pytest.mark.slow
+def test_gguf_round_trip_transformers_and_llamacpp(packaged):
+    """The f16 GGUF loaded back with transformers (`gguf_file=`) gives the merged model's greedy answers on
+    5 test prompts; so does llama.cpp (the eval backend). q8_0: loads, and how many answers match is printed."""
+    import torch
+    from stepwise.evals.gguf_generate import generate_gguf
+    from stepwise.evals.modelref import resolve_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, run, res = packaged
+    lay = run.layout
+    prompts = _prompts(recipe)
+    tok = AutoTokenizer.from_pretrained(str(lay.package_model))
+    merged = AutoModelForCausalLM.from_pretrained(str(lay.package_model), dtype=torch.float32).eval()
+    want = _greedy(merged, tok, prompts)
+    gguf_dir, f16 = str(lay.package_dir), lay.package_gguf("f16").name
+    g_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=f16)
+    g_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=f16, dtype=torch.float32).eval()
+    assert _greedy(g_model, g_tok, prompts) == want
+    llama = generate_gguf(resolve_model(str(lay.package_gguf("f16"))), prompts, max_new_tokens=16)
+    assert llama.texts == want
+    q8 = generate_gguf(resolve_model(str(lay.package_gguf("q8_0"))), prompts, max_new_tokens=16)
+    print(f"q8_0 answers equal to the merged model's: {sum(a == b for a, b in zip(q8.texts, want, strict=True))} of {len(want)}")
+    assert all(t is not None for t in q8.texts)
+
+
+@pytest.mark.slow
+def test_gguf_eval_scores_match_transformers(packaged):
+    """`stepwise eval --model <gguf>`'s path: the same prompts through llama.cpp give the same answers as
+    transformers on the merged weights, and identical answers score identically."""
+    from stepwise.evals.modelref import resolve_model
+    from stepwise.evals.task_eval import evaluate_task
+
+    recipe, run, _ = packaged
+    rows = _test_rows()[:N_PROMPTS]
+    hf_report, hf_preds = evaluate_task(recipe, resolve_model(str(run.layout.package_model)), rows)
+    gg_ref = resolve_model(str(run.layout.package_gguf("f16")))
+    assert gg_ref.kind == "gguf"
+    gg_report, gg_preds = evaluate_task(recipe, gg_ref, rows)
+    assert [p["raw"] for p in gg_preds] == [p["raw"] for p in hf_preds]
+    assert [(p["pred"], p["correct"], p["parse_status"]) for p in gg_preds] == \
+        [(p["pred"], p["correct"], p["parse_status"]) for p in hf_preds]
+    assert gg_report["metrics"] == hf_report["metrics"] and gg_report["parse_status"] == hf_report["parse_status"]
+    assert gg_report["generation"]["backend"] == "llama.cpp"
+
+
+def test_gguf_model_ref_rejects_a_file_that_is_not_gguf(tmp_path):
+    from stepwise.evals.modelref import resolve_model
+
+    bad = tmp_path / "student.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(FileNotFoundError, match="not a GGUF"):
+        resolve_model(str(bad))
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from stepwise.cli import main; main()", *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_package_without_trained_model_exits_2_naming_the_train_stage(tmp_path):
+    recipe = _recipe(tmp_path)
+    run_dir = tmp_path / "runs" / recipe.name / "r1"
+    write_export(recipe, run_dir, n_train=4, n_val=2)
+    proc = _cli("package", str(recipe.source_path), "--run-dir", str(run_dir), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train stage has not finished" in proc.stderr and "--from train" in proc.stderr
+    assert not (run_dir / "package").exists()
+
+
+def test_failed_conversion_leaves_no_gguf(tmp_path):
+    """A model the converter cannot read: ConversionError, and neither the GGUF nor its temp file exists;
+    an earlier good file at the target is left as it was."""
+    from stepwise.training.gguf import ConversionError, convert
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["NoSuchArchForCausalLM"]}), encoding="utf-8")
+    out = tmp_path / "student-f16.gguf"
+    with pytest.raises(ConversionError, match="failed"):
+        convert(model, out, "f16")
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    out.write_bytes(b"GGUF earlier package")
+    with pytest.raises(ConversionError):
+        convert(model, out, "f16")
+    assert out.read_bytes() == b"GGUF earlier package" and not list(tmp_path.glob("*.partial"))
+
+
+def test_dataset_card_and_parquet_load_with_datasets(tmp_path):
+    from datasets import load_dataset
+    from stepwise.curation.dataset_card import write_dataset_card
+
+    recipe = _recipe(tmp_path)
+    run_dir = tmp_path / "runs" / recipe.name / "r1"
+    train, val = write_export(recipe, run_dir, n_train=6, n_val=2)
+    lay = RunLayout(run_dir)
+    atomic_write_jsonl(lay.lineage("train"), [{"id": f"r{i}", "kind": "label", "rationale_source": src}
+                                              for i, src in enumerate(["teacher"] * 4 + ["rationalized", "reviewer"])])
+    written = write_dataset_card(recipe, RunDir(run_dir))
+    assert lay.dataset_card in written and lay.dataset_parquet("train") in written
+    ds = load_dataset(str(lay.stage_dir("export")), cache_dir=str(tmp_path / "hf-cache"))
+    assert ds["train"].num_rows == 6 and ds["val"].num_rows == 2
+    assert ds["train"][0]["messages"] == json.loads(train.read_text().splitlines()[0])["messages"]
+    assert ds["train"]["rationale_source"][4:] == ["rationalized", "reviewer"]
+    card = lay.dataset_card.read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "mit"  # from the LICENSE beside inputs.jsonl
+    assert "| train | rationalized | 1 |" in card and "| train | teacher | 4 |" in card
+
+
+def test_data_licence_unknown_when_no_licence_file_says_so(tmp_path):
+    from stepwise.curation.dataset_card import data_sources
+
+    recipe = _recipe(tmp_path)
+    (tmp_path / "LICENSE").write_text("All rights reserved by someone.\n", encoding="utf-8")
+    assert [s["license"] for s in data_sources(recipe)] == ["unknown"]
+    (tmp_path / "LICENSE").unlink()
+    assert data_sources(recipe)[0]["license_files"] == [] and data_sources(recipe)[0]["license"] == "unknown"
+
+
+def test_base_licence_unknown_is_never_guessed(tmp_path):
+    from stepwise.training.package import base_model_info
+
+    recipe = _recipe(tmp_path)
+    base = tmp_path / "my-base"
+    base.mkdir()
+    (base / "config.json").write_text("{}", encoding="utf-8")
+    recipe.training.base_model = str(base)
+    assert base_model_info(recipe, base)["license"] == "unknown"
+    (base / "README.md").write_text("---\nlicense: llama3.2\n---\n# card\n", encoding="utf-8")
+    assert base_model_info(recipe, base)["license"] == "llama3.2"
+
+
+def test_package_is_the_last_stage_with_its_own_exit_code():
+    from stepwise.pipeline import PIPELINE, STAGE_EXIT
+
+    assert PIPELINE[-1].name == "package" and STAGE_EXIT["package"] == 19
+    assert PIPELINE[-1].outputs(RunLayout(Path("/r"))) == [Path("/r/package")]
