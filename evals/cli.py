@@ -190,7 +190,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare_cmd(
-        runs: list[Path] = typer.Argument(..., help="Run directories (each with eval/task.json and/or forgetting.json)"),
+        runs: list[Path] = typer.Argument(..., help="Run directories (each with eval/task.json and/or forgetting.json), "
+                                          "or an experiment directory (`stepwise experiment`: all its points)"),
         out_dir: Path = typer.Option(None, "--out", help="Where compare.json/.md/.svg go (default: the first run's eval/)"),
     ) -> None:
         """Side by side: task metrics, forgetting deltas, trainable parameters, peak memory and wall
@@ -204,7 +205,8 @@ def register(app: typer.Typer) -> None:
         except FileNotFoundError as exc:
             console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        paths = write_compare(result, out_dir or (Path(runs[0]) / "eval"))
+        first = Path(runs[0])  # an experiment directory keeps its comparison beside experiment.html
+        paths = write_compare(result, out_dir or (first if (first / "experiment.json").exists() else first / "eval"))
         out.print(rich_table(result))
         console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False, soft_wrap=True)
 

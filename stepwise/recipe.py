@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -324,6 +325,55 @@ class SweepSpec(StrictModel):
     )
     learning_rate: list[Annotated[float, Field(gt=0, le=1.0)]] = Field(default_factory=list)
     modality: list[Modality] = Field(default_factory=list)
+    # The axes below are read by `stepwise experiment` only (each point is a sub-run); `stepwise
+    # configs` writes one config per modality/lora_r/alpha_ratio/learning_rate point as before.
+    target: list[Literal["multitask", "cot", "label_only"]] = Field(
+        default_factory=list, description="`stepwise experiment`: training.dss_output per point (DSS vs label-only).")
+    data_fraction: list[Annotated[float, Field(gt=0, le=1.0)]] = Field(
+        default_factory=list, description="`stepwise experiment`: share of the curated training rows per point; "
+        "nested (each smaller fraction is a subset of the larger), stratified by label, curation.seed.")
+    general_mix: list[Annotated[float, Field(ge=0, le=0.5)]] = Field(
+        default_factory=list, description="`stepwise experiment`: curation.general_mix.fraction per point "
+        "(needs curation.general_mix.file).")
+
+    @field_validator("target", "data_fraction", "general_mix")
+    @classmethod
+    def _distinct(cls, v: list[Any]) -> list[Any]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated values in {v}: each grid value once")
+        return v
+
+    @property
+    def experiment_axes(self) -> dict[str, list[Any]]:
+        """The swept axes (non-empty lists), in the grid's order."""
+        axes = {"target": self.target, "data_fraction": self.data_fraction, "modality": self.modality,
+                "lora_r": self.lora_r, "alpha_ratio": self.alpha_ratio, "learning_rate": self.learning_rate,
+                "general_mix": self.general_mix}
+        return {k: list(v) for k, v in axes.items() if v}
+
+
+class MlflowTracking(StrictModel):
+    tracking_uri: str = Field(description="MLflow tracking URI (a server URL, `sqlite:///mlflow.db` or `file:./mlruns`).")
+    experiment: str = Field(description="MLflow experiment name.")
+
+
+class WandbTracking(StrictModel):
+    project: str = Field(description="Weights & Biases project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); default your own.")
+
+
+class TrackingSpec(StrictModel):
+    """Where the trainer logs (Axolotl's own keys; TRL's `report_to`) and where `stepwise experiment`
+    logs each point's eval metrics, teacher cost and data fraction (the same run)."""
+
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TrackingSpec:
+        if self.mlflow and self.wandb:
+            raise ValueError("set one of `mlflow` and `wandb`")
+        return self
 
 
 class DPOSpec(StrictModel):
@@ -400,6 +450,7 @@ class TrainingSpec(StrictModel):
     save_total_limit: int = Field(2, ge=1, le=100, description="Checkpoints kept; older ones are deleted as new ones land.")
     profile: Literal["gpu", "cpu"] = Field("gpu", description="`cpu` applies the CPU overrides (no bf16/flash).")
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _one_sharding(self) -> TrainingSpec:

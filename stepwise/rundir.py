@@ -204,8 +204,10 @@ def runs_root_for(recipe) -> Path:
     return recipe.resolve(recipe.runs_dir)
 
 
-def create_run(recipe, run_dir: Path | None = None) -> RunDir:
-    """Make (or reopen) a run directory and record the recipe in its manifest."""
+def create_run(recipe, run_dir: Path | None = None, *, point_latest: bool = True) -> RunDir:
+    """Make (or reopen) a run directory and record the recipe in its manifest. `point_latest=False`
+    leaves `<runs>/<recipe>/latest` alone (an experiment's sub-runs are not the recipe's latest run)."""
+
     root = runs_root_for(recipe) / recipe.name
     path = Path(run_dir) if run_dir else root / new_run_id()
     run = RunDir(path)
@@ -223,7 +225,8 @@ def create_run(recipe, run_dir: Path | None = None) -> RunDir:
 
     run.update_manifest(init)
     run.layout.recipe_copy.write_text(recipe_text, encoding="utf-8")
-    _point_latest(root, path)
+    if point_latest:
+        _point_latest(root, path)
     return run
 
 

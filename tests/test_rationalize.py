@@ -270,3 +270,26 @@ def test_curate_command_offline_miss_exits_2_and_validate_names_the_field(tmp_pa
         (tmp_path / "bad" / "recipe.yaml").write_text(text.replace("  label_field: label\n", ""))
     res = runner.invoke(app, ["validate", str(tmp_path / "bad" / "recipe.yaml")])
     assert res.exit_code == 2 and "curation.on_gold_mismatch: 'rationalize' needs data.label_field" in res.output
+
+
+def test_stepwise_run_curates_with_rationalization_and_skips_when_nothing_is_owed(tmp_path: Path) -> None:
+    from stepwise.pipeline import RunOptions, run_pipeline
+
+    with OpenAIStub() as stub:
+        recipe, run = _setup(tmp_path, stub)
+        opts = RunOptions(until_stage="curate", progress=False)
+        first = {o.stage: o for o in run_pipeline(recipe, run, opts).outcomes}
+        assert first["curate"].status == "done" and "rationalized 4 of 4 gold mismatches" in first["curate"].detail
+        n = len(stub.log)
+        second = {o.stage: o.status for o in run_pipeline(recipe, run, opts).outcomes}
+        assert second["curate"] == "skipped" and len(stub.log) == n
+        # an answer the cache lost (or a cap stop) is owed: curate runs again instead of being skipped
+        import sqlite3
+
+        victim = next(r for s in ("train", "val") for r in read_jsonl(run.layout.curated(s))
+                      if r.get("rationale_source") == "rationalized")["rationalization"]["cache_key"]
+        with sqlite3.connect(cache_path(recipe)) as db:
+            db.execute("DELETE FROM responses WHERE key = ?", (victim,))
+        assert owed_rationalizations(recipe, run, offline=False) == 1
+        third = {o.stage: o for o in run_pipeline(recipe, run, opts).outcomes}
+        assert third["curate"].status == "done" and len(stub.log) == n + 1

@@ -32,6 +32,7 @@ from typing import Any
 
 from stepwise.training.common import dump_yaml
 from stepwise.training.shapes import ModelShape, resolve_shape
+from stepwise.training.tracking import axolotl_keys
 from stepwise.training.vram import MODALITIES, Estimate, PlanInput, choose_modality, estimate
 
 from stepwise.io import iter_jsonl, sha256_file
@@ -445,6 +446,7 @@ def _config_dict(recipe: Recipe, pt: Point, name: str, seq: int, epochs: float, 
         if spec.gradient_checkpointing:  # Unsloth's offloaded checkpointing needs checkpointing on
             cfg["activation_offloading"] = "legacy"
     cfg["logging_steps"] = 1
+    cfg.update(axolotl_keys(spec.tracking, name))  # training.tracking: Axolotl's own mlflow_*/wandb_* keys
     if val is not None:
         cfg["evals_per_epoch"] = 4
     # A bounded interval, not once per epoch: a killed run loses at most save_every_steps steps

@@ -67,6 +67,7 @@ from stepwise.training.configgen import (
     sequence_len_for,
 )
 from stepwise.training.shapes import resolve_shape
+from stepwise.training.tracking import trl_env, trl_report_to
 
 from stepwise.io import atomic_write_text, iter_jsonl
 from stepwise.layout import RunLayout
@@ -109,6 +110,10 @@ class TRLRunConfig(BaseModel):
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     resume_from_checkpoint: str | None = Field(None, description="Set by `stepwise train`: the checkpoint it resumes.")
+    # training.tracking (stepwise.training.tracking): transformers' `report_to` and the environment its callback reads
+    report_to: list[Literal["mlflow", "wandb"]] | None = None
+    tracking_env: dict[str, str] | None = None
+    run_name: str | None = None
     train_file: str
     val_file: str | None = None
     output_dir: str
@@ -156,7 +161,8 @@ def generate_trl_configs(recipe: Any, *, run_dir: Path | None, use_data: bool, r
         gradient_accumulation_steps=spec.gradient_accumulation_steps, sequence_len=seq,
         gradient_checkpointing=spec.gradient_checkpointing and modality != "prefix_tuning",
         bf16=False if spec.profile == "cpu" else "auto", save_steps=spec.save_every_steps,
-        save_total_limit=spec.save_total_limit,
+        save_total_limit=spec.save_total_limit, report_to=trl_report_to(spec.tracking) or None,
+        tracking_env=trl_env(spec.tracking) or None, run_name=name if spec.tracking.mlflow or spec.tracking.wandb else None,
         train_file=_rel(train_path, base), val_file=None if data.val_empty else _rel(val_path, base),
         output_dir=_rel(RunLayout(run_path).train_output(name), base),
     ).model_dump(exclude_none=True)
@@ -395,6 +401,7 @@ def build_trainer(spec: TRLRunConfig) -> Any:
     from transformers import set_seed
 
     set_seed(spec.seed)  # SFTTrainer builds the PEFT adapter before Trainer seeds: seed its init too
+    os.environ.update(spec.tracking_env or {})  # the tracker callback reads its settings from the environment
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -411,7 +418,8 @@ def build_trainer(spec: TRLRunConfig) -> Any:
         per_device_eval_batch_size=spec.micro_batch_size, gradient_accumulation_steps=spec.gradient_accumulation_steps,
         max_length=spec.sequence_len, gradient_checkpointing=spec.gradient_checkpointing, bf16=bf16,
         use_cpu=not cuda, seed=spec.seed, logging_steps=1, save_strategy="steps", save_steps=spec.save_steps,
-        save_total_limit=spec.save_total_limit, eval_strategy="no", report_to=[],
+        save_total_limit=spec.save_total_limit, eval_strategy="no", report_to=list(spec.report_to or []),
+        run_name=spec.run_name,
         dataloader_num_workers=0, dataset_num_proc=None, completion_only_loss=True, packing=False,
         disable_tqdm=True,
     )

@@ -1,0 +1,331 @@
+"""`stepwise experiment` (stepwise.experiment): the grid, nested data fractions, bad input, the
+planner in the loop, tracking keys; the real 2 x 2 grid on support-tickets is the slow test at the end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from stepwise.training.backends import generate_configs
+from stepwise.training.configgen import sweep_points
+from stepwise.training.testing import make_run, write_recipe
+from typer.testing import CliRunner
+
+from stepwise.cli import app
+from stepwise.experiment import (
+    ExperimentError,
+    nested_subset,
+    parallel_slots,
+    plan_points,
+    select_points,
+)
+from stepwise.recipe import load_recipe
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+def _recipe(tmp_path: Path, extra: str):
+    return load_recipe(write_recipe(tmp_path, extra))
+
+
+def test_grid_points_values_and_ids(tmp_path):
+    recipe = _recipe(tmp_path, """\
+    modality: lora
+    lora_r: 8
+    sweep:
+      target: [multitask, label_only]
+      data_fraction: [0.5, 1.0]
+      modality: [full, lora]
+      alpha_ratio: [2, 4]
+    """)
+    points = plan_points(recipe)
+    ids = [p.id for p in points]
+    # full ignores the alpha ratio: 2 targets x 2 fractions x (1 full + 2 lora)
+    assert len(points) == 12 and len(set(ids)) == 12
+    assert ids[0] == "multitask-f0.5-full" and "label_only-f1-lora-a2" in ids
+    by = {p.id: p for p in points}
+    pt = by["label_only-f1-lora-a2"]
+    assert pt.recipe.training.dss_output == "label_only" and pt.recipe.training.lora_alpha == 16
+    assert pt.recipe.training.sweep.experiment_axes == {}  # one config per point
+    assert pt.recipe.source_path == recipe.source_path
+    # the planner's estimate is there for every full/lora point and a 135M model fits 24 GB
+    assert all(p.estimate_gb and p.fits for p in points)
+    assert [p.index for p in points] == list(range(12))
+
+
+def test_existing_sweep_still_writes_one_config_per_point(tmp_path):
+    """The new axes are the experiment's; `stepwise configs` still sweeps modality/rank/alpha/LR."""
+    recipe, run_dir = make_run(tmp_path, """\
+    modality: lora
+    micro_batch_size: 1
+    gradient_accumulation_steps: 1
+    sweep:
+      lora_r: [8, 16]
+      target: [multitask, label_only]
+      data_fraction: [0.5, 1.0]
+    """)
+    configs = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)
+    assert [c.name for c in configs] == ["tiny-train-lora-r8", "tiny-train-lora-r16"]
+    assert len(sweep_points(recipe.training)) == 2
+
+
+def test_nested_fractions_are_subsets_and_stratified():
+    rows = [{"id": f"r{i}", "label": "a" if i % 3 else "b"} for i in range(60)]
+
+    def strat(r):
+        return r["label"]
+
+    subsets = {f: {r["id"] for r in nested_subset(rows, f, 42, strat)} for f in (0.125, 0.25, 0.5, 1.0)}
+    assert subsets[0.125] < subsets[0.25] < subsets[0.5] < subsets[1.0]
+    half = nested_subset(rows, 0.5, 42, strat)
+    assert sum(r["label"] == "b" for r in half) == 10 and sum(r["label"] == "a" for r in half) == 20
+    assert [r["id"] for r in half] == [r["id"] for r in rows if r["id"] in subsets[0.5]]  # input order kept
+    assert {r["id"] for r in nested_subset(rows, 0.5, 7, strat)} != subsets[0.5]  # the seed decides
+    assert nested_subset(rows, 0.5, 42, strat) == half  # and only the seed
+
+
+def test_point_the_backend_cannot_train_exits_2_naming_it(tmp_path):
+    recipe_path = write_recipe(tmp_path, """\
+    backend: trl
+    modality: ia3
+    sweep:
+      modality: [lora, qlora]
+    """)
+    with pytest.raises(ExperimentError, match="point qlora"):
+        plan_points(load_recipe(recipe_path))
+    res = runner.invoke(app, ["experiment", str(recipe_path), "--dry-run"])
+    assert res.exit_code == 2 and "point qlora" in res.output
+
+
+def test_general_mix_axis_needs_a_general_file(tmp_path):
+    recipe = _recipe(tmp_path, "sweep:\n  general_mix: [0.0, 0.1]\n")
+    with pytest.raises(ExperimentError, match="curation.general_mix"):
+        plan_points(recipe)
+
+
+def test_rationale_targets_need_a_dss_teacher(tmp_path):
+    path = write_recipe(tmp_path, "sweep:\n  target: [cot]\n")
+    text = path.read_text().replace("  base_url: http://127.0.0.1:1/v1\n",
+                                    "  base_url: http://127.0.0.1:1/v1\n  format: label_only\n")
+    path.write_text(text)
+    with pytest.raises(ExperimentError, match="point cot: target cot trains on rationales"):
+        plan_points(load_recipe(path))
+
+
+def test_repeated_axis_values_are_bad_input(tmp_path):
+    path = write_recipe(tmp_path, "sweep:\n  data_fraction: [0.5, 0.5]\n")
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2 and "data_fraction" in res.output
+
+
+def test_points_selection_and_max_points_confirmation(tmp_path):
+    recipe_path = write_recipe(tmp_path, "modality: lora\nsweep:\n  data_fraction: [0.25, 0.5, 1.0]\n"
+                               "  target: [multitask, label_only]\n")
+    points = plan_points(load_recipe(recipe_path))
+    assert [p.id for p in select_points(points, "0,label_only-f1")] == ["multitask-f0.25", "label_only-f1"]
+    assert [p.index for p in select_points(points, "1-3")] == [1, 2, 3]
+    with pytest.raises(ExperimentError, match="--points 9"):
+        select_points(points, "9")
+    # larger than --max-points: asks; declining starts nothing (exit 2)
+    res = runner.invoke(app, ["experiment", str(recipe_path), "--max-points", "4", "--dir", str(tmp_path / "exp")],
+                        input="n\n")
+    assert res.exit_code == 2 and "more than --max-points 4" in res.output
+    assert not (tmp_path / "exp" / "shared").exists()
+
+
+def test_planner_caps_parallel_and_lists_points_that_do_not_fit(tmp_path):
+    recipe_path = write_recipe(tmp_path, """\
+    base_model: llama-7b
+    gpu_memory_gb: 24
+    sequence_len: 2048
+    sweep:
+      modality: [full, lora, qlora]
+    """)
+    points = plan_points(load_recipe(recipe_path), check_backend=False)
+    by = {p.id: p for p in points}
+    assert not by["full"].fits and by["full"].estimate_gb > 24
+    assert by["qlora"].fits and by["lora"].fits
+    res = runner.invoke(app, ["experiment", str(recipe_path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "does not fit (planner:" in res.output
+    # qlora ~ 10 GB fits twice in 24 GB on one GPU; the lora estimate decides when both run
+    fitting = [by["qlora"]]
+    slots, why = parallel_slots(fitting, 8, gpus=1)
+    assert slots == int(24 // by["qlora"].estimate_gb) and "planner" in why
+    assert parallel_slots(fitting, 8, gpus=2)[0] == 2 * slots
+    assert parallel_slots(fitting, 1, gpus=2) == (1, "")
+
+
+def test_tracking_sets_axolotl_and_trl_keys(tmp_path):
+    recipe, run_dir = make_run(tmp_path, """\
+    modality: lora
+    micro_batch_size: 1
+    gradient_accumulation_steps: 1
+    tracking:
+      mlflow: {tracking_uri: "file:./mlruns", experiment: dss-grid}
+    """)
+    cfg = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)[0].config
+    assert cfg["mlflow_tracking_uri"] == "file:./mlruns" and cfg["mlflow_experiment_name"] == "dss-grid"
+    assert cfg["mlflow_run_name"] == "tiny-train-lora"
+    from stepwise.training.backends import check_config
+    from stepwise.training.configgen import write_configs
+
+    path = write_configs(generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path), tmp_path / "cfg")[0]
+    assert check_config(path, base_dir=tmp_path).ok  # Axolotl's schema knows the keys
+
+    (tmp_path / "w").mkdir()
+    recipe2, run2 = make_run(tmp_path / "w", """\
+    backend: trl
+    modality: lora
+    micro_batch_size: 1
+    gradient_accumulation_steps: 1
+    tracking:
+      wandb: {project: dss, entity: team}
+    """)
+    trl = generate_configs(recipe2, run_dir=run2, relative_to=tmp_path)[0].config
+    assert trl["report_to"] == ["wandb"] and trl["tracking_env"] == {"WANDB_PROJECT": "dss", "WANDB_ENTITY": "team"}
+
+
+def test_mlflow_logging_to_a_local_file_store(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from stepwise.training.tracking import log_point, open_mlflow_run
+
+    from stepwise.recipe import TrackingSpec
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    spec = TrackingSpec.model_validate({"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "g"}})
+    run_id = open_mlflow_run(spec, "multitask-f0.5")
+    assert open_mlflow_run(spec, "multitask-f0.5", run_id) == run_id  # a restarted point: the same run
+    assert log_point(spec, "multitask-f0.5", run_id, {"accuracy": 0.5, "teacher_cost_usd": 0.01},
+                     {"data_fraction": 0.5, "target": "multitask"}) == run_id
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=spec.mlflow.tracking_uri).get_run(run_id)
+    assert run.data.metrics["accuracy"] == 0.5 and run.data.params["data_fraction"] == "0.5"
+    assert run.info.run_name == "multitask-f0.5"
+
+
+def test_the_shipped_experiment_recipe_plans_the_papers_grid():
+    recipe = load_recipe(REPO / "examples" / "support-tickets" / "recipe.experiment.yaml")
+    points = plan_points(recipe)
+    assert len(points) == 8
+    assert {p.values["target"] for p in points} == {"multitask", "label_only"}
+    assert sorted({p.values["data_fraction"] for p in points}) == [0.125, 0.25, 0.5, 1.0]
+
+
+def test_better_only_when_the_paired_ci_excludes_zero():
+    from stepwise.experiment_report import paired, pareto, verdict
+
+    items = [f"t{i}" for i in range(40)]
+    a = {"scores": {i: 0.0 for i in items}}
+    b = {"scores": {i: 1.0 if k < 30 else 0.0 for k, i in enumerate(items)}}
+    c = {"scores": {i: 1.0 if k in (3, 17) else 0.0 for k, i in enumerate(items)}}
+    assert verdict("label_only", "multitask", paired(a, b)).startswith("multitask is better than label_only")
+    assert verdict("multitask", "label_only", paired(b, a)).startswith("multitask is better than label_only")
+    tie = verdict("label_only", "multitask", paired(a, c))
+    assert "no detectable difference at n = 40" in tie and "better" not in tie
+    assert "no common test items" in verdict("x", "y", paired(a, {"scores": {"other": 1.0}}))
+    # Pareto: higher metric, lower memory, lower time; a point beaten on all three drops out
+    pts = [{"id": "big", "metric": {"value": 0.9}, "peak_memory_mb": 9000, "train_wall_s": 90, "estimate_gb": None},
+           {"id": "small", "metric": {"value": 0.8}, "peak_memory_mb": 3000, "train_wall_s": 30, "estimate_gb": None},
+           {"id": "worse", "metric": {"value": 0.7}, "peak_memory_mb": 9500, "train_wall_s": 95, "estimate_gb": None},
+           {"id": "none", "metric": None, "peak_memory_mb": None, "train_wall_s": None, "estimate_gb": None}]
+    assert [p["id"] for p in pareto(pts)] == ["big", "small"]
+
+
+# -- the real grid -------------------------------------------------------------------------------
+
+
+def _small_experiment(tmp_path: Path) -> Path:
+    """support-tickets (the recorded teacher cache, offline), 2 x 2, tiny eval, no forgetting."""
+    src = REPO / "examples" / "support-tickets"
+    dst = tmp_path / "support-tickets"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "*.sqlite-*"))
+    recipe = yaml.safe_load((src / "recipe.yaml").read_text())
+    recipe["data"]["limit"] = 48
+    recipe["training"].update(micro_batch_size=2, gradient_accumulation_steps=1, sequence_len=256,
+                              sweep={"target": ["multitask", "label_only"], "data_fraction": [0.5, 1.0]},
+                              tracking={"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "grid"}})
+    recipe["curation"]["min_train_rows"] = 4
+    recipe["eval"] = {"task": {"max_new_tokens": 16, "batch_size": 8, "bootstrap": 200, "limit": 6,
+                               "compare_base": False}, "forgetting": {"benchmarks": []}}
+    path = dst / "recipe.grid.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_two_by_two_grid_resumes_and_reports(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    recipe_path = _small_experiment(tmp_path)
+    exp = tmp_path / "exp"
+    common = [str(recipe_path), "--dir", str(exp), "--cpu", "--max-steps", "2", "--offline", "--no-progress"]
+    # a slice first (as if killed after two points)
+    res = runner.invoke(app, ["experiment", *common, "--points", "0,label_only-f0.5"])
+    assert res.exit_code == 0, res.output
+    status = {p.name: json.loads((p / "point.json").read_text())["status"] for p in (exp / "points").iterdir()}
+    assert status == {"multitask-f0.5": "done", "label_only-f0.5": "done"}
+
+    # a point killed mid-way (its point.json says running) restarts alone; finished ones are skipped
+    (exp / "points" / "label_only-f0.5" / "point.json").write_text(json.dumps({"status": "running", "pid": 1}))
+    res = runner.invoke(app, ["experiment", *common])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((exp / "experiment.json").read_text())
+    ids = [p["id"] for p in plan["points"]]
+    assert ids == ["multitask-f0.5", "multitask-f1", "label_only-f0.5", "label_only-f1"]
+    assert "skipped" in res.output and "multitask-f0.5" in res.output
+
+    shared = json.loads((exp / "shared" / "manifest.json").read_text())["stages"]
+    assert {s for s, i in shared.items() if i.get("status") == "done"} >= {"generate", "curate", "review"}
+    assert "export" not in shared  # training stages run only in the points
+    rows = {}
+    for pid in ids:
+        run = exp / "points" / pid
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["experiment"]["point"] == pid
+        for stage in ("export", "configs", "train", "eval", "report"):
+            assert manifest["stages"][stage]["status"] == "done", (pid, stage, manifest["stages"][stage])
+        assert (run / "report.html").exists() and (run / "eval" / "task.json").exists()
+        assert len(list((run / "configs").glob("*.yaml"))) == 1
+        rows[pid] = {json.loads(line)["id"] for line in (run / "review" / "reviewed.jsonl").read_text().splitlines()
+                     if json.loads(line).get("split") == "train"}
+        chat = (run / "export" / "train.chat.jsonl").read_text().splitlines()
+        kinds = manifest["stages"]["export"]["export"]["train"]["kinds"]
+        assert ("rationale" in kinds) == pid.startswith("multitask"), kinds
+        assert len(chat) == sum(kinds.values())
+    # nested, and the same rows for both targets at the same fraction
+    assert rows["multitask-f0.5"] == rows["label_only-f0.5"] < rows["multitask-f1"] == rows["label_only-f1"]
+    # the restarted point's earlier stages were not redone (its pipeline skipped them)
+    relaunched = json.loads((exp / "points" / "label_only-f0.5" / "manifest.json").read_text())["stages"]
+    assert relaunched["train"]["pipeline"]["status"] == "skipped"
+
+    html = (exp / "experiment.html").read_text()
+    for section in ("Grid", "Learning curves", "Modality: metric vs memory vs time", "alpha:rank", "Forgetting",
+                    "Teacher cost", "Pareto-best points"):
+        assert f"<h2>{section}</h2>" in html, section
+    assert html.count("<svg") >= 1
+    assert "no detectable difference at n = " in html or "is better than" in html
+    assert "stepwise experiment" in html and "--points" in html
+    results = json.loads((exp / "results.json").read_text())
+    assert all(p["status"] == "done" and p["metric"]["n"] == 6 for p in results["points"])
+
+    # tracking: each point's metrics, teacher cost and data fraction in its MLflow run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(ids) <= set(by_name)
+    r = by_name["label_only-f1"]
+    assert "accuracy" in r.data.metrics and r.data.metrics["data_fraction"] == 1.0 and "teacher_cost_usd" in r.data.metrics
+
+    # stepwise compare reads the experiment directory: one row per point
+    res = runner.invoke(app, ["compare", str(exp), "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [Path(r["path"]).name for r in compared["runs"]] == ids
