@@ -314,10 +314,14 @@ def render(layout: ExperimentLayout, data: dict[str, Any]) -> str:
         mem = f"{p['peak_memory_mb']:.0f} MB" if p["peak_memory_mb"] else (
             f"{p['estimate_gb']:.1f} GB (planner)" if p["estimate_gb"] else "-")
         p_rows.append([p["id"], _pct(p["metric"]), mem, _num(p["train_wall_s"], "{:.1f}"), cmd(p["id"])])
-    p_notes = [verdict(front[0]["id"], p["id"], paired(front[0], p)) for p in front[1:]] if front else []
+    if not front:
+        p_notes = ["no finished point with a metric yet"]
+    else:  # the best by metric against the others on the front: cheaper, but is it worse?
+        p_notes = [verdict(p["id"], front[0]["id"], paired(p, front[0])) for p in front[1:]] or [
+            f"{front[0]['id']} is at least as good as every other point on metric, memory and time at once"]
     sections.append({"title": "Pareto-best points", "template": "table.html.j2",
                      "ctx": {"headers": ["point", "metric [95% CI]", "memory", "train s", "reproduce"],
-                             "rows": p_rows, "notes": p_notes or ["no finished point with a metric yet"]}})
+                             "rows": p_rows, "notes": p_notes}})
 
     env = _env()
     rendered = [{"title": s["title"], "anchor": s["title"].lower().replace(" ", "-").replace(":", ""),

@@ -207,7 +207,6 @@ def runs_root_for(recipe) -> Path:
 def create_run(recipe, run_dir: Path | None = None, *, point_latest: bool = True) -> RunDir:
     """Make (or reopen) a run directory and record the recipe in its manifest. `point_latest=False`
     leaves `<runs>/<recipe>/latest` alone (an experiment's sub-runs are not the recipe's latest run)."""
-
     root = runs_root_for(recipe) / recipe.name
     path = Path(run_dir) if run_dir else root / new_run_id()
     run = RunDir(path)
