@@ -394,8 +394,14 @@ def _student_vs_teacher(
 
 def _batch1(tc, model: ModelRef, recipe: Recipe, rows: list[dict[str, Any]], device: str,
             notes: list[str]) -> dict[str, Any] | None:
+    generate = None
+    if model.kind == "gguf":  # a GGUF student is timed on the backend that serves it (llama.cpp)
+        from stepwise.evals.gguf_generate import generate_gguf
+
+        def generate(m, prompts, *, max_new_tokens, batch_size, device):
+            return generate_gguf(m, prompts, max_new_tokens=max_new_tokens)
     try:
-        return tc.measure_batch1(model, recipe, rows, device)
+        return tc.measure_batch1(model, recipe, rows, device, generate=generate)
     except (OSError, ValueError, RuntimeError) as exc:
         notes.append(f"batch-1 latency of {model.label} not measured: {exc}")
         return None

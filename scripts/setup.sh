@@ -49,6 +49,10 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   esac
   CMAKE_ARGS="$lcpp_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip install -q "llama-cpp-python==0.3.36"
 fi
+# The GGUF converter of `stepwise package`: llama.cpp's convert_hf_to_gguf.py (+ gguf-py) from the same
+# pinned llama-cpp-python sdist, sha256-checked, extracted once under $STEPWISE_HOME (stepwise.training.gguf;
+# a no-op when present).
+.venv/bin/python -m stepwise.training.gguf --install >/dev/null
 rm -f .venv/.stepwise-setup-*
 touch "$stamp"
 echo "[setup] .venv ready"
