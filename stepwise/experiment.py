@@ -404,6 +404,12 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
         prepare_point(recipe, pt, shared, run)
         first, last = point_stages()
         summary = run_pipeline(pt.recipe, run, replace(opts, from_stage=first, until_stage=last), on_stage=on_stage)
+    except Exception as exc:  # noqa: BLE001 - recorded on the point; the other points still run
+        detail = f"{type(exc).__name__}: {exc}"
+        atomic_write_json(layout.point_status(pt.id), {"status": "failed", "exit_code": 1, "finished": _now(),
+                                                       "values": pt.values, "detail": detail,
+                                                       "tracking_run_id": run_id})
+        return PointOutcome(pt, "failed", 1, detail, time.time() - t0)
     finally:
         os.environ.clear()
         os.environ.update(env_before)
@@ -500,7 +506,8 @@ def run_experiment(recipe: Recipe, layout: ExperimentLayout, points: list[Point]
         summary.notes.append(why)
         log(why)
     if slots > 1 and len(todo) > 1:
-        summary.outcomes += run_parallel(recipe, layout, todo, slots, worker_flags or [], gpus, log)
+        summary.outcomes += run_parallel(recipe, layout, todo, slots, [*(worker_flags or []), *(["--force"] if force else [])],
+                                         gpus, log)
     else:
         for pt in todo:
             log(f"point {pt.index} {pt.id}: {pt.describe()}")
