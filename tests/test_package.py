@@ -284,3 +284,29 @@ def test_package_is_the_last_stage_with_its_own_exit_code():
 
     assert PIPELINE[-1].name == "package" and STAGE_EXIT["package"] == 19
     assert PIPELINE[-1].outputs(RunLayout(Path("/r"))) == [Path("/r/package")]
+
+
+def test_model_card_teacher_table_from_the_eval_record(tmp_path):
+    """The card's student-vs-teacher table is eval/student_vs_teacher.json as stepwise.evals.teacher_compare
+    renders it; without the file: None (the card says "not measured")."""
+    from stepwise.training.package import teacher_table
+
+    lay = RunLayout(tmp_path)
+    assert teacher_table(lay) is None
+    lay.eval_dir.mkdir()
+    metric = {"value": 0.75, "ci_low": 0.6, "ci_high": 0.9}
+    lat = {"measured": True, "note": None, "batch1": {"batch_size": 1, "n": 4, "p50_s": 0.5, "p95_s": 0.9,
+                                                       "tokens_per_s": 20.0, "s_per_request": 0.6}, "batched": None}
+    lay.student_vs_teacher.write_text(json.dumps({
+        "version": 1, "main_metric": "accuracy", "n": 4, "student_cost_per_hour": 1.0, "notes": [],
+        "models": [{"role": "teacher", "model": "big-teacher", "n": 4, "metrics": {"accuracy": {**metric, "value": 0.5}},
+                    "vs_student": {"accuracy": {"other": 0.5, "student": 0.75, "delta": 0.25, "delta_ci": [0.0, 0.5]}},
+                    "latency": {"measured": False, "note": "cached, latency not measured"}, "cost_per_1k": 2.5,
+                    "cost_basis": "price x tokens"},
+                   {"role": "student", "model": "tiny-lora", "n": 4, "metrics": {"accuracy": metric}, "vs_student": None,
+                    "latency": lat, "cost_per_1k": 0.1667, "cost_basis": "measured"}],
+        "break_even": {"requests": 1000, "text": "1,000 requests", "upfront_usd": 2.0, "data_spend_usd": 1.5,
+                       "training_cost_usd": 0.5, "saving_per_request_usd": 0.002}}), encoding="utf-8")
+    md = teacher_table(lay)
+    assert "| big-teacher | teacher | 50.0 [60.0, 90.0] | +25.0 [+0.0, +50.0] |" in md
+    assert "| tiny-lora | student | 75.0 [60.0, 90.0] | - | 0.500 / 0.900 |" in md and "Break-even: 1,000 requests" in md

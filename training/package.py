@@ -244,21 +244,13 @@ def forgetting_table(lay: RunLayout) -> tuple[list[dict[str, str]], str | None]:
     return rows, gate.get("verdict")
 
 
-def teacher_table(lay: RunLayout) -> list[dict[str, str]]:
-    """Student vs teacher (and base) from eval/student_vs_teacher.json (stepwise.evals.teacher_compare)."""
-    rep = _read_json(lay.student_vs_teacher)
-    if not rep:
-        return []
-    main = rep.get("main_metric") or "accuracy"
-    rows = []
-    for m in rep.get("models") or []:
-        metric = (m.get("metrics") or {}).get(main) or {}
-        lat = (m.get("latency") or {}).get("batch1") or (m.get("latency") or {}).get("batched") or {}
-        rows.append({"role": str(m.get("role")), "model": str(m.get("model")), "metric": main,
-                     "value": _fmt(metric.get("value")),
-                     "ci": f"[{_fmt(metric.get('ci_low'))}, {_fmt(metric.get('ci_high'))}]",
-                     "p50_s": _fmt(lat.get("p50_s")), "cost_per_1k": _fmt(m.get("cost_per_1k"), 4)})
-    return rows
+def teacher_table(lay: RunLayout) -> str | None:
+    """Student vs teacher (and base) as Markdown, from eval/student_vs_teacher.json through
+    stepwise.evals.teacher_compare's own table (the one the report and `stepwise compare` show)."""
+    from stepwise.evals.teacher_compare import markdown
+
+    table = _read_json(lay.student_vs_teacher)
+    return markdown(table) if table and table.get("models") else None
 
 
 # -- the package --------------------------------------------------------------------------------
