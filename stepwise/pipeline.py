@@ -247,8 +247,11 @@ def _report(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
 
 def _package(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
+    from stepwise.training.backends import get_backend
     from stepwise.training.package import run_package
 
+    if get_backend(recipe.training.backend).hosted:  # no weights here: nothing to merge or convert
+        return f"nothing to package: training.backend {recipe.training.backend} hosts the student (its weights stay with the provider)"
     res = run_package(recipe, run)
     files = ", ".join(p.name for p in res.gguf.values())
     return f"{run.layout.package_dir}: merged model, {files or 'no GGUF'}, model card ({res.timings.get('total_s')}s)"

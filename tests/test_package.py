@@ -310,3 +310,14 @@ def test_model_card_teacher_table_from_the_eval_record(tmp_path):
     md = teacher_table(lay)
     assert "| big-teacher | teacher | 50.0 [60.0, 90.0] | +25.0 [+0.0, +50.0] |" in md
     assert "| tiny-lora | student | 75.0 [60.0, 90.0] | - | 0.500 / 0.900 |" in md and "Break-even: 1,000 requests" in md
+
+
+def test_run_package_stage_with_a_hosted_student_says_there_is_nothing_to_package(tmp_path):
+    """training.backend openai: the student's weights stay with the provider; `stepwise run` must not end
+    with the package stage's exit 19 for that."""
+    from stepwise.pipeline import PIPELINE, RunOptions
+    from stepwise.training.testing import make_run
+
+    recipe, run_dir = make_run(tmp_path, "backend: openai")
+    assert "nothing to package" in PIPELINE[-1].run(recipe, RunDir(run_dir), RunOptions())
+    assert not RunLayout(run_dir).package_dir.exists()
