@@ -315,8 +315,9 @@ def test_model_card_teacher_table_from_the_eval_record(tmp_path):
 def test_run_package_stage_with_a_hosted_student_says_there_is_nothing_to_package(tmp_path):
     """training.backend openai: the student's weights stay with the provider; `stepwise run` must not end
     with the package stage's exit 19 for that."""
-    from stepwise.pipeline import PIPELINE, RunOptions
     from stepwise.training.testing import make_run
+
+    from stepwise.pipeline import PIPELINE, RunOptions
 
     recipe, run_dir = make_run(tmp_path, "backend: openai")
     assert "nothing to package" in PIPELINE[-1].run(recipe, RunDir(run_dir), RunOptions())
