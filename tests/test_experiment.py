@@ -68,7 +68,7 @@ def test_existing_sweep_still_writes_one_config_per_point(tmp_path):
       target: [multitask, label_only]
       data_fraction: [0.5, 1.0]
     """)
-    configs = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)
+    configs = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path, use_data=False)
     assert [c.name for c in configs] == ["tiny-train-lora-r8", "tiny-train-lora-r16"]
     assert len(sweep_points(recipe.training)) == 2
 
@@ -168,14 +168,10 @@ def test_tracking_sets_axolotl_and_trl_keys(tmp_path):
     tracking:
       mlflow: {tracking_uri: "file:./mlruns", experiment: dss-grid}
     """)
-    cfg = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path)[0].config
+    configs = generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path, use_data=False)
+    cfg = configs[0].config
     assert cfg["mlflow_tracking_uri"] == "file:./mlruns" and cfg["mlflow_experiment_name"] == "dss-grid"
     assert cfg["mlflow_run_name"] == "tiny-train-lora"
-    from stepwise.training.backends import check_config
-    from stepwise.training.configgen import write_configs
-
-    path = write_configs(generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path), tmp_path / "cfg")[0]
-    assert check_config(path, base_dir=tmp_path).ok  # Axolotl's schema knows the keys
 
     (tmp_path / "w").mkdir()
     recipe2, run2 = make_run(tmp_path / "w", """\
@@ -186,8 +182,25 @@ def test_tracking_sets_axolotl_and_trl_keys(tmp_path):
     tracking:
       wandb: {project: dss, entity: team}
     """)
-    trl = generate_configs(recipe2, run_dir=run2, relative_to=tmp_path)[0].config
+    trl = generate_configs(recipe2, run_dir=run2, relative_to=tmp_path, use_data=False)[0].config
     assert trl["report_to"] == ["wandb"] and trl["tracking_env"] == {"WANDB_PROJECT": "dss", "WANDB_ENTITY": "team"}
+
+
+@pytest.mark.slow  # loads Axolotl (20-100 s on the shared box)
+def test_axolotl_accepts_the_tracking_keys(tmp_path):
+    from stepwise.training.backends import check_config
+    from stepwise.training.configgen import write_configs
+
+    recipe, run_dir = make_run(tmp_path, """\
+    modality: lora
+    tracking:
+      wandb: {project: dss}
+    """)
+    path = write_configs(generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path, use_data=False),
+                         tmp_path / "cfg")[0]
+    assert "wandb_project: dss" in path.read_text()
+    report = check_config(path, base_dir=tmp_path, allow_missing_data=True)
+    assert report.ok and report.axolotl_validated, report.messages()
 
 
 def test_mlflow_logging_to_a_local_file_store(tmp_path, monkeypatch):
