@@ -194,6 +194,31 @@ def _curve_svg(title: str, lines: dict[str, list[tuple[float, dict[str, Any]]]],
     return _svg(fig)
 
 
+def _modality_svg(points: list[dict[str, Any]], metric: str) -> Markup | None:
+    """Metric vs memory (measured peak, else the planner's estimate), one colour per modality, the
+    training seconds written beside each point."""
+    from stepwise.report import _plt, _svg
+
+    pts = [p for p in points if p.get("peak_memory_mb") or p.get("estimate_gb")]
+    if len({p["values"]["modality"] for p in pts}) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    for m in sorted({p["values"]["modality"] for p in pts}):
+        mine = [p for p in pts if p["values"]["modality"] == m]
+        xs = [(p["peak_memory_mb"] / 1024) if p["peak_memory_mb"] else p["estimate_gb"] for p in mine]
+        ys = [100 * p["metric"]["value"] for p in mine]
+        ax.scatter(xs, ys, label=m)
+        for x, y, p in zip(xs, ys, mine, strict=True):
+            if p.get("train_wall_s"):
+                ax.annotate(f"{p['train_wall_s']:.0f}s", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    measured = all(p["peak_memory_mb"] for p in pts)
+    ax.set_xlabel("peak memory (GB)" if measured else "memory (GB; the planner's estimate where none was measured)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
 def _section_grid(data: dict[str, Any], cmd: Any) -> dict[str, Any]:
     rows = []
     for p in data["points"]:
@@ -267,7 +292,7 @@ def render(layout: ExperimentLayout, data: dict[str, Any]) -> str:
                     mod_notes.append(f"{k[0]}, fraction {k[1]:g}: " + verdict(ref["id"], p["id"], paired(ref, p)))
     sections.append({"title": "Modality: metric vs memory vs time", "template": "table.html.j2",
                      "ctx": {"headers": ["modality", "point", "metric [95% CI]", "peak memory", "train s"],
-                             "rows": mod_rows, "notes": mod_notes}})
+                             "rows": mod_rows, "notes": mod_notes, "svg": _modality_svg(done, metric)}})
 
     # alpha:rank table
     ranks = sorted({p["values"]["lora_r"] for p in done if p["values"]["modality"] != "full"})
