@@ -21,7 +21,7 @@ from stepwise.layout import RunLayout
 from stepwise.recipe import load_recipe
 from stepwise.rundir import RunDir
 
-EVAL = "eval:\n  task:\n    max_new_tokens: 16\n    bootstrap: 0\n  forgetting:\n    enabled: false\n"
+EVAL = "eval:\n  task:\n    max_new_tokens: 10\n    bootstrap: 0\n  forgetting:\n    enabled: false\n"
 N_PROMPTS = 5
 
 
@@ -78,7 +78,7 @@ def packaged(lora_run):
     return recipe, run, run_package(recipe, run)
 
 
-def _greedy(model, tok, prompts: list[list[dict]], max_new_tokens: int = 16) -> list[str]:
+def _greedy(model, tok, prompts: list[list[dict]], max_new_tokens: int = 10) -> list[str]:
     import torch
 
     out = []
@@ -165,9 +165,9 @@ def test_gguf_round_trip_transformers_and_llamacpp(packaged):
     g_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=f16)
     g_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=f16, dtype=torch.float32).eval()
     assert _greedy(g_model, g_tok, prompts) == want
-    llama = generate_gguf(resolve_model(str(lay.package_gguf("f16"))), prompts, max_new_tokens=16)
+    llama = generate_gguf(resolve_model(str(lay.package_gguf("f16"))), prompts, max_new_tokens=10)
     assert llama.texts == want
-    q8 = generate_gguf(resolve_model(str(lay.package_gguf("q8_0"))), prompts, max_new_tokens=16)
+    q8 = generate_gguf(resolve_model(str(lay.package_gguf("q8_0"))), prompts, max_new_tokens=10)
     print(f"q8_0 answers equal to the merged model's: {sum(a == b for a, b in zip(q8.texts, want, strict=True))} of {len(want)}")
     assert all(t is not None for t in q8.texts)
 
@@ -216,6 +216,7 @@ def test_package_without_trained_model_exits_2_naming_the_train_stage(tmp_path):
     assert not (run_dir / "package").exists()
 
 
+@pytest.mark.slow  # the converter's own start (torch, transformers) takes ~10-20 s here
 def test_failed_conversion_leaves_no_gguf(tmp_path):
     """A model the converter cannot read: ConversionError, and neither the GGUF nor its temp file exists;
     an earlier good file at the target is left as it was."""
