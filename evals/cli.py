@@ -137,6 +137,7 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Recipe YAML"),
         run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
         model: str = typer.Option(None, "--model", help="Student: known name, HF dir, adapter dir, run train dir, "
+                                                         "a GGUF file (through llama.cpp, e.g. <run>/package/student-f16.gguf), "
                                                          "or openai:<model>@<base_url> (default: newest in <run>/train/)"),
         base: str = typer.Option(None, "--base", help="Base model to compare against (default: training.base_model)"),
         skip_task: bool = typer.Option(False, "--skip-task", help="Only the forgetting eval"),
