@@ -26,9 +26,13 @@ from typing import Any
 from stepwise.curation.holdout import held_out_info, hold_out_test
 from stepwise.pipelines.cache import CacheEntry, ResponseCache, request_key
 from stepwise.pipelines.constraints import (
+    OPENSEARCH_SUBSET,
+    SchemaTooLarge,
     constraint_fingerprint,
+    dss_lark,
     dss_regex,
     generation_kwargs,
+    per_row,
     sampling_params,
 )
 from stepwise.pipelines.executor import (
@@ -178,6 +182,20 @@ class Plan:
         return [k for chs in self.chains for ch in chs for k in ch]
 
 
+def request_model(recipe: Recipe) -> str:
+    """The model as the cache key names it: a llamacpp teacher by its GGUF's content (the same file
+    at another path hits, a changed file misses); any other by its name."""
+    t = recipe.teacher
+    if t.provider != "llamacpp":
+        return t.model
+    from stepwise.pipelines.llamacpp_llm import LlamaCppError, gguf_identity
+
+    try:
+        return gguf_identity(t.model)
+    except LlamaCppError as exc:
+        raise GenerateError(str(exc)) from None
+
+
 def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
     t = recipe.teacher
     params = generation_params(recipe)
@@ -185,10 +203,11 @@ def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
     if t.provider == "llamacpp" and t.constrained_decoding:
         from stepwise.pipelines.grammar import grammar_fingerprint
 
-        constraint = grammar_fingerprint(recipe.task, t.format, t.max_new_tokens)
+        constraint = grammar_fingerprint(recipe.task, t.format, t.max_new_tokens, t.json_depth)
     messages = [build_messages(recipe.task, r.input, t.format) for r in rows]
+    model = request_model(recipe)
     chains = [
-        [[request_key(t.provider, t.model, m, params, constraint, s, attempt=a) for a in range(t.max_attempts)]
+        [[request_key(t.provider, model, m, params, constraint, s, attempt=a) for a in range(t.max_attempts)]
          for s in range(t.num_rationales)]
         for m in messages
     ]
@@ -321,8 +340,17 @@ def build_local_llm(recipe: Recipe, load: bool = True):
     from stepwise.pipelines.local_llm import LocalTransformersLLM
 
     t = recipe.teacher
-    regex = dss_regex(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
-    llm = LocalTransformersLLM(model=t.model, device=t.device, seed=t.seed, regex=regex, n_threads=t.n_threads)
+    regex = lark = None
+    if t.constrained_decoding and recipe.task.is_classification:
+        regex = dss_regex(recipe.task, t.format, t.max_new_tokens)
+    elif t.constrained_decoding:  # structured: the answer's JSON schema through llguidance
+        try:
+            lark = dss_lark(recipe.task, t.format, t.max_new_tokens, t.json_depth)
+        except SchemaTooLarge as exc:
+            raise GenerateError(str(exc)) from None
+        check_lark(recipe, lark)
+    llm = LocalTransformersLLM(model=t.model, device=t.device, seed=t.seed, regex=regex, lark=lark,
+                               n_threads=t.n_threads)
     if load:
         llm.load()
     return llm
@@ -374,6 +402,9 @@ def run_generate(recipe: Recipe, run: RunDir, *, offline: bool = False, max_cost
                 if ray and recipe.teacher.provider == "llamacpp":
                     raise GenerateError("--ray: the llamacpp teacher runs in this process (one model, one KV "
                                         "cache); run without --ray")
+                if ray and recipe.teacher.provider == "transformers" and row_grammars(recipe, todo[:1]):
+                    raise GenerateError("--ray: a grammar per row (task.mapping_field) is applied in this process "
+                                        "only; run without --ray")
                 if ray:
                     from stepwise.pipelines.ray_runner import RayMissing, run_with_ray
 
@@ -499,12 +530,14 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
 
     try:
         if t.provider == "transformers":
+            grammars = row_grammars(recipe, jobs)  # before the model loads: a too large schema stops here
             llm = build_local_llm(recipe)
             gen_kwargs = generation_kwargs(recipe.task, t)
             def generate(batch: list[Job]) -> list[dict[str, Any]]:
                 seed = sample_seed(recipe, max(j.attempt for j in batch))
                 sent = time.perf_counter()
-                out = llm.generate(inputs=[j.messages for j in batch], seed=seed, **gen_kwargs)
+                per_row_kwargs = {"grammars": [grammars[j.key] for j in batch]} if grammars else {}
+                out = llm.generate(inputs=[j.messages for j in batch], seed=seed, **gen_kwargs, **per_row_kwargs)
                 if timings is not None:
                     timings.extend([time.perf_counter() - sent] * len(batch))
                 return out
@@ -548,6 +581,32 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
             raise GenerateError(f"teacher {t.model} at {t.base_url or 'api.openai.com'}: {exc}") from None
     finally:
         bar.close()
+
+
+def row_grammars(recipe: Recipe, jobs: list[Job]) -> dict[str, str]:
+    """Job key -> its own Lark grammar when the local constraint depends on the row (field names
+    from the row's index mapping); empty when one grammar serves every row."""
+    t = recipe.teacher
+    if not (t.constrained_decoding and per_row(recipe.task)):
+        return {}
+    try:
+        grammars = {j.key: dss_lark(recipe.task, t.format, t.max_new_tokens, t.json_depth, j.row_input) for j in jobs}
+    except SchemaTooLarge as exc:
+        raise GenerateError(str(exc)) from None
+    for text in set(grammars.values()):
+        check_lark(recipe, text)
+    return grammars
+
+
+def check_lark(recipe: Recipe, grammar: str) -> None:
+    """llguidance rejects the grammar (a schema it cannot compile): exit 2 with its message."""
+    from stepwise.pipelines.local_llm import lark_error
+
+    error = lark_error(grammar)
+    if error:
+        where = OPENSEARCH_SUBSET if recipe.task.validator == "opensearch_query_dsl" else "the answer JSON schema"
+        raise GenerateError(f"{where}: llguidance cannot compile its grammar ({error}); fallback: lower "
+                            "teacher.json_depth or set teacher.constrained_decoding: false")
 
 
 def request_kwargs(recipe: Recipe, kwargs: dict[str, Any], attempt: int) -> dict[str, Any]:

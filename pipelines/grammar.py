@@ -3,8 +3,8 @@
 Hand-written: the DSS grammar, the exact equivalent of `constraints.dss_regex` (same tags, same
 rationale length bound, labels as string literals). Library: structured (`task.structured: json`)
 answers get their JSON grammar from llama-cpp-python's port of llama.cpp's JSON-schema-to-grammar
-converter, applied to `constraints.json_schema`'s answer schema, inside the same tags; hand-written
-again: a bounded OpenSearch query subset for `validator: opensearch_query_dsl`.
+converter, applied to `constraints.answer_schema` (for `validator: opensearch_query_dsl` the bounded
+OpenSearch subset, field names from the row's mapping), inside the same tags.
 
 Rule names are fixed here and never derived from labels: GBNF rule names allow only [a-zA-Z0-9-].
 """
@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stepwise.pipelines.constraints import _TAG_TOKENS, json_schema
+from stepwise.pipelines.constraints import _TAG_TOKENS, answer_schema, per_row, too_large_message
 
 from stepwise.recipe import TaskSpec
+
+# A larger grammar (a mapping with thousands of fields) makes every llama.cpp sampling step slow.
+MAX_GRAMMAR_CHARS = 5_000_000  # about 1,100 mapped fields at json_depth 1
 
 
 class GrammarError(ValueError):
@@ -35,7 +38,7 @@ def rationale_bounds(max_new_tokens: int, is_classification: bool, answer_tokens
     return 8, max(16, budget)
 
 
-def _answer_json_rules(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
+def _answer_json_rules(schema: dict[str, Any], max_new_tokens: int) -> str:
     """The answer object's grammar from the JSON-schema converter, its root renamed `dss-answer-json`."""
     try:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -43,63 +46,40 @@ def _answer_json_rules(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
         raise GrammarError(f"JSON answers under the llamacpp teacher need llama-cpp-python "
                            f"(pip install 'stepwise[llamacpp]'): {exc}") from None
 
-    schema = json_schema(task, fmt)["properties"]["answer"]
     try:
         text = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # noqa: BLE001 - the converter raises ValueError/KeyError/AssertionError
         raise GrammarError(f"answer JSON schema {json.dumps(schema)[:200]}: llama.cpp's JSON-schema-to-grammar "
                            f"failed: {type(exc).__name__}: {exc}") from None
-    # Hand-written bound: the converter's free-form strings are unbounded (`char*`), and a weak model
-    # fills them until max_new_tokens cuts the JSON; each key/string gets the regex's per-answer room.
-    bound = max(8, max_new_tokens // 2)
+    # Hand-written bound: the converter's free-form strings, arrays and objects are unbounded (`*`),
+    # and a weak model fills them until max_new_tokens cuts the JSON: each key/string gets a quarter
+    # of the answer's room, each free array/object at most 4 items.
+    bound = max(8, max_new_tokens // 4)
     lines = []
     for line in text.splitlines():
         if line.startswith("root ::="):
             line = "dss-answer-json ::=" + line[len("root ::="):]
         if line.startswith("string ::="):
             line = line.replace("char*", f"char{{0,{bound}}}")
+        if line.startswith(("array ::=", "object ::=")):
+            line = line.replace(")*", "){0,3}")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-# Hand-written: a bounded subset of the OpenSearch search request body for `validator:
-# opensearch_query_dsl`. The vendored spec converts (after bundling and workarounds) but is far too
-# permissive for a small model (a dozen optional flags, endless arrays), and the converter ignores
-# minProperties/maxProperties, so "one query type per clause" would not hold. Here every clause holds
-# exactly one query type on one field: match/term/range/match_all leaves, bool with must/filter/
-# should/must_not lists of 1-4 leaves, optional size 0-100 and sort of 1-2 fields. Field names are
-# identifiers, not checked against the row's mapping (one grammar serves every row).
-OPENSEARCH_SUBSET_GBNF = r"""dss-answer-json ::= "{" ws "\"query\"" ws ":" ws os-query os-size? os-sort? ws "}"
-os-size ::= ws "," ws "\"size\"" ws ":" ws ([0-9] | [1-9] [0-9] | "100")
-os-sort ::= ws "," ws "\"sort\"" ws ":" ws "[" ws os-sort-item (ws "," ws os-sort-item)? ws "]"
-os-sort-item ::= "{" ws os-field ws ":" ws "{" ws "\"order\"" ws ":" ws ("\"asc\"" | "\"desc\"") ws "}" ws "}"
-os-query ::= os-leaf | os-bool
-os-leaf ::= os-match | os-term | os-range | os-match-all
-os-match ::= "{" ws "\"match\"" ws ":" ws "{" ws os-field ws ":" ws os-scalar ws "}" ws "}"
-os-term ::= "{" ws "\"term\"" ws ":" ws "{" ws os-field ws ":" ws os-scalar ws "}" ws "}"
-os-range ::= "{" ws "\"range\"" ws ":" ws "{" ws os-field ws ":" ws "{" ws os-bound (ws "," ws os-bound)? ws "}" ws "}" ws "}"
-os-bound ::= ("\"gte\"" | "\"gt\"" | "\"lte\"" | "\"lt\"") ws ":" ws os-scalar
-os-match-all ::= "{" ws "\"match_all\"" ws ":" ws "{" ws "}" ws "}"
-os-bool ::= "{" ws "\"bool\"" ws ":" ws "{" ws os-clause (ws "," ws os-clause){0,3} ws "}" ws "}"
-os-clause ::= ("\"must\"" | "\"filter\"" | "\"should\"" | "\"must_not\"") ws ":" ws "[" ws os-leaf (ws "," ws os-leaf){0,3} ws "]"
-os-field ::= "\"" [a-zA-Z_] [a-zA-Z0-9_.]{0,39} "\""
-os-scalar ::= os-string | os-number | "true" | "false"
-os-string ::= "\"" [^"\\<\n]{0,48} "\""
-os-number ::= "-"? [0-9]{1,12} ("." [0-9]{1,6})?
-ws ::= " "?
-"""
-
-
-def dss_gbnf(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
-    """The whole output: `<rationale>…</rationale><answer>label|json</answer>` (or the answer alone)."""
+def dss_gbnf(task: TaskSpec, fmt: str, max_new_tokens: int, *, depth: int = 1, row_input: Any = None) -> str:
+    """The whole output: `<rationale>…</rationale><answer>label|json</answer>` (or the answer alone).
+    A structured answer follows `constraints.answer_schema` (for the row's mapping, when given)."""
     if task.is_classification:
         answer = "dss-label"
         extra = "dss-label ::= " + " | ".join(gbnf_literal(c) for c in task.label_set) + "\n"
-    elif task.validator == "opensearch_query_dsl":
-        answer, extra = "dss-answer-json", OPENSEARCH_SUBSET_GBNF
     else:
         answer = "dss-answer-json"
-        extra = _answer_json_rules(task, fmt, max_new_tokens)
+        schema = answer_schema(task, depth, row_input)
+        extra = _answer_json_rules(schema, max_new_tokens)
+        if len(extra) > MAX_GRAMMAR_CHARS:
+            raise GrammarError(too_large_message(task, depth, row_input, f"{len(extra):,} characters of GBNF "
+                                                 f"(limit {MAX_GRAMMAR_CHARS:,})"))
     if fmt == "label_only":
         root = f'root ::= "<answer>" {answer} "</answer>"\n'
         return root + extra
@@ -108,11 +88,16 @@ def dss_gbnf(task: TaskSpec, fmt: str, max_new_tokens: int) -> str:
     return root + f"dss-rationale ::= [^<]{{{lo},{hi}}}\n" + extra
 
 
-def grammar_fingerprint(task: TaskSpec, fmt: str, max_new_tokens: int) -> dict[str, Any]:
+def grammar_fingerprint(task: TaskSpec, fmt: str, max_new_tokens: int, depth: int = 1) -> dict[str, Any]:
     """The cache key's constraint for this provider: the grammar text for classification; for JSON
-    answers the schema the converter turns into one (so planning needs no llama.cpp import)."""
-    if task.is_classification or task.validator == "opensearch_query_dsl":
+    answers the schema the converter turns into one (so planning needs no llama.cpp import), and
+    the input field a row's own field names come from (the row itself is in the request's messages)."""
+    if task.is_classification:
         return {"gbnf": dss_gbnf(task, fmt, max_new_tokens)}
     lo, hi = rationale_bounds(max_new_tokens, False)
-    return {"gbnf_dss": {"format": fmt, "rationale": [lo, hi], "string_max": max(8, max_new_tokens // 2)},
-            "answer_json_schema": json_schema(task, fmt)["properties"]["answer"]}
+    fp: dict[str, Any] = {"gbnf_dss": {"format": fmt, "rationale": [lo, hi], "string_max": max(8, max_new_tokens // 4),
+                                       "free_items_max": 4},
+                          "answer_json_schema": answer_schema(task, depth)}
+    if per_row(task):
+        fp["field_names_from"] = task.mapping_field
+    return fp

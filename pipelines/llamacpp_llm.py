@@ -80,6 +80,36 @@ def resolve_gguf(model: str) -> Path:
     return path
 
 
+# Content identity of a GGUF: files up to this size are hashed whole; larger ones by their first and
+# last chunk (header, metadata, tokenizer and the last tensors) plus the size, so a 4 GB model costs
+# a fraction of a second, not a full read.
+_HASH_WHOLE = 256 * 1024 * 1024
+_HASH_CHUNK = 16 * 1024 * 1024
+_identities: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> identity: one read per process
+
+
+def gguf_identity(model: str) -> str:
+    """What the response cache names a llamacpp teacher by: the GGUF's content, not its path, so the
+    same file elsewhere (another checkout, a renamed copy) hits the cache and a changed file misses."""
+    import hashlib
+
+    path = resolve_gguf(model)
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)  # mtime only invalidates the memo
+    if memo not in _identities:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            if st.st_size <= _HASH_WHOLE:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(_HASH_CHUNK))
+                fh.seek(st.st_size - _HASH_CHUNK)
+                h.update(fh.read(_HASH_CHUNK))
+        _identities[memo] = f"gguf:{st.st_size}:{h.hexdigest()}"
+    return _identities[memo]
+
+
 def _capture_fd2(fn):
     """Run fn() with fd 2 redirected to a temp file (llama.cpp prints parse errors with fprintf);
     a file, not a pipe, so a long message cannot block the writer."""
@@ -107,6 +137,7 @@ class LlamaCppTeacher:
         self.timings: list[dict[str, Any]] = []  # one per request, in order (prompt tokens evaluated, ms)
         self._llm: Any = None
         self._grammar: Any = None
+        self._grammars: dict[str, Any] = {}  # per-row grammars (a row's own index mapping), by text
         self._formatter: Any = None
 
     def load(self) -> None:
@@ -142,6 +173,17 @@ class LlamaCppTeacher:
                                 f"grammar:\n{text[:2000]}")
         llama_cpp.llama_sampler_free(sampler)
 
+    def grammar_for(self, text: str) -> Any:
+        """A per-request grammar, checked by llama.cpp's parser and compiled once per distinct text."""
+        import llama_cpp
+
+        if text not in self._grammars:
+            self.check_grammar(text)
+            if len(self._grammars) >= 64:  # a run over many mappings: keep memory bounded
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[text] = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+        return self._grammars[text]
+
     def render(self, messages: list[dict[str, str]]) -> str:
         return self._formatter(messages=messages).prompt
 
@@ -153,8 +195,9 @@ class LlamaCppTeacher:
         return self.tokenize(self.render(messages))
 
     def generate(self, inputs: list[list[dict[str, str]]], *, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, seed: int | None = None) -> list[dict[str, Any]]:
-        """One distilabel-style output per conversation: generations + token statistics."""
+                 top_p: float = 1.0, seed: int | None = None, grammar: str | None = None) -> list[dict[str, Any]]:
+        """One distilabel-style output per conversation: generations + token statistics; `grammar`
+        (GBNF text) replaces the teacher's own for these requests."""
         import llama_cpp
         from distilabel.models.llms.utils import prepare_output
 
@@ -171,7 +214,8 @@ class LlamaCppTeacher:
             # the seed is set per request so an answer does not depend on the requests before it.
             out = self._llm.create_completion(
                 tokens, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=50, min_p=0.0,
-                repeat_penalty=1.0, grammar=self._grammar, seed=self.seed if seed is None else seed)
+                repeat_penalty=1.0, grammar=self._grammar if grammar is None else self.grammar_for(grammar),
+                seed=self.seed if seed is None else seed)
             wall = time.perf_counter() - t0
             perf = llama_cpp.llama_perf_context(ctx)
             usage = out["usage"]
@@ -199,7 +243,8 @@ def build_llamacpp_teacher(recipe: Any) -> LlamaCppTeacher:
     teacher = LlamaCppTeacher(t.model, n_ctx=t.n_ctx, n_threads=t.n_threads, seed=t.seed)
     import_llama_cpp()  # a missing extra is named before any grammar work
     try:
-        teacher.grammar_text = dss_gbnf(recipe.task, t.format, t.max_new_tokens) if t.constrained_decoding else None
+        teacher.grammar_text = (dss_gbnf(recipe.task, t.format, t.max_new_tokens, depth=t.json_depth)
+                                if t.constrained_decoding else None)
     except GrammarError as exc:
         raise LlamaCppError(str(exc)) from None
     teacher.load()
@@ -212,12 +257,22 @@ def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: A
     Jobs go in prompt order, so consecutive prompts share the longest prefix and its KV state stays
     hot; each request carries its own seed (from teacher.seed, the attempt and the request key, so the
     samples of one row differ and a re-ask samples afresh), so the order does not change answers."""
-    from stepwise.pipelines.constraints import sampling_params
+    from stepwise.pipelines.constraints import per_row, sampling_params
     from stepwise.pipelines.executor import run_sync_batches
+    from stepwise.pipelines.grammar import GrammarError, dss_gbnf
 
     from stepwise.io import sha256_text
 
     t = recipe.teacher
+    # Per-row grammars (field names from the row's own mapping) are all built before the model
+    # loads, so a schema too large to compile stops the run before any request (exit 2).
+    grammars: dict[str, str] = {}
+    if t.constrained_decoding and per_row(recipe.task):
+        try:
+            grammars = {j.key: dss_gbnf(recipe.task, t.format, t.max_new_tokens, depth=t.json_depth,
+                                        row_input=j.row_input) for j in jobs}
+        except GrammarError as exc:
+            raise LlamaCppError(str(exc)) from None
     teacher = build_llamacpp_teacher(recipe)
     try:
         tokens = {j.key: teacher.prompt_tokens(j.messages) for j in jobs}
@@ -230,7 +285,8 @@ def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: A
         sampling = sampling_params(t)  # the same settings the cache key names
 
         def generate(batch: list[Any]) -> list[dict[str, Any]]:
-            return [teacher.generate([j.messages], **sampling, seed=request_seed(t.seed, j))[0] for j in batch]
+            return [teacher.generate([j.messages], **sampling, seed=request_seed(t.seed, j),
+                                     grammar=grammars.get(j.key))[0] for j in batch]
 
         def request_seed(seed: int, job: Any) -> int:
             return int(sha256_text(f"{seed}:{job.attempt}:{job.key}")[:8], 16)

@@ -79,6 +79,10 @@ class TaskSpec(StrictModel):
     validator: Literal["json", "opensearch_query_dsl"] = Field(
         "json", description="Validator for structured answers."
     )
+    mapping_field: str | None = Field(None, description=(
+        "Input field holding each row's OpenSearch index mapping (`{properties: ...}`): with validator "
+        "`opensearch_query_dsl`, a constrained local teacher may name only that mapping's fields. "
+        "Unset: any field name."))
     system_prompt: str = Field(
         "You are a careful expert annotator.", description="System prompt the teacher (and student) sees."
     )
@@ -95,6 +99,12 @@ class TaskSpec(StrictModel):
             dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
             if dupes:
                 raise ValueError(f"duplicate classes: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _mapping_field_is_input(self) -> TaskSpec:
+        if self.mapping_field is not None and self.mapping_field not in self.input_fields:
+            raise ValueError(f"mapping_field {self.mapping_field!r} is not one of input_fields {self.input_fields}")
         return self
 
     @property
@@ -158,6 +168,9 @@ class TeacherSpec(StrictModel):
     guided_decoding: Literal["auto", "response_format", "vllm", "none"] = Field(
         "auto", description="How a server is constrained: JSON-schema response_format, vLLM guided params."
     )
+    json_depth: int = Field(1, ge=0, le=4, description=(
+        "Constrained structured answers: how deep bool queries nest in the OpenSearch subset (0: single "
+        "clauses only). Deeper grammars compile slower; a too large one exits 2 naming this setting."))
     price: Price = Field(default_factory=Price)
     batch: bool = Field(False, description=(
         "Send the pending requests through the OpenAI Batch API (files + batches) instead of online: about half the "

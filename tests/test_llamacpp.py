@@ -269,7 +269,7 @@ def test_opensearch_answers_under_the_bounded_subset_grammar(tmp_path):
     run = create_run(recipe, tmp_path / "run")
     result = run_generate(recipe, run, progress=False)
     out = responses(run)
-    assert result.status_counts == {"ok": 2}, [r["raw"] for r in out]
+    assert out and result.status_counts == {"ok": len(out)}, [r["raw"] for r in out]  # test rows are held out
     for r in out:
         assert validate_search_body(json.loads(r["answer_text"])) is None, r["raw"]
 
