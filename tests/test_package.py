@@ -323,3 +323,31 @@ def test_run_package_stage_with_a_hosted_student_says_there_is_nothing_to_packag
     recipe, run_dir = make_run(tmp_path, "backend: openai")
     assert "nothing to package" in PIPELINE[-1].run(recipe, RunDir(run_dir), RunOptions())
     assert not RunLayout(run_dir).package_dir.exists()
+
+
+def test_full_finetune_is_copied_without_checkpoints(tmp_path):
+    """A full fine-tune's weights go into package/model unchanged (no merge), its checkpoints and logs stay
+    behind; with no GGUF asked for, none is written and the Modelfile is left out."""
+    import shutil
+
+    from stepwise.training.package import run_package
+
+    from stepwise.io import sha256_file
+    from stepwise.models import resolve_model_dir
+
+    recipe = _recipe(tmp_path)
+    run_dir = tmp_path / "runs" / recipe.name / "r1"
+    write_export(recipe, run_dir, n_train=4, n_val=2)
+    out = RunLayout(run_dir).train_output("tiny-full")
+    shutil.copytree(resolve_model_dir("smollm2-135m-instruct"), out)
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
+    (out / "loss.csv").write_text("step,loss\n", encoding="utf-8")
+    run = RunDir(run_dir)
+    res = run_package(recipe, run, gguf=[])
+    lay = run.layout
+    assert sha256_file(lay.package_model / "model.safetensors") == sha256_file(out / "model.safetensors")
+    assert not (lay.package_model / "checkpoint-2").exists() and not (lay.package_model / "loss.csv").exists()
+    assert res.gguf == {} and not list(lay.package_dir.glob("*.gguf")) and not lay.modelfile.exists()
+    assert "full fine-tune copied" in res.merged_from and "full fine-tune copied" in lay.model_card.read_text()
+    assert json.loads((lay.package_model / "generation_config.json").read_text())["eos_token_id"] == 2
