@@ -293,3 +293,32 @@ def test_stepwise_run_curates_with_rationalization_and_skips_when_nothing_is_owe
         assert owed_rationalizations(recipe, run, offline=False) == 1
         third = {o.stage: o for o in run_pipeline(recipe, run, opts).outcomes}
         assert third["curate"].status == "done" and len(stub.log) == n + 1
+
+
+def test_support_tickets_cache_holds_its_rationalizations(tmp_path: Path) -> None:
+    """The example's recorded cache replays the rationalization of every gold mismatch of the demo
+    (`make demo` stays offline): generate and curate with --offline, nothing asked."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    src = REPO / "examples" / "support-tickets"
+    dst = tmp_path / "support-tickets"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "*.sqlite-*"))
+    import yaml
+
+    raw = yaml.safe_load((dst / "recipe.yaml").read_text())
+    raw.setdefault("curation", {})["on_gold_mismatch"] = "rationalize"  # (the demo's own setting)
+    (dst / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    recipe = load_recipe(dst / "recipe.yaml")
+    for cmd in ("generate", "curate"):
+        args = [sys.executable, "-m", "stepwise", cmd, str(dst / "recipe.yaml"), "--offline"]
+        args += ["--new-run", "--no-progress"] if cmd == "generate" else []
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    funnel = json.loads(next((dst / "runs" / recipe.name).glob("2*/curate/funnel.json")).read_text())
+    rat = funnel["rationalize"]
+    assert rat["requested"] > 0 and rat["sent"] == 0 and rat["cache_hits"] == rat["requested"]
+    assert funnel["rationale_sources"]["train"].get("rationalized", 0) > 0
