@@ -85,6 +85,14 @@ def setup(tmp_path_factory):
         torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("evals_real")
     shutil.copytree(EXAMPLE / "data", root / "data")
+    # the demo's recorded teacher cache (a copy: the test must not write to the example's file); it
+    # holds the teacher's answers to the test prompts, so eval scores the teacher without asking it
+    import sqlite3
+
+    src, dst = sqlite3.connect(EXAMPLE / "teacher_cache.sqlite"), sqlite3.connect(root / "teacher_cache.sqlite")
+    src.backup(dst)  # through SQLite: also rows still in the write-ahead log of a checkout's copy
+    src.close()
+    dst.close()
     raw = yaml.safe_load((EXAMPLE / "recipe.yaml").read_text())
     raw["eval"] = {
         "task": {"max_new_tokens": 10, "batch_size": 6, "bootstrap": 200, "limit": N_TEST, "device": "cpu"},
@@ -139,6 +147,22 @@ def test_stepwise_eval_real_lm_eval(setup):
     assert [p["id"] for p in base_preds] == [p["id"] for p in
                                              map(json.loads, (ev / "task_predictions.jsonl").read_text().splitlines())]
     assert "student vs base" in res.output and comp["cached"] is False
+    # student vs teacher: the teacher from the demo's recorded cache, zero new requests
+    svt = json.loads((ev / "student_vs_teacher.json").read_text())
+    teacher, base, student = svt["models"]
+    assert [m["role"] for m in svt["models"]] == ["teacher", "base", "student"]
+    assert teacher["requests"] == {"cached": N_TEST, "asked": 0} and teacher["n"] == N_TEST
+    assert teacher["latency"]["note"] == "cached, latency not measured"
+    assert teacher["vs_student"]["accuracy"]["delta"] == pytest.approx(
+        acc["student"] - teacher["metrics"]["accuracy"]["value"])
+    assert base["vs_student"]["accuracy"]["delta"] == pytest.approx(acc["delta"])
+    for m in (base, student):  # measured here: batched (the eval's own pass) and batch 1
+        assert m["latency"]["batched"]["n"] == N_TEST and m["latency"]["batch1"]["n"] == N_TEST
+        assert 0 < m["latency"]["batch1"]["p50_s"] <= m["latency"]["batch1"]["p95_s"]
+        assert m["cost_per_1k"] == pytest.approx(1000 * m["latency"]["batched"]["s_per_request"] / 3600 * 1.0)
+    # a free local teacher whose answers were cached: no measured cost, so no break-even
+    assert teacher["cost_per_1k"] == 0.0 and svt["break_even"]["text"].startswith("never")
+    assert "student vs teacher" in res.output and "break-even: never" in res.output
 
     forg = json.loads((ev / "forgetting.json").read_text())
     assert set(forg["benchmarks"]) == {"mmlu", "arc_easy"}
