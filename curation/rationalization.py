@@ -111,7 +111,7 @@ def rationalize_corrected(recipe: Recipe, rows: list[dict[str, Any]], *, offline
             if rej is not None or not v._agrees_with_gold(label, row["label"]):
                 reason = f"rationalize_wrong_answer: asked to explain '{ask.answer}', got '{rec['answer_text']}'"
             else:
-                rej = v._rationale({**row, "rationale": rec["rationale"]}, label)
+                rej = v.rationalized_rationale({**row, "rationale": rec["rationale"]}, label)
                 if rej is not None:
                     reason = f"rationalized_{rej.reason}: {rej.detail}"
         if reason:

@@ -6,7 +6,8 @@
   since its rationale argues for a wrong answer. With `rationalize` (either task type) the row's
   `rationalization` (the teacher explaining the gold answer, asked by curate before this step,
   `stepwise.curation.rationalization`) takes the teacher's place when its answer is the gold one,
-  and its rationale goes through the checks below; a failure is rejected as `rationalize_*` /
+  and its rationale goes through the checks below, plus one of its own: it must say more than
+  the hint and the answer (`rationale_restates_hint`); a failure is rejected as `rationalize_*` /
   `rationalized_<check>`. Kept rows record `rationale_source` (`teacher` or `rationalized`).
 - structured JSON: must parse; for `validator: opensearch_query_dsl` it must validate against the
   vendored OpenSearch spec (`stepwise.curation.dsl_schema`), the failing JSON path in the detail. A bare
@@ -28,13 +29,18 @@ from collections.abc import Callable
 from typing import Any
 
 from stepwise.curation.funnel import Rejection, StepOutcome
-from stepwise.curation.text import normalize, split_input
+from stepwise.curation.text import normalize, split_input, words
 from stepwise.pipelines.parsing import LabelMatcher
+from stepwise.pipelines.prompts import RATIONALIZE_HINT
 
 from stepwise.io import canonical_json
 from stepwise.recipe import Recipe, TaskSpec
 
 _NEGATION = re.compile(r"\b(not|no|never|isn't|isnt|rather than|instead of|unlike|nor|than)\W+(\w+\W+){0,2}$")
+
+
+# words a restated hint uses besides the hint template's own ("The intended/right label is X.")
+_HINT_WORDS = frozenset({"a", "an", "intended", "right", "label", "so", "therefore", "thus", "hence", "it", "that"})
 
 
 def _class_patterns(task: TaskSpec) -> list[tuple[str, re.Pattern[str]]]:
@@ -131,7 +137,7 @@ class Validator:
             elif not agrees and self.task.is_classification and self.cur.on_gold_mismatch == "drop":
                 return Rejection(row, "disagrees_with_gold", f"teacher said '{label}', gold is '{row['gold']}'")
         if self.fmt == "dss":
-            rej = self._rationale(row, label)
+            rej = self.rationalized_rationale(row, label) if rationalized else self._rationale(row, label)
             if rej:
                 if rationalized:  # its own reason in the funnel: the teacher could not explain the gold answer
                     rej.reason = f"rationalized_{rej.reason}"
@@ -239,6 +245,20 @@ class Validator:
         from stepwise.curation.dsl_schema import wrap_bare_query
 
         return wrap_bare_query(obj)[0]
+
+    def rationalized_rationale(self, row: dict[str, Any], label: Any) -> Rejection | None:
+        """The checks of any rationale, plus one for an explanation asked with the answer as a hint:
+        it must say more than the hint and the answer did (a 135M teacher often just echoes them)."""
+        rej = self._rationale(row, label)
+        if rej is not None or not self.cur.rationale.min_words_beyond_hint:
+            return rej
+        given = set(words(RATIONALIZE_HINT.format(answer=""))) | _HINT_WORDS
+        given |= set(words(answer_text(label))) | set(words(answer_text(label).replace("_", " ")))
+        own = [w for w in words(row["rationale"]) if w not in given]
+        if len(own) < self.cur.rationale.min_words_beyond_hint:
+            return Rejection(row, "rationale_restates_hint", f"{len(own)} words beyond the hint and the answer "
+                             f"< {self.cur.rationale.min_words_beyond_hint} (curation.rationale.min_words_beyond_hint)")
+        return None
 
     def _rationale(self, row: dict[str, Any], label: Any) -> Rejection | None:
         spec = self.cur.rationale

@@ -244,6 +244,9 @@ class RationaleChecks(StrictModel):
     max_chars: int = Field(4000, ge=1)
     reject_copy_of_input: bool = True
     check_consistency: bool = Field(True, description="Reject rationales that argue for a different label.")
+    min_words_beyond_hint: int = Field(3, ge=0, le=100, description=(
+        "A rationalized rationale (the teacher explaining a given answer) needs this many words besides the "
+        "hint's own and the answer's, so an echoed hint ('The correct answer is X.') never trains; 0 turns it off."))
 
 
 class FilterSpec(StrictModel):

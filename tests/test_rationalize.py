@@ -322,3 +322,19 @@ def test_support_tickets_cache_holds_its_rationalizations(tmp_path: Path) -> Non
     rat = funnel["rationalize"]
     assert rat["requested"] > 0 and rat["sent"] == 0 and rat["cache_hits"] == rat["requested"]
     assert funnel["rationale_sources"]["train"].get("rationalized", 0) > 0
+
+
+def test_a_rationalization_that_only_restates_the_hint_is_rejected(tmp_path: Path) -> None:
+    """'The correct answer is: technical.' explains nothing: the hint echoed back never trains; a
+    rationale that opens with the hint but then reasons is kept. The threshold is a setting."""
+    with OpenAIStub() as stub:
+        recipe, _ = _setup(tmp_path, stub)
+    echo = "The correct answer is: technical. This is the correct answer."
+    reasons = "The correct answer is technical because the customer sees an error page when logging in."
+    out = validate_step([_mismatch_row(echo), {**_mismatch_row(reasons), "id": "r2"}], recipe)
+    assert [r["id"] for r in out.kept] == ["r2"]
+    (rej,) = out.rejected
+    assert rej.reason == "rationalized_rationale_restates_hint" and "0 words" in rej.detail
+    assert out.info["rationalized"] == {"kept": 1, "rationalized_rationale_restates_hint": 1}
+    recipe.curation.rationale.min_words_beyond_hint = 0
+    assert len(validate_step([_mismatch_row(echo)], recipe).kept) == 1
