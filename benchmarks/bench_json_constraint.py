@@ -13,6 +13,8 @@ SmolLM2-135M-Instruct, one request at a time on `--threads` threads, under each 
 Printed per backend and mode: answers that parse (the project's parser, status ok), answers whose
 JSON validates against the vendored OpenSearch search-body schema (curation's validator, bare
 queries wrapped as curation does), output tokens/s (output tokens over generation wall time) and
+decode tokens/s (output tokens over wall time minus the prompt's prefill: llama.cpp's own counter;
+for transformers a separate 1-token generation of the same prompt), output tokens per row and
 seconds per row. The rows are the first `--rows` of the data file (all 85 by default).
 
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/bench_json_constraint.py --backends llamacpp --threads 1
@@ -48,8 +50,11 @@ def summarize(backend: str, mode: str, recs: list[dict], recipe) -> dict:
     ok = [p for p in parsed if p.parse_status == "ok"]
     valid = sum(1 for p in ok if check(p.label) is None)
     gen_s = sum(r["wall_s"] for r in recs)
+    out_tok = sum(r["output_tokens"] for r in recs)
+    decode_s = sum(r["wall_s"] - r["prefill_s"] for r in recs)
     return {"backend": backend, "mode": mode, "rows": len(recs), "parse_ok": f"{len(ok)}/{len(recs)}",
-            "schema_valid": f"{valid}/{len(recs)}", "out_tok_per_s": round(sum(r["output_tokens"] for r in recs) / gen_s, 1),
+            "schema_valid": f"{valid}/{len(recs)}", "out_tok_per_s": round(out_tok / gen_s, 1),
+            "decode_tok_per_s": round(out_tok / decode_s, 1), "out_tokens_per_row": round(out_tok / len(recs), 1),
             "s_per_row": round(gen_s / len(recs), 2)}
 
 
@@ -66,7 +71,8 @@ def run_llamacpp(recipe, rows, messages, mode: str, threads: int) -> list[dict]:
         out = teacher.generate([msgs], max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
                                seed=t.seed + i, grammar=grammar)[0]
         tm = teacher.timings[-1]
-        recs.append({"text": out["generations"][0], "wall_s": tm["wall_s"], "output_tokens": tm["completion_tokens"]})
+        recs.append({"text": out["generations"][0], "wall_s": tm["wall_s"], "output_tokens": tm["completion_tokens"],
+                     "prefill_s": tm["t_p_eval_ms"] / 1000})  # llama.cpp's own prompt-evaluation time
     teacher.close()
     return recs
 
@@ -87,8 +93,13 @@ def run_transformers(recipe, rows, messages, mode: str, threads: int) -> list[di
         s = time.perf_counter()
         o = llm.generate([msgs], max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
                          seed=t.seed + i, grammars=grammars)[0]
-        recs.append({"text": o["generations"][0], "wall_s": time.perf_counter() - s,
-                     "output_tokens": o["statistics"]["output_tokens"][0]})
+        wall = time.perf_counter() - s
+        enc = llm.tokenizer(llm.render(msgs), return_tensors="pt")  # the prefill alone: a 1-token generation
+        s = time.perf_counter()
+        with torch.no_grad():
+            llm._model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=llm.tokenizer.pad_token_id)
+        recs.append({"text": o["generations"][0], "wall_s": wall, "output_tokens": o["statistics"]["output_tokens"][0],
+                     "prefill_s": time.perf_counter() - s})
     return recs
 
 
