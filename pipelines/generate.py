@@ -196,14 +196,19 @@ def request_model(recipe: Recipe) -> str:
         raise GenerateError(str(exc)) from None
 
 
-def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
-    t = recipe.teacher
-    params = generation_params(recipe)
-    constraint = constraint_fingerprint(recipe.task, t)
+def request_constraint(task: Any, t: Any, fmt: str) -> Any:
+    """What constrains the answer, as the cache key names it (generation and rationalization alike)."""
     if t.provider == "llamacpp" and t.constrained_decoding:
         from stepwise.pipelines.grammar import grammar_fingerprint
 
-        constraint = grammar_fingerprint(recipe.task, t.format, t.max_new_tokens, t.json_depth)
+        return grammar_fingerprint(task, fmt, t.max_new_tokens, t.json_depth)
+    return constraint_fingerprint(task, t)
+
+
+def plan_requests(recipe: Recipe, rows: list[InputRow]) -> Plan:
+    t = recipe.teacher
+    params = generation_params(recipe)
+    constraint = request_constraint(recipe.task, t, t.format)
     messages = [build_messages(recipe.task, r.input, t.format) for r in rows]
     model = request_model(recipe)
     chains = [

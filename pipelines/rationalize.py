@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepwise.pipelines.cache import CacheEntry, ResponseCache, request_key
-from stepwise.pipelines.constraints import constraint_fingerprint
 from stepwise.pipelines.executor import Budget, Job, RunStats
 from stepwise.pipelines.generate import (
     GenerateError,
@@ -43,6 +42,8 @@ from stepwise.pipelines.generate import (
     plan_requests,
     price_fn,
     reasks_allowed,
+    request_constraint,
+    request_model,
     walk_chain,
 )
 from stepwise.pipelines.prompts import answer_to_text, rationalize_messages
@@ -102,16 +103,6 @@ def pinned(recipe: Recipe, answer: Any) -> Any:
     return _Pinned(recipe, recipe.task.model_copy(update={"classes": [str(answer)], "label_aliases": {}}))
 
 
-def _constraint(target: Any) -> Any:
-    """What constrains the answer, for the cache key (as `plan_requests` names generation's)."""
-    t = target.teacher
-    if t.provider == "llamacpp" and t.constrained_decoding:
-        from stepwise.pipelines.grammar import grammar_fingerprint
-
-        return grammar_fingerprint(target.task, "dss", t.max_new_tokens)
-    return constraint_fingerprint(target.task, t)
-
-
 @dataclass
 class _Planned:
     ask: Ask
@@ -123,12 +114,14 @@ class _Planned:
 def plan(recipe: Recipe, asks: list[Ask]) -> list[_Planned]:
     t = recipe.teacher
     params = generation_params(recipe)
+    model = request_model(recipe)  # a GGUF by its content, as generation keys it
     out = []
     for ask in asks:
         target = pinned(recipe, ask.answer)
         messages = rationalize_messages(recipe.task, ask.input, ask.answer)
-        constraint = {"rationalize": answer_to_text(ask.answer), "constraint": _constraint(target)}
-        chain = [request_key(t.provider, t.model, messages, params, constraint, 0, attempt=a)
+        constraint = {"rationalize": answer_to_text(ask.answer),
+                      "constraint": request_constraint(target.task, target.teacher, "dss")}
+        chain = [request_key(t.provider, model, messages, params, constraint, 0, attempt=a)
                  for a in range(t.max_attempts)]
         out.append(_Planned(ask, target, messages, chain))
     return out

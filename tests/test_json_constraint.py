@@ -241,9 +241,15 @@ def test_llamacpp_cache_key_is_the_gguf_content(tmp_path):
         shutil.copyfile(src, p)
 
     def keys(model: Path) -> list[str]:
+        from stepwise.pipelines.rationalize import Ask
+        from stepwise.pipelines.rationalize import plan as plan_rationalize
+
         recipe = load_recipe(nl2dsl(tmp_path, rows=2, provider="llamacpp", model=str(model)))
         assert recipe.teacher.model == str(model)
-        return plan_requests(recipe, load_inputs(recipe)).base_keys()
+        rows = load_inputs(recipe)
+        # rationalization requests are keyed by the same identity as generation's
+        asks = [Ask(r.id, r.input, {"query": {"match_all": {}}}, None) for r in rows]
+        return plan_requests(recipe, rows).base_keys() + [p.chain[0] for p in plan_rationalize(recipe, asks)]
 
     named = keys(Path("smollm2-135m-instruct"))
     assert keys(a) == keys(b) == named
