@@ -354,7 +354,7 @@ def _student_vs_teacher(run: RunDir) -> Markup:
         ax.set_xlabel("cost per 1,000 requests (USD)")
         ax.set_ylabel(f"{metric} (%, 95% CI)")
         ax.set_ylim(0, 100)
-        ax.set_xlim(left=0)
+        ax.set_xlim(left=-0.05 * (max(cost for _, cost, _ in points) or 1.0))  # a point at $0 stays visible
         ax.set_title(f"{metric} vs cost")
         svg = _svg(fig)
     return _render("sections/student_vs_teacher.html.j2", n=table.get("n"), metric=metric,
