@@ -265,7 +265,7 @@ def _small_experiment(tmp_path: Path) -> Path:
                               tracking={"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "grid"}})
     recipe["curation"]["min_train_rows"] = 4
     recipe["eval"] = {"task": {"max_new_tokens": 16, "batch_size": 8, "bootstrap": 200, "limit": 6,
-                               "compare_base": False}, "forgetting": {"benchmarks": []}}
+                               "compare_base": False}, "forgetting": {"enabled": False}}
     path = dst / "recipe.grid.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
