@@ -91,7 +91,7 @@ def estimate_run(recipe: Recipe, sample: int = 0, max_cost: float | None = None)
     # eval scores the teacher on the test prompts too: those not cached are asked then, under the cap
     from stepwise.evals.teacher_compare import teacher_eval_estimate
 
-    out.update(teacher_eval_estimate(recipe))
+    out.update(teacher_eval_estimate(recipe, held_out or None))  # the held-out split, else data.test_file
     return out
 
 

@@ -155,6 +155,8 @@ def test_estimate_shows_the_requests_holding_out_saved(tmp_path):
     assert est["held out for test (never sent)"] == f"{held} rows, {2 * held} requests saved"
     assert est["requests (rows x num_rationales)"] == 2 * (40 - held)
     assert est["input rows"] == 40
+    # eval scores the teacher on exactly those held-out rows: the estimate counts them (none cached)
+    assert est["teacher eval requests (test rows)"].startswith(f"{2 * held} (0 cached")  # k=2 samples each
 
 
 def test_decontamination_catches_a_near_duplicate_of_a_held_out_test_input(tmp_path):
