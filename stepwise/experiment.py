@@ -401,6 +401,8 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
 
             run_id = open_mlflow_run(tracking, pt.id, run_id)
             os.environ.update(run_env(tracking, run_id))  # the trainer's callback resumes this run
+            # recorded now, so a point killed mid-way logs to the same run when it restarts
+            atomic_write_json(layout.point_status(pt.id), {**read_status(layout, pt.id), "tracking_run_id": run_id})
         prepare_point(recipe, pt, shared, run)
         first, last = point_stages()
         summary = run_pipeline(pt.recipe, run, replace(opts, from_stage=first, until_stage=last), on_stage=on_stage)

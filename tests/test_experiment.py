@@ -285,7 +285,8 @@ def test_two_by_two_grid_resumes_and_reports(tmp_path, monkeypatch):
     assert status == {"multitask-f0.5": "done", "label_only-f0.5": "done"}
 
     # a point killed mid-way (its point.json says running) restarts alone; finished ones are skipped
-    (exp / "points" / "label_only-f0.5" / "point.json").write_text(json.dumps({"status": "running", "pid": 1}))
+    killed = exp / "points" / "label_only-f0.5" / "point.json"
+    killed.write_text(json.dumps({**json.loads(killed.read_text()), "status": "running", "pid": 1}))
     res = runner.invoke(app, ["experiment", *common])
     assert res.exit_code == 0, res.output
     plan = json.loads((exp / "experiment.json").read_text())
@@ -336,6 +337,9 @@ def test_two_by_two_grid_resumes_and_reports(tmp_path, monkeypatch):
     assert set(ids) <= set(by_name)
     r = by_name["label_only-f1"]
     assert "accuracy" in r.data.metrics and r.data.metrics["data_fraction"] == 1.0 and "teacher_cost_usd" in r.data.metrics
+    assert "loss" in r.data.metrics  # the trainer's own logging went to the same run
+    restarted = by_name["label_only-f0.5"]  # the killed point logged to the run it started
+    assert restarted.info.run_id == json.loads(killed.read_text())["tracking_run_id"] and "loss" in restarted.data.metrics
 
     # stepwise compare reads the experiment directory: one row per point
     res = runner.invoke(app, ["compare", str(exp), "--out", str(tmp_path / "cmp")])

@@ -97,6 +97,10 @@ def log_point(tracking: TrackingSpec, run_name: str, run_id: str | None, metrics
             if k not in existing:  # MLflow params are write-once; the trainer may have logged some
                 client.log_param(run_id, k, v)
         client.set_tag(run_id, "stepwise.point", run_name)
+        # the trainer's callback renames the run after its own run_name (Axolotl: the config name,
+        # the same for every point): the point's name goes back on
+        client.set_tag(run_id, "mlflow.runName", run_name)
+        client.set_terminated(run_id)
         return run_id
     if tracking.wandb:
         import wandb  # optional: `pip install wandb`
