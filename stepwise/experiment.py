@@ -513,7 +513,9 @@ def run_experiment(recipe: Recipe, layout: ExperimentLayout, points: list[Point]
     else:
         for pt in todo:
             log(f"point {pt.index} {pt.id}: {pt.describe()}")
-            summary.outcomes.append(run_point(recipe, layout, pt, opts, on_stage=on_stage))
+            # --force: every stage of the point again (as `stepwise run --force`), not only the changed ones
+            summary.outcomes.append(run_point(recipe, layout, pt, replace(opts, force=opts.force or force),
+                                              on_stage=on_stage))
     order = {p.id: p.index for p in points}
     summary.outcomes.sort(key=lambda o: order[o.point.id])
     if any(o.status == "failed" for o in summary.outcomes):
