@@ -260,12 +260,15 @@ def _small_experiment(tmp_path: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "*.sqlite-*"))
     recipe = yaml.safe_load((src / "recipe.yaml").read_text())
     recipe["data"]["limit"] = 48
-    recipe["training"].update(micro_batch_size=2, gradient_accumulation_steps=1, sequence_len=256,
+    # the TRL backend trains in process (no Axolotl start-up per point): the grid's structure is under
+    # test here; Axolotl's acceptance of the tracking keys is test_axolotl_accepts_the_tracking_keys
+    recipe["training"].update(backend="trl", micro_batch_size=2, gradient_accumulation_steps=1, sequence_len=256,
                               sweep={"target": ["multitask", "label_only"], "data_fraction": [0.5, 1.0]},
                               tracking={"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri(), "experiment": "grid"}})
     recipe["curation"]["min_train_rows"] = 4
     recipe["eval"] = {"task": {"max_new_tokens": 16, "batch_size": 8, "bootstrap": 200, "limit": 6,
-                               "compare_base": False}, "forgetting": {"enabled": False}}
+                               "compare_base": False, "compare_teacher": False, "latency_rows": 0},
+                      "forgetting": {"enabled": False}}
     path = dst / "recipe.grid.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
