@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from stepwise.evals.stats import paired_diff
+from stepwise.evals.stats import pct_ci as _pct_ci
 
 from stepwise.io import atomic_write_json, atomic_write_text, read_jsonl
 from stepwise.layout import RunLayout
@@ -229,14 +230,6 @@ def _business_cells(b: dict[str, Any] | None) -> list[str]:
         return ["-", "-", "-", "-"]
     usd = [("-" if v is None else f"${v:.4f}") for v in (b["student_cost_per_1k"], b["teacher_cost_per_1k"])]
     return [_pct_ci(b["teacher"]), *usd, b["break_even"] or "-"]
-
-
-def _pct_ci(m: dict[str, Any] | None) -> str:
-    if not m or m.get("value") is None:
-        return "-"
-    if m.get("ci_low") is None:
-        return f"{100 * m['value']:.1f}"
-    return f"{100 * m['value']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
 
 
 def _pts(f: dict[str, Any] | None) -> str:

@@ -112,3 +112,13 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return float(min(1.0, 2 * tail))
+
+
+def pct_ci(m: dict | None, unit: str = "") -> str:
+    """A proportion with its CI as text: `75.0 [62.5, 87.5]` (`-` when absent). One format for the
+    report, `stepwise compare`, the student-vs-teacher table and the experiment report."""
+    if not m or m.get("value") is None:
+        return "-"
+    if m.get("ci_low") is None:
+        return f"{100 * m['value']:.1f}{unit}"
+    return f"{100 * m['value']:.1f}{unit} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"

@@ -59,6 +59,7 @@ import numpy as np
 from stepwise.evals.base_compare import compare_to_base
 from stepwise.evals.generate import GenerationResult
 from stepwise.evals.modelref import ModelRef
+from stepwise.evals.stats import pct_ci as _pct_ci
 
 from stepwise.io import atomic_write_json
 from stepwise.recipe import Recipe
@@ -342,14 +343,6 @@ def measure_batch1(model: ModelRef, recipe: Recipe, rows: list[dict[str, Any]], 
 
 COLUMNS = ["model", "role", "{metric} % [95% CI]", "student - model (pts) [95% CI]", "latency p50 / p95 s (batch 1)",
            "latency p50 / p95 s (batched)", "output tokens/s (batched)", "cost per 1k requests"]
-
-
-def _pct_ci(m: dict[str, Any] | None) -> str:
-    if not m or m.get("value") is None:
-        return "-"
-    if m.get("ci_low") is None:
-        return f"{100 * m['value']:.1f}"
-    return f"{100 * m['value']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
 
 
 def _lat(d: dict[str, Any] | None) -> str:

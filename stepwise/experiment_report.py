@@ -25,6 +25,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from stepwise.evals.stats import pct_ci
 from stepwise.io import atomic_write_json, atomic_write_text, iter_jsonl
 from stepwise.layout import ExperimentLayout, RunLayout
 
@@ -151,11 +152,7 @@ def _env() -> jinja2.Environment:
 
 
 def _pct(m: dict[str, Any] | None) -> str:
-    if not m or m.get("value") is None:
-        return "-"
-    if m.get("ci_low") is None:
-        return f"{100 * m['value']:.1f}%"
-    return f"{100 * m['value']:.1f}% [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
+    return pct_ci(m, "%")
 
 
 def _num(v: Any, fmt: str = "{:.0f}") -> str:
