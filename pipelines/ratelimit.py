@@ -57,6 +57,7 @@ class _Bucket:
     limit: int | None = None
     remaining: int | None = None  # None: unknown (no header yet), do not hold back
     reset_at: float | None = None
+    first_ticket: int = 0  # the first request sent in the window the bucket now describes
 
 
 def estimate_tokens(messages: list[dict[str, Any]], max_new_tokens: int) -> int:
@@ -95,6 +96,7 @@ class RateLimiter:
                 in_flight = self.in_flight if name == "requests" else self.in_flight_tokens
                 b.remaining = None if b.limit is None else b.limit - in_flight
                 b.reset_at = None
+                b.first_ticket = self._sent
             if b.limit is not None and need > b.limit:
                 continue  # a single request over the whole limit: the server decides
             if b.remaining is not None and b.remaining < need:
@@ -150,6 +152,10 @@ class RateLimiter:
                 continue
             self.headers_seen = True
             b = self._buckets[name]
+            if ticket is not None and ticket < b.first_ticket:
+                # an answer to a request sent before the window reset describes the old window: its
+                # remaining/reset would restart the new one early and let too many requests out
+                continue
             b.limit = _int(headers.get(f"x-ratelimit-limit-{name}")) or b.limit
             reset = parse_reset(headers.get(f"x-ratelimit-reset-{name}"))
             b.reset_at = now + reset if reset is not None else b.reset_at

@@ -363,3 +363,27 @@ def test_batch_with_a_local_teacher_is_a_recipe_error(tmp_path):
     data = recipe.teacher.model_dump() | {"provider": "llamacpp", "batch": True}
     with pytest.raises(ValidationError, match="Batch API needs an OpenAI-compatible server"):
         type(recipe.teacher).model_validate(data)
+
+
+def test_an_answer_from_before_the_window_reset_does_not_restart_the_new_window():
+    """A slow answer to a request sent in the old window arrives after the client saw the reset: its
+    headers describe the old window, and obeying them would let a second full window out (a 429)."""
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    old = [asyncio.run(limiter.acquire()) for _ in range(5)]
+    limiter.observe({"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": "400ms"}, old[-1])
+    for t in old[1:]:
+        limiter.done(t)
+    assert limiter._delay(0, now[0]) == pytest.approx(0.4)
+    now[0] = 0.5  # the window reset: 5 new requests go out (the first old one is still in flight)
+    new = [asyncio.run(limiter.acquire()) for _ in range(4)]
+    assert limiter._delay(0, now[0]) > 0  # 4 new + 1 in flight = the limit
+    for t in new:
+        limiter.done(t)
+    # the stale answer (sent at 0.0) arrives now, saying "0 left, resets in 100 ms"
+    limiter.observe({"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": "100ms"}, old[0])
+    limiter.done(old[0])
+    now[0] = 0.65
+    assert limiter._delay(0, now[0]) > 0, "the old window's headers restarted the new window"

@@ -379,8 +379,10 @@ def test_cost_cap_holds_across_sigkill_and_two_resumes(tmp_path):
 
 @pytest.mark.parametrize("command", ["generate", "run"])
 def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, command):
+    # 36 requests at 0.3 s, 2 at a time: ~5 s of generation, so a loaded box still interrupts it mid-way
+    # (with 18 requests it once finished before the test saw 3 cached answers)
     with OpenAIStub(StubConfig(latency_s=0.3)) as stub:
-        recipe, _ = setup_recipe(tmp_path, stub, make_rows(20), concurrency=2)
+        recipe, _ = setup_recipe(tmp_path, stub, make_rows(40), concurrency=2)
         args = [command, str(recipe.source_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
         args += ["--until", "generate"] if command == "run" else []
         proc = subprocess.Popen([sys.executable, "-m", "stepwise", *args], cwd=REPO, text=True,
