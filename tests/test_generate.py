@@ -385,8 +385,11 @@ def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, comman
         recipe, _ = setup_recipe(tmp_path, stub, make_rows(40), concurrency=2)
         args = [command, str(recipe.source_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]
         args += ["--until", "generate"] if command == "run" else []
+        # a terminal's Ctrl-C: SIGINT at its default disposition, whatever the test runner inherited (a
+        # `make test &` in a non-interactive shell ignores SIGINT, and children inherit that)
         proc = subprocess.Popen([sys.executable, "-m", "stepwise", *args], cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         cache = ResponseCache(cache_path(recipe))
         deadline = time.time() + 120
         while cache.count_ok() < 3:
