@@ -21,7 +21,7 @@ from stepwise.curation.contamination import contamination_step
 from stepwise.curation.dedup import exact_step, near_step, semantic_step
 from stepwise.curation.filters import filter_step
 from stepwise.curation.funnel import Funnel, StepOutcome
-from stepwise.curation.holdout import HELD_OUT, check_held_out, held_out_info, read_held_out
+from stepwise.curation.holdout import HELD_OUT, check_held_out, held_out_info, read_held_out, row_fields
 from stepwise.curation.holdout import applies as holdout_applies
 from stepwise.curation.labels import curated_gold_labels
 from stepwise.curation.mixing import mix_step
@@ -82,7 +82,7 @@ def read_test_file(recipe: Recipe) -> list[dict[str, Any]]:
             raise DataFileError(f"{path}:{line}: field '{missing[0]}' is missing (task.input_fields)")
         inp = {f: raw[f] for f in recipe.task.input_fields}
         gold = raw.get(recipe.data.label_field) if recipe.data.label_field else None
-        rows.append({"id": row_id(recipe, raw, inp), "input": inp, "gold": gold,
+        rows.append({**row_fields(recipe, raw), "id": row_id(recipe, raw, inp), "input": inp, "gold": gold,
                      "source": {"file": str(path), "line": line}, "split": "test"})
     return rows
 

@@ -65,6 +65,21 @@ def hold_out_test(recipe: Recipe, rows: Sequence[T], id_of: Callable[[T], str],
     return [r for r in rows if id(r) not in test], [r for r in rows if id(r) in test]
 
 
+# a test row's own keys (and those curate gives meaning to on any row): an input row's field of the
+# same name is not copied onto its test row, so it cannot pose as a teacher answer or a mix row
+ROW_KEYS = frozenset({"id", "source_id", "input", "gold", "source", "split", "format", "rationale", "label",
+                      "answer_text", "rationale_source", "parse_status", "general"})
+
+
+def row_fields(recipe: Recipe, raw: dict[str, Any]) -> dict[str, Any]:
+    """The input row's other fields, kept on its test row: eval reads some of them (`dsl_alternatives`,
+    `gold_alternatives`: accepted alternative gold answers, evals.task_eval), and a test row keeps
+    what its source row said rather than a hand-picked list. The input, label and id fields are
+    already on the row as `input`, `gold` and `id`."""
+    used = {*recipe.task.input_fields, recipe.data.label_field, recipe.data.id_field}
+    return {k: v for k, v in raw.items() if k not in used and k not in ROW_KEYS}
+
+
 def held_out_info(recipe: Recipe, n: int) -> dict[str, Any]:
     """What holding the test split out saved: its rows were never requested (k samples each)."""
     return {"rows": n, "requests_saved": n * recipe.teacher.num_rationales}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepwise.curation.holdout import held_out_info, hold_out_test
+from stepwise.curation.holdout import held_out_info, hold_out_test, row_fields
 from stepwise.pipelines.cache import CacheEntry, ResponseCache, request_key
 from stepwise.pipelines.constraints import (
     OPENSEARCH_SUBSET,
@@ -71,6 +71,7 @@ class InputRow:
     input: dict[str, Any]
     gold: Any
     source: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # the input row's other fields (holdout.row_fields)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def load_inputs(recipe: Recipe) -> list[InputRow]:
                 rid = base if not seen[base] else f"{base}-{seen[base]}"
             seen[rid] += 1
             gold = raw.get(recipe.data.label_field) if recipe.data.label_field else None
-            rows.append(InputRow(rid, inp, gold, {"file": str(file), "line": line}))
+            rows.append(InputRow(rid, inp, gold, {"file": str(file), "line": line}, row_fields(recipe, raw)))
     if recipe.data.limit and len(rows) > recipe.data.limit:
         rows = _subset(rows, recipe.data.limit, recipe.data.seed, recipe.data.stratify_limit)
     return rows
@@ -125,8 +126,9 @@ def split_inputs(recipe: Recipe, rows: list[InputRow]) -> tuple[list[InputRow], 
 
 
 def held_out_record(row: InputRow) -> dict[str, Any]:
-    """A held-out input as a test row, the shape of a `data.test_file` row in curate."""
-    return {"id": row.id, "input": row.input, "gold": row.gold, "source": row.source, "split": "test"}
+    """A held-out input as a test row, the shape of a `data.test_file` row in curate (with the input
+    row's other fields, which eval may read: `dsl_alternatives`)."""
+    return {**row.extra, "id": row.id, "input": row.input, "gold": row.gold, "source": row.source, "split": "test"}
 
 
 def _subset(rows: list[InputRow], n: int, seed: int, stratify: bool) -> list[InputRow]:

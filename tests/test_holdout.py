@@ -226,6 +226,7 @@ def test_nl2dsl_test_split_keeps_every_gold_row(tmp_path):
     test = read_jsonl(run.layout.curated("test"))
     assert report["test_source"] == HELD_OUT and len(test) == 17 and all(r["gold"] for r in test)
     assert {r["id"] for r in test} == {r.id for r in held}
+    assert all(isinstance(r["dsl_alternatives"], list) for r in test)  # the gold alternatives eval accepts
 
 
 def test_spend_on_rows_a_resplit_held_out_still_counts_against_the_cap(tmp_path):
@@ -254,3 +255,35 @@ def test_spend_on_rows_a_resplit_held_out_still_counts_against_the_cap(tmp_path)
     assert est["spent so far (ledger)"] == f"${spent:.4f}"  # estimate reads the same whole-recipe ledger
     assert again.stopped_reason and "cost cap" in again.stopped_reason
     assert len(stub.log) == sent
+
+
+def test_held_out_and_test_file_rows_keep_the_input_rows_other_fields(tmp_path):
+    """Eval reads more than id/input/gold from a test row (`dsl_alternatives` and `gold_alternatives`:
+    accepted alternative gold answers, evals.task_eval): a held-out or `data.test_file` row keeps
+    every field of its input row, so an eval on that split scores them as it would on the source."""
+    rows = [{**r, "dsl_alternatives": [f"alt-{r['id']}"], "gold_alternatives": [r["label"].upper()],
+             "note": {"by": "annotator", "n": i}} for i, r in enumerate(uneven_rows())]
+    extra = ("dsl_alternatives", "gold_alternatives", "note")
+    test_rows = [{**ticket(100 + i, LABELS[i % 3], prefix="test"), "dsl_alternatives": [f"t{i}"]} for i in range(3)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_rows))
+    with OpenAIStub() as stub:
+        recipe, run = setup_recipe(tmp_path, stub, rows)
+        run_generate(recipe, run, progress=False)
+        run_curate(recipe, run)
+        by_id = {r["id"]: r for r in rows}
+        held = read_jsonl(run.layout.held_out_test)
+        test = read_jsonl(run.layout.curated("test"))
+        assert held and {r["id"] for r in test} == {r["id"] for r in held}
+        for r in [*held, *test]:
+            assert {f: r.get(f) for f in extra} == {f: by_id[r["id"]][f] for f in extra}, r["id"]
+            assert r["input"] == {"text": by_id[r["id"]]["text"]} and r["gold"] == by_id[r["id"]]["label"]
+            assert r["split"] == "test"
+        # data.test_file rows: the same
+        recipe.source_path.write_text(recipe.source_path.read_text().replace(
+            "  label_field: label\n", "  label_field: label\n  test_file: test.jsonl\n"))
+        recipe = load_recipe(recipe.source_path)
+        run = create_run(recipe, tmp_path / "run2")
+        run_generate(recipe, run, progress=False)
+        run_curate(recipe, run)
+    test = read_jsonl(run.layout.curated("test"))
+    assert [r["dsl_alternatives"] for r in test] == [r["dsl_alternatives"] for r in test_rows]
