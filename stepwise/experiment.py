@@ -21,6 +21,12 @@ normal run's. Nothing here copies the stage sequence.
   others are listed "does not fit (planner: X GB)" and never launched) and how many run at once
   under `--parallel` (per visible GPU, as many as fit in its memory; each worker is a
   `stepwise experiment --points <id>` process pinned to one GPU through CUDA_VISIBLE_DEVICES).
+- One curation version per grid: each point records in point.json the fingerprint of the shared
+  curated data it trained on (`shared_data`: a content hash of the curated splits and reviewed rows),
+  experiment.json the one its points started on. When the shared curate re-ran and wrote other rows
+  under finished points, the experiment stops (exit 2, SharedDataChanged) naming them: `--force`
+  runs them again on the new data, a fresh `--dir` keeps this one. The report draws points trained
+  on older data on curves of their own and compares them with nothing.
 - Bad input exits 2 before anything runs, naming the point: a point the recipe's validation or the
   training backend refuses (e.g. `qlora` with `backend: trl`).
 """
@@ -43,7 +49,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from stepwise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from stepwise.io import atomic_write_json, atomic_write_jsonl, canonical_json, iter_jsonl, sha256_text
 from stepwise.layout import ExperimentLayout
 from stepwise.pipeline import PIPELINE, RunOptions, RunSummary, run_pipeline
 from stepwise.recipe import Recipe, SweepSpec, TrainingSpec
@@ -56,6 +62,15 @@ POINTS_UNTIL = "report"  # a point stops after its report (packaging is for the 
 
 class ExperimentError(ValueError):
     """Bad input (exit 2): the message names the point or the axis."""
+
+
+class SharedDataChanged(ExperimentError):
+    """The shared curated data changed under finished points (exit 2): mixing would put two
+    curation versions in one grid. `stale` names the points trained on the old data."""
+
+    def __init__(self, message: str, stale: list[str]):
+        super().__init__(message)
+        self.stale = stale
 
 
 @dataclass
@@ -294,10 +309,63 @@ def prepare_point(recipe: Recipe, pt: Point, shared: RunDir, run: RunDir) -> dic
             if info:
                 stages[stage] = {**info, "shared_from": str(shared.path)}
         m["experiment"] = {"point": pt.id, "index": pt.index, "values": pt.values, "shared_run": str(shared.path),
-                           "data": counts}
+                           "data": counts, "shared_data": shared_data_fingerprint(shared)}
 
     run.update_manifest(put)
     return counts
+
+
+def shared_data_fingerprint(shared: RunDir) -> str | None:
+    """A content hash of what the points take from the shared run: the curated splits and the
+    reviewed rows (None before curate wrote anything). The stage fingerprints cannot serve: they
+    hash a stage's inputs, and a point must know whether the rows themselves changed."""
+    from stepwise.io import sha256_file
+    from stepwise.layout import SPLITS
+
+    files = [shared.layout.curated(s) for s in SPLITS] + [shared.layout.reviewed]
+    present = [(p.relative_to(shared.path).as_posix(), sha256_file(p)) for p in files if p.exists()]
+    if not present:
+        return None
+    return sha256_text(canonical_json(present))
+
+
+def _recorded(layout: ExperimentLayout) -> dict[str, Any]:
+    try:
+        plan = json.loads(layout.plan.read_text(encoding="utf-8")) if layout.plan.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return plan.get("shared_data") or {}
+
+
+def recorded_data_fingerprint(layout: ExperimentLayout) -> str | None:
+    """The shared data's fingerprint the experiment recorded when its points started (experiment.json)."""
+    return _recorded(layout).get("fingerprint")
+
+
+def point_data_fingerprint(layout: ExperimentLayout, pid: str) -> str | None:
+    """The shared data's fingerprint a point trained on: its point.json's, else (a point finished
+    before fingerprints were recorded) the experiment's."""
+    return read_status(layout, pid).get("shared_data") or recorded_data_fingerprint(layout)
+
+
+def stale_points(layout: ExperimentLayout, points: list[Point], current: str | None) -> list[str]:
+    """Finished points trained on shared data other than `current`."""
+    if current is None:
+        return []
+    return [p.id for p in points if read_status(layout, p.id).get("status") == "done"
+            and point_data_fingerprint(layout, p.id) not in (None, current)]
+
+
+def _record_data_fingerprint(layout: ExperimentLayout, points: list[Point], fingerprint: str | None) -> None:
+    previous = recorded_data_fingerprint(layout)
+    if previous:  # a finished point without its own fingerprint trained on the one recorded until now
+        for p in points:
+            rec = read_status(layout, p.id)
+            if rec.get("status") == "done" and not rec.get("shared_data"):
+                atomic_write_json(layout.point_status(p.id), {**rec, "shared_data": previous})
+    plan = json.loads(layout.plan.read_text(encoding="utf-8")) if layout.plan.exists() else {}
+    plan["shared_data"] = {"fingerprint": fingerprint, "recorded": _now()}
+    atomic_write_json(layout.plan, plan)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -360,8 +428,11 @@ def read_status(layout: ExperimentLayout, pid: str) -> dict[str, Any]:
 
 
 def write_plan(recipe: Recipe, layout: ExperimentLayout, points: list[Point], flags: list[str]) -> None:
-    """experiment.json; `flags` are the run options a point is reproduced with (--cpu, --max-steps ...)."""
+    """experiment.json; `flags` are the run options a point is reproduced with (--cpu, --max-steps ...).
+    The shared data's recorded fingerprint (`shared_data`) is kept: it is what the finished points trained on."""
+    kept = _recorded(layout)
     atomic_write_json(layout.plan, {
+        **({"shared_data": kept} if kept else {}),
         "recipe": str(recipe.source_path), "name": recipe.name, "axes": recipe.training.sweep.experiment_axes,
         "shared_until": SHARED_UNTIL, "updated": _now(), "flags": flags,
         "points": [{"index": p.index, "id": p.id, "values": p.values, "estimate_gb": p.estimate_gb, "fits": p.fits,
@@ -390,8 +461,9 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
     run = create_run(pt.recipe, layout.point(pt.id), point_latest=False)
     run.layout.recipe_copy.write_text(point_recipe_yaml(pt), encoding="utf-8")
     prev = read_status(layout, pt.id)
+    data_fp = shared_data_fingerprint(shared)  # what prepare_point is about to copy: recorded as trained on
     atomic_write_json(layout.point_status(pt.id), {**prev, "status": "running", "pid": os.getpid(), "started": _now(),
-                                                   "values": pt.values})
+                                                   "values": pt.values, "shared_data": data_fp})
     tracking = pt.recipe.training.tracking
     run_id = prev.get("tracking_run_id")
     env_before = dict(os.environ)
@@ -410,7 +482,7 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
         detail = f"{type(exc).__name__}: {exc}"
         atomic_write_json(layout.point_status(pt.id), {"status": "failed", "exit_code": 1, "finished": _now(),
                                                        "values": pt.values, "detail": detail,
-                                                       "tracking_run_id": run_id})
+                                                       "tracking_run_id": run_id, "shared_data": data_fp})
         return PointOutcome(pt, "failed", 1, detail, time.time() - t0)
     finally:
         os.environ.clear()
@@ -420,7 +492,7 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
     failed = next((o for o in summary.outcomes if o.status in ("failed", "stopped")), None)
     detail = f"{failed.stage}: {failed.detail}" if failed else ""
     record = {"status": status, "exit_code": code, "finished": _now(), "wall_s": round(time.time() - t0, 1),
-              "values": pt.values, "detail": detail}
+              "values": pt.values, "detail": detail, "shared_data": data_fp}
     if status == "done" and (tracking.mlflow or tracking.wandb):
         from stepwise.experiment_report import point_result
         from stepwise.training.tracking import log_point
@@ -476,6 +548,31 @@ def run_parallel(recipe: Recipe, layout: ExperimentLayout, points: list[Point], 
     return outcomes
 
 
+def _guard_shared_data(layout: ExperimentLayout, points: list[Point], force: bool, log: Callable[[str], None],
+                       notes: list[str]) -> None:
+    """One grid, one curation version: stop (SharedDataChanged) when the shared curated data is no
+    longer what finished points trained on, unless --force re-runs them; else record the current
+    data as the experiment's (experiment.json `shared_data`)."""
+    current = shared_data_fingerprint(RunDir(layout.shared))
+    recorded = recorded_data_fingerprint(layout)
+    stale = stale_points(layout, points, current)
+    if stale and not force:
+        raise SharedDataChanged(
+            f"the shared curated data in {layout.shared} changed (the recipe or its inputs changed since the "
+            f"finished points ran): {len(stale)} finished point(s) trained on the old data: {', '.join(stale)}. "
+            "One grid must not mix curation versions. Pass --force to run every point again on the new data, "
+            "or --dir with a fresh directory to keep this experiment as it is.", stale)
+    if stale:  # --force: the selected points run again on the new data; the others stay marked as older
+        log(f"shared curated data changed: --force re-runs the selected points on it (trained on the old: {', '.join(stale)})")
+    if recorded is None and current is not None:
+        legacy = [p.id for p in points if read_status(layout, p.id).get("status") == "done"]
+        if legacy:  # finished before fingerprints were recorded: nothing tells which data they saw
+            notes.append(f"points {', '.join(legacy)} finished before the shared data's fingerprint was recorded; "
+                         "taken as trained on the current shared data")
+    if current != recorded:
+        _record_data_fingerprint(layout, points, current)
+
+
 def run_experiment(recipe: Recipe, layout: ExperimentLayout, points: list[Point], selected: list[Point],
                    opts: RunOptions, *, parallel: int = 1, force: bool = False, worker: bool = False,
                    worker_flags: list[str] | None = None, log: Callable[[str], None] = lambda m: None,
@@ -491,6 +588,7 @@ def run_experiment(recipe: Recipe, layout: ExperimentLayout, points: list[Point]
         if summary.shared.exit_code not in (0, 4):
             summary.exit_code = summary.shared.exit_code
             return summary
+        _guard_shared_data(layout, points, force, log, summary.notes)
     todo: list[Point] = []
     chosen = {p.id for p in selected}
     summary.outcomes += [PointOutcome(pt, "not_selected") for pt in points if pt.id not in chosen]

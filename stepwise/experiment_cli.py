@@ -88,9 +88,13 @@ def register(app: typer.Typer) -> None:
             console.print(f"  [{color}]{o.status:>11}[/{color}] {o.stage:<9} {o.wall_s:7.1f}s  {escape(o.detail)}",
                           highlight=False, soft_wrap=True)
 
-        summary = run_experiment(r, layout, grid, selected, opts, parallel=parallel, force=force, worker=worker,
-                                 worker_flags=flags, log=lambda m: console.print(m, highlight=False, soft_wrap=True),
-                                 on_stage=on_stage)
+        try:
+            summary = run_experiment(r, layout, grid, selected, opts, parallel=parallel, force=force, worker=worker,
+                                     worker_flags=flags, log=lambda m: console.print(m, highlight=False, soft_wrap=True),
+                                     on_stage=on_stage)
+        except ExperimentError as exc:  # e.g. the shared data changed under finished points
+            console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         if summary.shared is not None and summary.shared.exit_code not in (0, 4):
             console.print(f"[red]the shared stages stopped[/red] (exit {summary.shared.exit_code}): "
                           f"{escape(summary.shared.outcomes[-1].detail if summary.shared.outcomes else '')}",

@@ -87,6 +87,7 @@ def point_result(layout: ExperimentLayout, pid: str, plan_entry: dict[str, Any] 
         "train_rows": len(_ids(lay.curated("train"))) or None,
         "teacher_cost": round(cost, 6), "teacher_tokens": tokens,
         "tracking_run_id": status.get("tracking_run_id"), "detail": status.get("detail", ""),
+        "shared_data": status.get("shared_data"),  # the fingerprint of the shared curated data it trained on
     }
 
 
@@ -216,7 +217,12 @@ def _modality_svg(points: list[dict[str, Any]], metric: str) -> Markup | None:
     return _svg(fig)
 
 
-def _section_grid(data: dict[str, Any], cmd: Any) -> dict[str, Any]:
+def _data_of(p: dict[str, Any], current: str | None) -> str | None:
+    """The shared data a point trained on (a point from before fingerprints: the experiment's)."""
+    return p.get("shared_data") or current
+
+
+def _section_grid(data: dict[str, Any], cmd: Any, current: str | None) -> dict[str, Any]:
     rows = []
     for p in data["points"]:
         v = p["values"] or {}
@@ -224,6 +230,8 @@ def _section_grid(data: dict[str, Any], cmd: Any) -> dict[str, Any]:
         plan = next((e for e in data["plan"].get("points", []) if e["id"] == p["id"]), {})
         if not plan.get("fits", True):
             status = f"does not fit (planner: {plan.get('estimate_gb'):.1f} GB)"
+        elif status == "done" and _data_of(p, current) != current:
+            status = f"done on older curated data ({str(_data_of(p, current))[:8]})"
         rows.append([p["id"], v.get("target"), v.get("data_fraction"), v.get("modality"), v.get("lora_r") or "-",
                      v.get("alpha_ratio") or "-", v.get("learning_rate") or "default", status, _pct(p["metric"]),
                      _num(p["train_rows"]), _num(p["train_wall_s"], "{:.1f}"), cmd(p["id"])])
@@ -235,8 +243,13 @@ def render(layout: ExperimentLayout, data: dict[str, Any]) -> str:
     plan = data["plan"]
     axes = plan.get("axes") or {}
     points = data["points"]
-    done = [p for p in points if p.get("metric")]
-    metric = next((p["main_metric"] for p in done if p.get("main_metric")), "accuracy")
+    current = (plan.get("shared_data") or {}).get("fingerprint")
+    finished = [p for p in points if p.get("metric")]
+    metric = next((p["main_metric"] for p in finished if p.get("main_metric")), "accuracy")
+    # one grid, one curation version: points trained on older shared data get curves of their own and
+    # stay out of every comparison with the current ones (stepwise.experiment's guard stops new mixing)
+    done = [p for p in finished if _data_of(p, current) == current]
+    older = [p for p in finished if _data_of(p, current) != current]
     flags = plan.get("flags") or []
 
     def cmd(pid: str) -> str:
@@ -244,15 +257,19 @@ def render(layout: ExperimentLayout, data: dict[str, Any]) -> str:
                                                  "--dir", str(layout.root), "--points", pid, *flags])
 
     sections = []
-    sections.append({"title": "Grid", "template": "grid.html.j2", "ctx": {**_section_grid(data, cmd), "axes": axes}})
+    sections.append({"title": "Grid", "template": "grid.html.j2",
+                     "ctx": {**_section_grid(data, cmd, current), "axes": axes}})
 
     # learning curves: one chart per combination of the other axes, one line per target
     curves = []
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for p in done:
-        groups[_group_key(p["values"])].append(p)
-    for _, members in groups.items():
+    for p in done + older:
+        groups[(_data_of(p, current) != current, _data_of(p, current), *_group_key(p["values"]))].append(p)
+    for (is_older, fp, *_), members in groups.items():
         label = _group_label(members[0]["values"], axes)
+        if is_older:
+            label += (f" (older curated data {str(fp)[:8]}: trained before the shared data changed; "
+                      "`--force` re-runs them on the current data)")
         lines: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
         for p in members:
             lines[p["values"]["target"]].append((p["values"]["data_fraction"], p["metric"]))
@@ -308,9 +325,9 @@ def render(layout: ExperimentLayout, data: dict[str, Any]) -> str:
                              ["one rank and one ratio in this grid: sweep `lora_r` / `alpha_ratio` to fill the table"]}})
 
     # forgetting per point
-    benches = sorted({b for p in done for b in p["forgetting"]})
+    benches = sorted({b for p in finished for b in p["forgetting"]})
     f_rows = []
-    for p in done:
+    for p in finished:  # per point, no comparison: the older points too
         cells = []
         for b in benches:
             f = p["forgetting"].get(b) or {}

@@ -250,6 +250,113 @@ def test_better_only_when_the_paired_ci_excludes_zero():
     assert [p["id"] for p in pareto(pts)] == ["big", "small"]
 
 
+# -- the stubbed pipeline: every stage a stand-in (seconds, no model) -----------------------------
+
+
+def _stub_stages(monkeypatch, data: dict) -> list[str]:
+    """Replace every stage's body in stepwise.pipeline.PIPELINE with a stand-in: curate writes
+    `data`'s rows as the curated splits, eval scores each test item, the rest record a done stage.
+    Returns the list the stand-ins append "<stage> <run dir name>" to."""
+    from dataclasses import replace
+
+    from stepwise import pipeline
+    from stepwise.io import atomic_write_json, atomic_write_jsonl
+    from stepwise.layout import SPLITS
+
+    calls: list[str] = []
+
+    def body(name):
+        def run(recipe, rd, opts):
+            calls.append(f"{name} {rd.path.name}")
+            with rd.stage(name):
+                lay = rd.layout
+                if name == "generate":
+                    atomic_write_jsonl(lay.responses, [{"id": r["id"], "cost": 0.001, "usage": {"input_tokens": 10}}
+                                                       for s in SPLITS for r in data[s]])
+                elif name == "curate":
+                    for s in SPLITS:
+                        atomic_write_jsonl(lay.curated(s), [{**r, "split": s} for r in data[s]])
+                elif name == "review":
+                    atomic_write_jsonl(lay.reviewed, [{**r, "split": s} for s in ("train", "val") for r in data[s]])
+                elif name == "eval":
+                    n_train = sum(1 for _ in lay.curated("train").open())
+                    preds = [{"id": r["id"], "correct": float(i < n_train)} for i, r in enumerate(data["test"])]
+                    atomic_write_jsonl(lay.task_predictions, preds)
+                    acc = sum(p["correct"] for p in preds) / len(preds)
+                    atomic_write_json(lay.task_report, {"task_type": "classification", "headline": {
+                        "accuracy": {"value": acc, "ci_low": max(0.0, acc - 0.1), "ci_high": min(1.0, acc + 0.1),
+                                     "n": len(preds)}}})
+            return "stub"
+        return run
+
+    monkeypatch.setattr(pipeline, "PIPELINE", [replace(s, run=body(s.name)) for s in pipeline.PIPELINE])
+    return calls
+
+
+def _tickets(n: int, prefix: str = "r", label_of=lambda i: ("billing", "technical")[i % 2]) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "text": f"ticket {i}", "label": label_of(i), "rationale": "because"}
+            for i in range(n)]
+
+
+def _stub_experiment(tmp_path: Path, extra: str = "") -> Path:
+    return write_recipe(tmp_path, "modality: lora\nsweep:\n  data_fraction: [0.5, 1.0]\n" + extra)
+
+
+def test_changed_shared_data_under_finished_points_stops_with_exit_2(tmp_path, monkeypatch):
+    """The shared curate re-runs between invocations (the recipe changed) and writes other rows:
+    the finished points trained on the old rows, so the grid would mix curation versions. It stops
+    (exit 2) naming them; --force runs them again on the new data; the report never draws an old
+    point on a curve with new ones."""
+    data = {"train": _tickets(8), "val": _tickets(2, "v"), "test": _tickets(6, "t")}
+    calls = _stub_stages(monkeypatch, data)
+    recipe_path = _stub_experiment(tmp_path)
+    exp = tmp_path / "exp"
+    common = ["experiment", str(recipe_path), "--dir", str(exp), "--no-progress", "--yes"]
+    res = runner.invoke(app, common)
+    assert res.exit_code == 0, res.output
+    first = {pid: json.loads((exp / "points" / pid / "point.json").read_text()) for pid in ("f0.5", "f1")}
+    assert all(r["status"] == "done" for r in first.values())
+
+    # the recipe's curation changes, so curate runs again and writes relabelled rows
+    recipe_path.write_text(recipe_path.read_text() + "curation:\n  min_train_rows: 2\n")
+    data["train"] = _tickets(8, label_of=lambda i: "general")
+    calls.clear()
+    res = runner.invoke(app, common)
+    assert "curate shared" in calls  # the shared stage did run again
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert "f0.5" in out and "f1" in out and "--force" in out and "--dir" in out and "changed" in out
+    assert not any(c.startswith(("export", "train")) for c in calls)  # no point started on the new rows
+    for pid in ("f0.5", "f1"):  # the finished points' records are untouched
+        assert json.loads((exp / "points" / pid / "point.json").read_text()) == first[pid]
+    # each point recorded the data it trained on, and the experiment the data its points started on
+    assert first["f0.5"]["shared_data"] and first["f0.5"]["shared_data"] == first["f1"]["shared_data"]
+    new_fp = json.loads((exp / "experiment.json").read_text())["shared_data"]["fingerprint"]
+    assert new_fp == first["f1"]["shared_data"]  # still what the finished points trained on
+
+    # --force on one point: it runs on the new data; the other stays on the old, on its own curve
+    res = runner.invoke(app, [*common, "--force", "--points", "f0.5"])
+    assert res.exit_code == 0, res.output
+    moved = json.loads((exp / "points" / "f0.5" / "point.json").read_text())
+    assert moved["status"] == "done" and moved["shared_data"] != first["f0.5"]["shared_data"]
+    labels = {json.loads(line)["label"] for line in (exp / "points" / "f0.5" / "curate" / "train.jsonl").open()}
+    assert labels == {"general"}  # trained on the new rows
+    assert json.loads((exp / "experiment.json").read_text())["shared_data"]["fingerprint"] == moved["shared_data"]
+    results = {p["id"]: p for p in json.loads((exp / "results.json").read_text())["points"]}
+    assert results["f1"]["shared_data"] == first["f1"]["shared_data"] != results["f0.5"]["shared_data"]
+    html = (exp / "experiment.html").read_text()
+    assert html.count("<svg") == 2  # two curves: the current data's (f0.5) and the older data's (f1)
+    assert "done on older curated data" in html and "older curated data" in html
+    # the stale point is still named on the next plain invocation; --force (all points) clears it
+    res = runner.invoke(app, common)
+    assert res.exit_code == 2 and "f1" in res.output and "f0.5" not in " ".join(res.output.split()).split("old data:")[1]
+    res = runner.invoke(app, [*common, "--force"])
+    assert res.exit_code == 0, res.output
+    fps = {json.loads((exp / "points" / pid / "point.json").read_text())["shared_data"] for pid in ("f0.5", "f1")}
+    assert fps == {moved["shared_data"]}
+    assert (exp / "experiment.html").read_text().count("<svg") == 1
+
+
 # -- the real grid -------------------------------------------------------------------------------
 
 
