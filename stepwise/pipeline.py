@@ -252,9 +252,9 @@ def _package(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
     if get_backend(recipe.training.backend).hosted:  # no weights here: nothing to merge or convert
         return f"nothing to package: training.backend {recipe.training.backend} hosts the student (its weights stay with the provider)"
-    res = run_package(recipe, run)
-    files = ", ".join(p.name for p in res.gguf.values())
-    return f"{run.layout.package_dir}: merged model, {files or 'no GGUF'}, model card ({res.timings.get('total_s')}s)"
+    res = run_package(recipe, run)  # the GGUF formats: recipe.package.gguf
+    files = ", ".join(p.name for p in res.gguf.values()) or "no GGUF (package.gguf: []), so no Ollama Modelfile"
+    return f"{run.layout.package_dir}: merged model, {files}, model card ({res.timings.get('total_s')}s)"
 
 
 def _files(paths: Callable[[RunLayout], list[Path]]) -> Callable[[Recipe, RunDir], list[Path]]:
@@ -314,7 +314,7 @@ PIPELINE: list[Stage] = [
     # always re-run (it reads every stage's files through the manifest), so its fingerprint decides nothing
     Stage("report", (), _files(lambda lay: [lay.manifest]), _report, outputs=lambda lay: [lay.report_html]),
     # the shippable student (merged weights, GGUF, model card): skip it with `--until report`
-    Stage("package", ("task", "data", "teacher", "curation", "training"),
+    Stage("package", ("task", "data", "teacher", "curation", "training", "package"),
           _files(lambda lay: [lay.train_dir, lay.chat("train"), lay.chat("val"), lay.dataset_card, lay.eval_dir]),
           _package, outputs=lambda lay: [lay.package_dir]),
 ]
@@ -431,7 +431,25 @@ def run_pipeline(recipe: Recipe, run: RunDir, opts: RunOptions,
             break
     if gate_failed and summary.exit_code == 0:
         summary.exit_code = 4
+    _refresh_report(recipe, run, summary)
     return summary
+
+
+def _refresh_report(recipe: Recipe, run: RunDir, summary: RunSummary) -> None:
+    """The report is rendered before package: when a stage after it ran in this invocation (done,
+    skipped or failed), render the page again so it shows how that stage ended, not `pending`."""
+    names = [o.stage for o in summary.outcomes]
+    if "report" not in names:
+        return
+    at = names.index("report")
+    if summary.outcomes[at].status != "done" or all(o.status == "not_run" for o in summary.outcomes[at + 1:]):
+        return
+    from stepwise.report import refresh_report
+
+    try:
+        refresh_report(recipe, run)
+    except Exception:  # noqa: BLE001 - the page from before package stays; why it was not redrawn is kept
+        run.layout.error_log("report").write_text(traceback.format_exc(), encoding="utf-8")
 
 
 def _gate_passed(run: RunDir, recipe: Recipe) -> tuple[bool, str]:

@@ -38,7 +38,7 @@ from markupsafe import Markup
 
 from stepwise.io import atomic_write_text, read_jsonl
 from stepwise.recipe import Recipe
-from stepwise.rundir import STAGES, RunDir, effective_status
+from stepwise.rundir import STAGES, RunDir, effective_status, file_entry
 
 # "Too little data to judge" below these (see the module doc): with 20 items a 95% interval on an
 # accuracy is still about +-20 points, so anything smaller cannot back a pass.
@@ -512,4 +512,18 @@ def write_report(recipe: Recipe, run: RunDir) -> Path:
     with run.stage("report", inputs=[run.manifest_path]) as st:
         atomic_write_text(path, render_report(recipe, run))
         st.outputs(path)
+    return path
+
+
+def refresh_report(recipe: Recipe, run: RunDir) -> Path:
+    """Render report.html again in place once the stages after it in `stepwise run` (package) have
+    ended, so the page a run leaves shows how they did. Not a new attempt of the report stage: its
+    record keeps its timing and gets the page's new hash."""
+    path = run.layout.report_html
+    atomic_write_text(path, render_report(recipe, run))
+
+    def put(m: dict[str, Any]) -> None:
+        m.setdefault("stages", {}).setdefault("report", {})["outputs"] = [file_entry(path, run.path)]
+
+    run.update_manifest(put)
     return path

@@ -57,6 +57,40 @@ def test_skipped_stage_says_so_and_keeps_when_it_ran(tmp_path):
     assert f"took {first.outcomes[1].wall_s:.1f} when it ran" in seconds
 
 
+def _stub_stages(monkeypatch, package_fails: bool = False):
+    """The real report stage, then a package stage that only records itself (nothing trained)."""
+    from stepwise import pipeline
+
+    def fake_package(recipe, rd, opts):
+        with rd.stage("package"):
+            if package_fails:
+                raise RuntimeError("no merged model")
+        return "packaged (stub)"
+
+    real = {s.name: s for s in pipeline.PIPELINE}
+    package = pipeline.Stage("package", real["package"].sections, real["package"].inputs, fake_package)
+    monkeypatch.setattr(pipeline, "PIPELINE", [real["report"], package])
+
+
+def test_report_written_by_a_run_shows_the_package_stage_that_ran_after_it(write_recipe, tmp_path, monkeypatch):
+    """report runs before package: the page a `stepwise run` leaves shows package as it ended in
+    that run (done, or failed), not `not run` / `pending`."""
+    recipe = load_recipe(write_recipe(CLASSIFICATION_RECIPE))
+    run = create_run(recipe, tmp_path / "run")
+    _stub_stages(monkeypatch)
+    summary = run_pipeline(recipe, run, RunOptions(progress=False))
+    assert [(o.stage, o.status) for o in summary.outcomes] == [("report", "done"), ("package", "done")]
+    status, _, detail = _row(run.layout.report_html.read_text(), "package")
+    assert (status, detail) == ("done", "packaged (stub)")
+    assert run.read_manifest()["stages"]["report"]["status"] == "done"
+
+    _stub_stages(monkeypatch, package_fails=True)
+    summary = run_pipeline(recipe, run, RunOptions(progress=False, force=True))
+    assert summary.outcomes[-1].status == "failed" and summary.exit_code == 19
+    status, _, detail = _row(run.layout.report_html.read_text(), "package")
+    assert status == "failed" and "no merged model" in detail
+
+
 # -- verdicts -------------------------------------------------------------------------------------
 
 
