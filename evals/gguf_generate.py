@@ -67,4 +67,5 @@ def generate_gguf(
         backend.close()
     return GenerationResult(outs, errs, time.time() - started, n_out, None,
                             {"backend": "llama.cpp", "gguf": str(model.path), "n_threads": backend.n_threads,
+                             "batch_size": 1,  # one completion per call: never eval.task.batch_size
                              "latencies": latencies})

@@ -40,7 +40,8 @@ The result is `eval/student_vs_teacher.json` (RunLayout.student_vs_teacher), rea
          "latency": {"measured": bool, "note": str | None,
                      "batched": {"batch_size": int, "n": int, "p50_s": float, "p95_s": float,
                                  "tokens_per_s": float | None, "s_per_request": float} | None,
-                     "batch1": {... same keys ...} | None},
+                     "batch1": {... same keys ...} | None,
+                     "batched_note": str},   # only when batched is None for a reason (llama.cpp: one at a time)
          "cost_per_1k": float | None, "cost_basis": str,
          "requests": {"cached": int, "asked": int} | None}],   # teacher only
      "break_even": {"requests": int | None, "text": str, "upfront_usd": float,
@@ -67,6 +68,8 @@ from stepwise.rundir import RunDir
 
 VERSION = 1
 LOCAL_TEACHERS = ("transformers", "llamacpp")
+# the batched column of a model served one request at a time (llama.cpp has no batched completion call)
+ONE_AT_A_TIME = "n/a (llama.cpp answers one request at a time)"
 
 
 class TeacherNotScored(RuntimeError):
@@ -235,12 +238,18 @@ def local_model_entry(role: str, report: dict[str, Any], batch1: dict[str, Any] 
         batched = {"batch_size": batch_size, "n": report["n"], "p50_s": None, "p95_s": None,
                    "tokens_per_s": gen.get("tokens_per_s"), "s_per_request": gen["wall_s"] / report["n"]}
     where = gen.get("device") or gen.get("backend") or "this machine"
+    cost = hardware_cost_per_1k((batched or {}).get("s_per_request"), cost_per_hour)
+    latency: dict[str, Any] = {"measured": batched is not None, "note": f"measured on {where}", "batched": batched,
+                               "batch1": batch1}
+    how = "batched"
+    if batched is not None and batch_size == 1:  # the pass answered one request at a time: a batch-1 figure
+        latency.update(batched=None, batch1=batch1 or batched,
+                       batched_note=ONE_AT_A_TIME if gen.get("backend") == "llama.cpp"
+                       else "n/a (the eval answered one request at a time)")
+        how = "one request at a time"
     return {"role": role, "model": report.get("model"), "n": report.get("n"), "metrics": _metrics(report),
-            "vs_student": None,
-            "latency": {"measured": batched is not None, "note": f"measured on {where}", "batched": batched,
-                        "batch1": batch1},
-            "cost_per_1k": hardware_cost_per_1k((batched or {}).get("s_per_request"), cost_per_hour),
-            "cost_basis": f"measured s/request (batched) x eval.student_cost_per_hour ${cost_per_hour:g}/h",
+            "vs_student": None, "latency": latency, "cost_per_1k": cost,
+            "cost_basis": f"measured s/request ({how}) x eval.student_cost_per_hour ${cost_per_hour:g}/h",
             "requests": None}
 
 
@@ -269,11 +278,13 @@ def teacher_entry(recipe: Recipe, report: dict[str, Any], info: dict[str, Any], 
                 + (f"; {info['cached']} answers came from the cache" if info["cached"] else ""))
     else:
         note = "cached, latency not measured"
+    latency: dict[str, Any] = {"measured": measured is not None, "note": note,
+                               "batched": measured if measured and measured["batch_size"] > 1 else None,
+                               "batch1": measured if measured and measured["batch_size"] == 1 else None}
+    if measured is not None and t.provider == "llamacpp":
+        latency["batched_note"] = ONE_AT_A_TIME
     return {"role": "teacher", "model": t.model, "n": report.get("n"), "metrics": _metrics(report),
-            "vs_student": None,
-            "latency": {"measured": measured is not None, "note": note,
-                        "batched": measured if measured and measured["batch_size"] > 1 else None,
-                        "batch1": measured if measured and measured["batch_size"] == 1 else None},
+            "vs_student": None, "latency": latency,
             "cost_per_1k": cost, "cost_basis": basis, "requests": {"cached": info["cached"], "asked": info["asked"]}}
 
 
@@ -373,6 +384,8 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         lat = m.get("latency") or {}
         if lat.get("measured"):
             b1, bn = _lat(lat.get("batch1")), _lat(lat.get("batched"))
+            if lat.get("batched") is None and lat.get("batched_note"):
+                bn = lat["batched_note"]
             tps = (lat.get("batched") or lat.get("batch1") or {}).get("tokens_per_s")
             tps_text = f"{tps:.1f}" if tps else "-"
         else:

@@ -210,3 +210,48 @@ def test_a_free_local_teacher_is_costed_by_its_measured_hardware_time_or_not_at_
     assert cached["cost_per_1k"] == 0.0 and "not measured" in cached["cost_basis"]
     assert cached["latency"] == {"measured": False, "note": "cached, latency not measured", "batched": None,
                                  "batch1": None}
+
+
+def test_a_gguf_students_latency_is_labelled_as_measured_one_request_at_a_time(monkeypatch, tmp_path):
+    """llama.cpp answers one request at a time (stepwise.evals.gguf_generate): the eval pass of a
+    GGUF student is not a batch of eval.task.batch_size, so the table never labels it `(x8)`; the
+    batched column says why it is empty, and the pass's sequential times are the ones costed."""
+    from stepwise.evals import gguf_generate
+    from stepwise.evals.modelref import ModelRef
+    from stepwise.evals.teacher_compare import local_model_entry, markdown, table_rows
+
+    class FakeLlm:  # one completion per call, as llama.cpp answers
+        def create_completion(self, tokens, **kw):
+            return {"choices": [{"text": "<answer>billing</answer>"}], "usage": {"completion_tokens": 4}}
+
+    class FakeBackend:
+        def __init__(self, path, n_ctx=4096, n_threads=None):
+            self.n_threads, self._llm = 2, FakeLlm()
+
+        def load(self):
+            pass
+
+        def prompt_tokens(self, messages):
+            return list(range(len(str(messages)) % 50 + 5))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("stepwise.pipelines.llamacpp_llm.LlamaCppTeacher", FakeBackend)
+    gguf = tmp_path / "student.gguf"
+    gguf.write_bytes(b"GGUF")
+    model = ModelRef("gguf", "student.gguf", path=gguf)
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    gen = gguf_generate.generate_gguf(model, prompts, max_new_tokens=8)
+    report = {"model": "student.gguf", "n": 5, "headline": {"accuracy": {"value": 0.6, "ci_low": 0.2, "ci_high": 0.9}},
+              "generation": {"wall_s": gen.wall_s, "output_tokens": gen.output_tokens, **gen.info}}
+    entry = local_model_entry("student", report, None, 1.0, batch_size=8)  # eval.task.batch_size 8
+    lat = entry["latency"]
+    assert lat["batched"] is None and "one request at a time" in lat["batched_note"]
+    assert lat["batch1"]["batch_size"] == 1 and lat["batch1"]["n"] == 5  # the eval pass, measured sequentially
+    assert entry["cost_per_1k"] == pytest.approx(1000 * lat["batch1"]["s_per_request"] / 3600)
+    table = {"main_metric": "accuracy", "models": [entry], "break_even": {"text": "never"}}
+    columns, rows = table_rows(table)
+    cells = dict(zip(columns, rows[0], strict=True))
+    assert cells["latency p50 / p95 s (batched)"] == "n/a (llama.cpp answers one request at a time)"
+    assert "(x" not in markdown(table) and cells["latency p50 / p95 s (batch 1)"] != "-"
