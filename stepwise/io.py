@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 class DataFileError(ValueError):
     """A data file is missing or malformed; the message names the file and line."""
@@ -156,3 +158,45 @@ def row_id(inp: Any) -> str:
     derivation generate, curate (test files) and the fixtures share; runs and teacher caches
     recorded with it keep their ids."""
     return "r-" + sha256_text(canonical_json(inp))[:12]
+
+
+# -- YAML with line marks (recipes, training configs) ---------------------------------------------
+
+
+class YamlSyntaxError(ValueError):
+    """YAML that does not parse: the 1-based `line` of the parser's mark and its `problem`. Each
+    caller words it in its own error type (a RecipeError, a training config CheckReport problem)."""
+
+    def __init__(self, line: int, problem: str):
+        self.line, self.problem = line, problem
+        super().__init__(f"line {line}: {problem}")
+
+
+def load_yaml_with_lines(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """(data, line index) of a YAML document: the index maps every key path (mapping keys and list
+    positions, e.g. ("datasets", 0, "path")) to its 1-based line, so a schema error can name the
+    line. Raises YamlSyntaxError. An empty document is (None, {})."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise YamlSyntaxError(mark.line + 1 if mark else 1, str(getattr(exc, "problem", exc))) from None
+    return data, yaml_line_index(node) if node is not None else {}
+
+
+def yaml_line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map every key path in a composed YAML tree to its 1-based line."""
+    index: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            index[path + (key,)] = key_node.start_mark.line + 1
+            for sub, line in yaml_line_index(value_node, path + (key,)).items():
+                if sub != path + (key,):
+                    index[sub] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            for sub, line in yaml_line_index(item, path + (i,)).items():
+                index[sub] = line
+    return index

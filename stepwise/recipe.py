@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -25,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from stepwise.io import YamlSyntaxError, load_yaml_with_lines
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -591,23 +592,6 @@ class RecipeError(Exception):
 _SECRET_KEYS = {"api_key", "apikey", "token", "password", "secret", "openai_api_key"}
 
 
-def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
-    """Map every key path in a composed YAML tree to its 1-based line."""
-    index: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            index[path + (key,)] = key_node.start_mark.line + 1
-            for sub, line in _line_index(value_node, path + (key,)).items():
-                if sub != path + (key,):
-                    index[sub] = line
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            for sub, line in _line_index(item, path + (i,)).items():
-                index[sub] = line
-    return index
-
-
 def _line_for(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int:
     for end in range(len(loc), -1, -1):
         if loc[:end] in index:
@@ -686,15 +670,11 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
         raise RecipeError([f"{label}: file not found"])
     text = p.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise RecipeError([f"{label}:{line} <yaml>: {getattr(exc, 'problem', exc)}"]) from None
+        data, index = load_yaml_with_lines(text)
+    except YamlSyntaxError as exc:
+        raise RecipeError([f"{label}:{exc.line} <yaml>: {exc.problem}"]) from None
     if not isinstance(data, dict):
         raise RecipeError([f"{label}:1 <root>: a recipe is a YAML mapping of sections"])
-    index = _line_index(node) if node is not None else {}
 
     problems: list[tuple[int, str]] = []
     try:

@@ -343,3 +343,29 @@ def test_a_failed_config_check_is_not_recorded_done(tmp_path, monkeypatch):
     outcomes = {o.stage: o for o in summary.outcomes}
     assert outcomes["configs"].status == "failed" and "16 examples per optimizer step" in outcomes["configs"].detail
     assert outcomes["train"].status == "not_run" and summary.exit_code == STAGE_EXIT["configs"]
+
+
+def test_a_yaml_syntax_error_names_the_same_line_in_a_recipe_and_a_training_config(tmp_path):
+    """One YAML-with-line-marks loader (stepwise.io.load_yaml_with_lines) under recipes and training
+    configs: a syntax error is reported at the same line with the same words by both, each in its own
+    error type (RecipeError / a CheckReport problem)."""
+    from stepwise.io import YamlSyntaxError, load_yaml_with_lines
+    from stepwise.recipe import RecipeError, load_recipe
+
+    text = "name: x\ntask:\n  classes: [a, b\n  name: t\n"
+    with pytest.raises(YamlSyntaxError) as exc:
+        load_yaml_with_lines(text)
+    line, problem = exc.value.line, exc.value.problem
+    assert line == 4 and problem
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RecipeError) as bad:
+        load_recipe(recipe)
+    assert bad.value.problems == [f"{recipe}:{line} <yaml>: {problem}"]
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text)
+    assert check_config(cfg, base_dir=tmp_path, run_axolotl=False).messages() == [f"{cfg}:{line} <yaml>: {problem}"]
+    data, index = load_yaml_with_lines("a: 1\nb:\n  c: [1, 2]\n  d:\n    - e: 3\n")
+    assert data == {"a": 1, "b": {"c": [1, 2], "d": [{"e": 3}]}}
+    assert (index[("a",)], index[("b", "c")], index[("b", "c", 1)], index[("b", "d", 0, "e")]) == (1, 3, 3, 5)
+    assert load_yaml_with_lines("") == (None, {})

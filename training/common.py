@@ -18,8 +18,7 @@ from typing import Any, Literal
 import yaml
 from stepwise.training.checkpoints import LOSS_FIELDS, NoLossRecorded, recorded_losses
 
-from stepwise.io import atomic_write_text
-from stepwise.recipe import _line_index
+from stepwise.io import YamlSyntaxError, atomic_write_text, load_yaml_with_lines
 
 Level = Literal["error", "warning"]
 
@@ -133,12 +132,8 @@ def load_config(config: dict[str, Any] | str | Path) -> tuple[Any, str, dict[tup
     label, path = str(config), Path(config)
     if not path.exists():
         return CheckReport(label, [Problem("error", "<file>", "file not found")])
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text)
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        return CheckReport(label, [Problem("error", "<yaml>", str(getattr(exc, "problem", exc)),
-                                           mark.line + 1 if mark else 1)])
-    return cfg, label, _line_index(node) if node is not None else {}
+        cfg, index = load_yaml_with_lines(path.read_text(encoding="utf-8"))
+    except YamlSyntaxError as exc:
+        return CheckReport(label, [Problem("error", "<yaml>", exc.problem, exc.line)])
+    return cfg, label, index
