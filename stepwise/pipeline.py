@@ -252,9 +252,9 @@ def _package(recipe: Recipe, run: RunDir, opts: RunOptions) -> str:
 
     if get_backend(recipe.training.backend).hosted:  # no weights here: nothing to merge or convert
         return f"nothing to package: training.backend {recipe.training.backend} hosts the student (its weights stay with the provider)"
-    res = run_package(recipe, run)
-    files = ", ".join(p.name for p in res.gguf.values())
-    return f"{run.layout.package_dir}: merged model, {files or 'no GGUF'}, model card ({res.timings.get('total_s')}s)"
+    res = run_package(recipe, run)  # the GGUF formats: recipe.package.gguf
+    files = ", ".join(p.name for p in res.gguf.values()) or "no GGUF (package.gguf: []), so no Ollama Modelfile"
+    return f"{run.layout.package_dir}: merged model, {files}, model card ({res.timings.get('total_s')}s)"
 
 
 def _files(paths: Callable[[RunLayout], list[Path]]) -> Callable[[Recipe, RunDir], list[Path]]:
@@ -314,7 +314,7 @@ PIPELINE: list[Stage] = [
     # always re-run (it reads every stage's files through the manifest), so its fingerprint decides nothing
     Stage("report", (), _files(lambda lay: [lay.manifest]), _report, outputs=lambda lay: [lay.report_html]),
     # the shippable student (merged weights, GGUF, model card): skip it with `--until report`
-    Stage("package", ("task", "data", "teacher", "curation", "training"),
+    Stage("package", ("task", "data", "teacher", "curation", "training", "package"),
           _files(lambda lay: [lay.train_dir, lay.chat("train"), lay.chat("val"), lay.dataset_card, lay.eval_dir]),
           _package, outputs=lambda lay: [lay.package_dir]),
 ]

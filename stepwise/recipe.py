@@ -540,6 +540,25 @@ class EvalSpec(StrictModel):
     )
 
 
+# The GGUF types training/gguf.py's converter writes (`--outtype`); its OUTTYPES is this list.
+GgufType = Literal["f16", "q8_0", "bf16", "f32"]
+
+
+class PackageSpec(StrictModel):
+    gguf: list[GgufType] = Field(
+        default_factory=lambda: ["f16", "q8_0"],
+        description="GGUF files the package stage writes (llama.cpp's converter). `[]` writes none: the merged "
+        "model and its card only, and no Ollama Modelfile (it needs a GGUF). `stepwise package --gguf` overrides.",
+    )
+
+    @field_validator("gguf")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated values in {v}: each format once")
+        return v
+
+
 class Recipe(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Recipe name; names the run folder.")
     description: str | None = None
@@ -550,6 +569,7 @@ class Recipe(StrictModel):
     review: ReviewSpec = Field(default_factory=ReviewSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    package: PackageSpec = Field(default_factory=PackageSpec)
     runs_dir: str = Field("runs", description="Where run directories go (relative to the recipe).")
 
     # Set by load_recipe, never by the YAML.

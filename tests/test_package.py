@@ -351,3 +351,102 @@ def test_full_finetune_is_copied_without_checkpoints(tmp_path):
     assert res.gguf == {} and not list(lay.package_dir.glob("*.gguf")) and not lay.modelfile.exists()
     assert "full fine-tune copied" in res.merged_from and "full fine-tune copied" in lay.model_card.read_text()
     assert json.loads((lay.package_model / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def _stand_in_full_finetune(out: Path) -> Path:
+    """The bundled model's config and tokenizer with 1 MB of stand-in weights: packaging a full fine-tune copies
+    the weights file without reading it, and these tests never load it (the 540 MB copy cost ~10 s each)."""
+    import os
+    import shutil
+
+    from stepwise.models import resolve_model_dir
+
+    shutil.copytree(resolve_model_dir("smollm2-135m-instruct"), out, ignore=shutil.ignore_patterns("*.safetensors"))
+    (out / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    return out
+
+
+def _full_finetune_run(tmp_path: Path, extra: str = ""):
+    """A run whose train stage left a full fine-tune: packaging it merges nothing."""
+    (tmp_path / "inputs.jsonl").write_text('{"text": "x", "label": "billing"}\n', encoding="utf-8")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TRAINING_RECIPE.format(extra="") + EVAL + extra, encoding="utf-8")
+    recipe = load_recipe(path)
+    run_dir = tmp_path / "runs" / recipe.name / "r1"
+    write_export(recipe, run_dir, n_train=4, n_val=2)
+    _stand_in_full_finetune(RunLayout(run_dir).train_output("tiny-full"))
+    return path, RunDir(run_dir)
+
+
+@pytest.fixture
+def fake_convert(monkeypatch):
+    """llama.cpp's converter stood in for (the real one runs in the module's LoRA package and the end-to-end
+    runs): writes a GGUF-headed file and records which formats were asked for."""
+    import stepwise.training.gguf as gguf
+
+    asked: list[str] = []
+
+    def convert(model_dir: Path, out_path: Path, outtype: str, *, log_path: Path | None = None) -> Path:
+        assert outtype in gguf.OUTTYPES and (model_dir / "config.json").exists()
+        asked.append(outtype)
+        out_path.write_bytes(b"GGUF " + outtype.encode())
+        return out_path
+
+    monkeypatch.setattr(gguf, "convert", convert)
+    return asked
+
+
+def test_recipe_package_gguf_is_what_the_package_stage_writes(tmp_path, fake_convert):
+    """`package: {gguf: [f16]}` through `stepwise run`'s package stage: only the f16 file, the Modelfile on it;
+    then `gguf: []`: no GGUF (the earlier one removed), no Modelfile, the merged model and cards still
+    written and saying why; the stage's fingerprint changes with the field, so `stepwise run` re-packages."""
+    from stepwise.pipeline import PIPELINE, RunOptions, fingerprint
+
+    path, run = _full_finetune_run(tmp_path, "package:\n  gguf: [f16]\n")
+    lay, stage = run.layout, PIPELINE[-1]
+    recipe = load_recipe(path)
+    detail = stage.run(recipe, run, RunOptions())
+    assert fake_convert == ["f16"] and "student-f16.gguf" in detail
+    assert [p.name for p in lay.package_dir.glob("*.gguf")] == ["student-f16.gguf"]
+    assert "FROM ./student-f16.gguf" in lay.modelfile.read_text()
+    assert "llama-server -m ./student-f16.gguf" in lay.serve_commands.read_text()
+    assert "ollama create" in lay.serve_commands.read_text()
+    before = fingerprint(stage, recipe, run, RunOptions())
+
+    path.write_text(path.read_text(encoding="utf-8").replace("gguf: [f16]", "gguf: []"), encoding="utf-8")
+    recipe = load_recipe(path)
+    assert fingerprint(stage, recipe, run, RunOptions()) != before
+    detail = stage.run(recipe, run, RunOptions())
+    assert fake_convert == ["f16"], "no conversion asked for with package.gguf: []"
+    assert "no GGUF" in detail and "no Ollama Modelfile" in detail
+    assert not list(lay.package_dir.glob("*.gguf")) and not lay.modelfile.exists()
+    assert (lay.package_model / "model.safetensors").exists() and lay.model_card.exists()
+    serve, card = lay.serve_commands.read_text(), lay.model_card.read_text()
+    assert "no Ollama Modelfile" in serve and "ollama create" not in serve and "llama-server" not in serve
+    assert "No GGUF file was asked for" in card and ".gguf`: GGUF" not in card
+    assert run.stage_info("package")["status"] == "done"
+
+
+def test_package_cli_gguf_overrides_the_recipe(tmp_path, fake_convert):
+    """`stepwise package` writes the recipe's package.gguf; `--gguf` (repeated values once) and `--no-gguf`
+    override it; an unknown `--gguf` exits 2 naming the formats."""
+    from typer.testing import CliRunner
+
+    from stepwise.cli import app
+
+    path, run = _full_finetune_run(tmp_path, "package:\n  gguf: [q8_0]\n")
+    runner = CliRunner()
+
+    def package(*args: str):
+        return runner.invoke(app, ["package", str(path), "--run-dir", str(run.path), *args])
+
+    assert package().exit_code == 0 and fake_convert == ["q8_0"]
+    res = package("--gguf", "bf16", "--gguf", "f16", "--gguf", "bf16")
+    assert res.exit_code == 0, res.output
+    assert fake_convert == ["q8_0", "bf16", "f16"]
+    assert sorted(p.name for p in run.layout.package_dir.glob("*.gguf")) == ["student-bf16.gguf", "student-f16.gguf"]
+    res = package("--no-gguf")
+    assert res.exit_code == 0 and "no Ollama Modelfile" in res.output and fake_convert == ["q8_0", "bf16", "f16"]
+    assert not list(run.layout.package_dir.glob("*.gguf")) and not run.layout.modelfile.exists()
+    res = package("--gguf", "q4_k_m")
+    assert res.exit_code == 2 and "q4_k_m" in res.output and "f16, q8_0, bf16, f32" in res.output

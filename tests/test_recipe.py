@@ -81,3 +81,25 @@ def test_cli_validate_exit_code(write_recipe):
     ok = subprocess.run([sys.executable, "-m", "stepwise.cli", "validate", str(write_recipe())],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_package_gguf_formats_are_checked(write_recipe):
+    """package.gguf: default f16 + q8_0, `[]` allowed; a format the converter (training/gguf.py) cannot write,
+    or one given twice, is a recipe error naming the line and field (`stepwise validate` exits 2)."""
+    from stepwise.training.gguf import OUTTYPES
+
+    assert load_recipe(write_recipe()).package.gguf == ["f16", "q8_0"]
+    assert load_recipe(write_recipe(CLASSIFICATION_RECIPE + "package:\n  gguf: []\n")).package.gguf == []
+    assert load_recipe(write_recipe(CLASSIFICATION_RECIPE + "package:\n  gguf: [bf16]\n")).package.gguf == ["bf16"]
+    bad = write_recipe(CLASSIFICATION_RECIPE + "package:\n  gguf: [f16, q4_k_m]\n", name="bad.yaml")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(bad)
+    [problem] = exc.value.problems
+    assert "bad.yaml:18 package.gguf[1]: must be one of" in problem
+    assert all(f"'{t}'" in problem for t in OUTTYPES)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(write_recipe(CLASSIFICATION_RECIPE + "package:\n  gguf: [q8_0, f16, q8_0]\n"))
+    [problem] = exc.value.problems
+    assert "recipe.yaml:18 package.gguf: repeated values" in problem
+    proc = subprocess.run([sys.executable, "-m", "stepwise.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "package.gguf[1]: must be one of" in proc.stderr

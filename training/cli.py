@@ -243,8 +243,10 @@ def train_cmd(
 def package_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the recipe's latest run)"),
-    gguf: list[str] = typer.Option(["f16", "q8_0"], "--gguf", help="GGUF types to write (f16, q8_0, bf16, f32)"),
-    no_gguf: bool = typer.Option(False, "--no-gguf", help="Merged weights and cards only"),
+    gguf: list[str] | None = typer.Option(
+        None, "--gguf", help="GGUF types to write (f16, q8_0, bf16, f32; repeat the option); default the recipe's "
+        "package.gguf"),
+    no_gguf: bool = typer.Option(False, "--no-gguf", help="Merged weights and cards only (overrides package.gguf)"),
 ) -> None:
     """Ship the student: merged weights + tokenizer + model card in <run>/package/model, GGUF files,
     an Ollama Modelfile and the vLLM / Ollama commands (SERVE.md)."""
@@ -255,13 +257,14 @@ def package_cmd(
     from stepwise.rundir import resolve_run
 
     r = load_or_exit(recipe)
-    bad = [g for g in gguf if g not in OUTTYPES]
+    bad = [g for g in gguf or [] if g not in OUTTYPES]
     if bad:
         console.print(f"[red]error[/red] --gguf {', '.join(bad)}: use {', '.join(OUTTYPES)}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
         run = resolve_run(r, run_dir, create=False)
-        res = run_package(r, run, gguf=[] if no_gguf else list(dict.fromkeys(gguf)),
+        # the command line overrides the recipe's package.gguf; neither option: the recipe's
+        res = run_package(r, run, gguf=[] if no_gguf else list(dict.fromkeys(gguf)) if gguf else None,
                           log=lambda m: console.print(m, highlight=False))
     except (FileNotFoundError, NoTrainedModel) as exc:
         console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
@@ -272,6 +275,8 @@ def package_cmd(
     console.print(f"[green]done[/green] {res.merged_from}; model card {res.model_dir / 'README.md'}", highlight=False)
     for kind, path in res.gguf.items():
         console.print(f"  GGUF {kind}: {path}", highlight=False)
+    if not res.gguf:
+        console.print("  no GGUF (package.gguf: [] or --no-gguf), so no Ollama Modelfile", highlight=False)
     console.print(f"  timings: {res.timings}", highlight=False)
 
 

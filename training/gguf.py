@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import typing
 from pathlib import Path
 
 from stepwise.models import stepwise_home
+from stepwise.recipe import GgufType
 
 LLAMACPP_VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMACPP_VERSION}.tar.gz"
@@ -37,7 +39,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 _VENDOR = f"llama_cpp_python-{LLAMACPP_VERSION}/vendor/llama.cpp/"
 # what the converter needs from the sdist (the script, its modules, its gguf-py) + the licence
 _MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
-OUTTYPES = ("f16", "q8_0", "bf16", "f32")
+OUTTYPES: tuple[str, ...] = typing.get_args(GgufType)  # the recipe's package.gguf choices: one list
 
 
 class ConversionError(RuntimeError):

@@ -4,8 +4,9 @@ Writes `package/` in the run (paths from stepwise.layout.RunLayout):
   model/                merged weights (LoRA/QLoRA/IA3 adapters merged into the base with peft's
                         `merge_and_unload`; full fine-tunes copied), tokenizer + chat template,
                         generation_config, system_prompt.txt, README.md (Hugging Face model card)
-  student-f16.gguf, student-q8_0.gguf   llama.cpp's converter (stepwise.training.gguf)
-  Modelfile             Ollama, on the q8_0 GGUF
+  student-f16.gguf, student-q8_0.gguf   llama.cpp's converter (stepwise.training.gguf); the formats
+                        are the recipe's `package.gguf` (default f16 + q8_0; `[]`: none)
+  Modelfile             Ollama, on the q8_0 GGUF (else the first one written; none without a GGUF)
   SERVE.md              the vLLM / Ollama / llama.cpp commands and the prompt the student expects
 The data's card (`export/README.md` + parquet) is the export stage's (stepwise.curation.dataset_card);
 the model card repeats its sources, licences and lineage hash.
@@ -43,7 +44,6 @@ from stepwise.layout import RunLayout
 from stepwise.recipe import Recipe
 from stepwise.rundir import RunDir
 
-DEFAULT_GGUF = ("f16", "q8_0")
 # files of a full fine-tune's output folder that make up the model (checkpoints, logs stay behind)
 _MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
                           r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|"
@@ -270,12 +270,14 @@ def _example_prompt(recipe: Recipe, lay: RunLayout) -> list[dict[str, str]]:
     return inference_messages(recipe.task, row_input, recipe.training.dss_output)
 
 
-def run_package(recipe: Recipe, run: RunDir, *, gguf: Sequence[str] = DEFAULT_GGUF,
+def run_package(recipe: Recipe, run: RunDir, *, gguf: Sequence[str] | None = None,
                 log: Callable[[str], None] = lambda m: None) -> PackageResult:
-    from stepwise.training.gguf import LLAMACPP_VERSION, convert
+    """`gguf`: the GGUF formats to write; None = the recipe's `package.gguf` (`stepwise package --gguf` overrides)."""
+    from stepwise.training.gguf import LLAMACPP_VERSION, OUTTYPES, convert
 
     from stepwise.io import atomic_write_text
 
+    gguf = list(recipe.package.gguf if gguf is None else gguf)
     lay = run.layout
     ref = trained_model(recipe, run)  # before the stage is opened: nothing to package is bad input, not a failure
     inputs = [p for p in (lay.chat("train"), lay.chat("val"), lay.task_report) if p.exists()]
@@ -297,7 +299,7 @@ def run_package(recipe: Recipe, run: RunDir, *, gguf: Sequence[str] = DEFAULT_GG
             ggufs[outtype] = convert(lay.package_model, target, outtype,
                                      log_path=lay.package_dir / f"convert-{outtype}.log")
             timings[f"gguf_{outtype}_s"] = round(time.perf_counter() - t1, 2)
-        for outtype in ("f16", "q8_0", "bf16", "f32"):  # a GGUF from an earlier, wider packaging is stale now
+        for outtype in OUTTYPES:  # a GGUF from an earlier, wider packaging is stale now
             if outtype not in gguf:
                 lay.package_gguf(outtype).unlink(missing_ok=True)
         sources = data_sources(recipe)
