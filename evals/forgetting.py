@@ -103,11 +103,12 @@ def probe_endpoint_logprobs(model: ModelRef, api_key: str | None = None, timeout
 def evaluate_model(
     model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int = 8, device: str | None = None,
     cache_dir: Path | None = None, log=print, tokenizer: Path | None = None, concurrency: int = 1,
-    api_key: str | None = None,
+    api_key: str | None = None, lm_eval_log: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per benchmark: {metric, value, n, items: [score per question in file order], wall_s, cached}.
     An endpoint (`openai:` model) is scored through lm-eval's `local-completions` with `tokenizer`
-    (the base model's), never cached: what it serves can change under the same name."""
+    (the base model's), never cached: what it serves can change under the same name. `lm_eval_log`:
+    where lm-eval's own console output (its progress bars) goes, appended, instead of the console."""
     device = device or default_device()
     if not model.is_local:
         cache_dir = None
@@ -123,9 +124,10 @@ def evaluate_model(
         else:
             todo.append(t)
     if todo:
-        log(f"lm-eval: {model.label} on {', '.join(f'{t.benchmark.name} ({t.n})' for t in todo)} [{device}]")
+        log(f"lm-eval: {model.label} on {', '.join(f'{t.benchmark.name} ({t.n})' for t in todo)} [{device}]"
+            + (f"; its progress: {lm_eval_log}" if lm_eval_log else ""))
         fresh = _run_lm_eval(model, todo, task_dir, batch_size=batch_size, device=device, tokenizer=tokenizer,
-                             concurrency=concurrency, api_key=api_key)
+                             concurrency=concurrency, api_key=api_key, output=lm_eval_log)
         for t in todo:
             res = fresh.get(t.benchmark.name)
             if res is None:  # lm-eval gave no result for it: left out, the report calls it not measured
@@ -138,7 +140,8 @@ def evaluate_model(
 
 
 def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, batch_size: int, device: str,
-                 tokenizer: Path | None = None, concurrency: int = 1, api_key: str | None = None):
+                 tokenizer: Path | None = None, concurrency: int = 1, api_key: str | None = None,
+                 output: Path | None = None):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -160,11 +163,15 @@ def _run_lm_eval(model: ModelRef, tasks: list[PreparedTask], task_dir: Path, *, 
     if api_key and not model.is_local:
         os.environ["OPENAI_API_KEY"] = api_key
     try:
-        out = lm_eval.simple_evaluate(
-            model=lm, model_args=args, tasks=[t.benchmark.task for t in tasks],
-            batch_size=batch_size, device=device, task_manager=manager, log_samples=True,
-            bootstrap_iters=0, verbosity="WARNING",
-        )
+        with contextlib.ExitStack() as stack:
+            if output is not None:  # lm-eval's tqdm bars write to sys.stderr as it is when a bar starts
+                output.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(contextlib.redirect_stderr(stack.enter_context(output.open("a", encoding="utf-8"))))
+            out = lm_eval.simple_evaluate(
+                model=lm, model_args=args, tasks=[t.benchmark.task for t in tasks],
+                batch_size=batch_size, device=device, task_manager=manager, log_samples=True,
+                bootstrap_iters=0, verbosity="WARNING",
+            )
     finally:
         if saved is None:
             os.environ.pop("OPENAI_API_KEY", None)

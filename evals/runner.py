@@ -275,10 +275,11 @@ def run_eval(
                         outcome.notes.append(f"{t.benchmark.name}: only {t.n} questions available "
                                              f"(subset_size {fspec.subset_size}); set eval.forgetting.data_dir for more")
                 started = time.time()
+                lm_log = fdir / "lm_eval.log"  # lm-eval's own progress bars: the run's log, not the console
                 before = evaluate_model(base_ref, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
-                                        cache_dir=fdir / "cache", log=log)
+                                        cache_dir=fdir / "cache", log=log, lm_eval_log=lm_log)
                 after = evaluate_model(student, tasks, fdir / "tasks", batch_size=fspec.batch_size, device=device,
-                                       cache_dir=fdir / "cache", log=log,
+                                       cache_dir=fdir / "cache", log=log, lm_eval_log=lm_log,
                                        tokenizer=(base_ref.path or base_ref.base) if not student.is_local else None,
                                        concurrency=recipe.eval.task.concurrency, api_key=api_key)
                 rep = forgetting_report(before, after, max_drop=fspec.max_drop, relative=fspec.drop_kind == "relative",

@@ -59,3 +59,36 @@ def test_real_imports_print_nothing_known():
     assert not [line for line in proc.stderr.splitlines() if quiet.is_noise(line)], proc.stderr[-3000:]
     for noise in ("Failed to load", "Enum subclass", "publisher trust"):
         assert noise not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_lm_evals_progress_bars_go_to_the_run_log_not_the_console(tmp_path, monkeypatch, capfd):
+    """The forgetting eval calls lm-eval in process; its tqdm bars (building contexts, running
+    requests) are lm-eval's own output: they land in `eval/forgetting/lm_eval.log`, the console gets
+    stepwise's one line. lm-eval is a fake here that draws a bar the way lm-eval does (tqdm on stderr)."""
+    import lm_eval
+    import lm_eval.tasks
+    from stepwise.evals.benchmarks import prepare_tasks
+    from stepwise.evals.forgetting import evaluate_model
+    from stepwise.evals.modelref import ModelRef
+    from tqdm import tqdm
+
+    tasks = prepare_tasks(["arc_easy"], 3, 0, tmp_path / "forgetting")
+    bench = tasks[0].benchmark
+
+    def fake_evaluate(**kw):
+        for _ in tqdm(range(3), desc="Running loglikelihood requests"):
+            pass
+        samples = [{"doc_id": i, "filter": bench.filter, bench.metric: 1.0} for i in range(3)]
+        return {"results": {bench.task: {f"{bench.metric},{bench.filter}": 1.0}}, "samples": {bench.task: samples}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kw: None)
+    log = tmp_path / "forgetting" / "lm_eval.log"
+    said: list[str] = []
+    res = evaluate_model(ModelRef("hf", "base", path=tmp_path), tasks, tmp_path / "forgetting" / "tasks",
+                         device="cpu", log=said.append, lm_eval_log=log)
+    assert res[bench.name]["items"] == [1.0, 1.0, 1.0]
+    out, err = capfd.readouterr()
+    assert "Running loglikelihood requests" not in out + err, err
+    assert "Running loglikelihood requests" in log.read_text() and "3/3" in log.read_text()
+    assert len(said) == 1 and str(log) in said[0]  # stepwise's line says where lm-eval's output went
