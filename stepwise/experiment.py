@@ -475,6 +475,14 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
             os.environ.update(run_env(tracking, run_id))  # the trainer's callback resumes this run
             # recorded now, so a point killed mid-way logs to the same run when it restarts
             atomic_write_json(layout.point_status(pt.id), {**read_status(layout, pt.id), "tracking_run_id": run_id})
+        elif tracking.wandb:
+            from stepwise.training.tracking import run_env, wandb_run_id
+
+            # the id is chosen now: the trainer's W&B callback (WANDB_RUN_ID) and log_point share the run,
+            # and a point killed mid-way resumes it
+            run_id = wandb_run_id(run_id)
+            os.environ.update(run_env(tracking, run_id))
+            atomic_write_json(layout.point_status(pt.id), {**read_status(layout, pt.id), "tracking_run_id": run_id})
         prepare_point(recipe, pt, shared, run)
         first, last = point_stages()
         summary = run_pipeline(pt.recipe, run, replace(opts, from_stage=first, until_stage=last), on_stage=on_stage)

@@ -4,6 +4,7 @@ planner in the loop, tracking keys; the real 2 x 2 grid on support-tickets is th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def test_better_only_when_the_paired_ci_excludes_zero():
 # -- the stubbed pipeline: every stage a stand-in (seconds, no model) -----------------------------
 
 
-def _stub_stages(monkeypatch, data: dict) -> list[str]:
+def _stub_stages(monkeypatch, data: dict, train_env: dict | None = None) -> list[str]:
     """Replace every stage's body in stepwise.pipeline.PIPELINE with a stand-in: curate writes
     `data`'s rows as the curated splits, eval scores each test item, the rest record a done stage.
     Returns the list the stand-ins append "<stage> <run dir name>" to."""
@@ -268,6 +269,8 @@ def _stub_stages(monkeypatch, data: dict) -> list[str]:
     def body(name):
         def run(recipe, rd, opts):
             calls.append(f"{name} {rd.path.name}")
+            if name == "train" and train_env is not None:  # what a trainer process would inherit
+                train_env.update({k: v for k, v in os.environ.items() if k.startswith("WANDB_")})
             with rd.stage(name):
                 lay = rd.layout
                 if name == "generate":
@@ -355,6 +358,98 @@ def test_changed_shared_data_under_finished_points_stops_with_exit_2(tmp_path, m
     fps = {json.loads((exp / "points" / pid / "point.json").read_text())["shared_data"] for pid in ("f0.5", "f1")}
     assert fps == {moved["shared_data"]}
     assert (exp / "experiment.html").read_text().count("<svg") == 1
+
+
+def _wandb_records(run_dir: Path) -> list:
+    """The records of an offline W&B run (run-<id>.wandb: W&B's LevelDB-style log, 32 KiB blocks of
+    [crc32, length, type] chunks after a 7-byte header), parsed with wandb's own protobuf classes."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, buf, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+            buf = b""
+    return records
+
+
+def _wandb_logged(run_dir: Path) -> tuple[dict, dict, str]:
+    """(history values, summary values, run name) of an offline run."""
+    def items(entries) -> dict:  # a key is `key`, or `nested_key` path parts (as wandb writes history)
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in entries}
+
+    history, summary, name = {}, {}, ""
+    for rec in _wandb_records(run_dir):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.update(items(rec.history.item))
+        elif kind == "summary":
+            summary.update(items(rec.summary.update))
+        elif kind == "run":
+            name = rec.run.display_name
+    return history, summary, name
+
+
+def test_trainer_keeps_wandb_on_only_when_the_recipe_tracks_with_it(monkeypatch):
+    from stepwise.training.common import trainer_env
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert trainer_env(wandb=True)["WANDB_MODE"] == "offline"
+    assert trainer_env(wandb=False)["WANDB_MODE"] == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    assert "WANDB_MODE" not in trainer_env(wandb=True)  # W&B's own default (online)
+
+
+@pytest.mark.slow  # two W&B runs, each starting wandb-core: 30-60 s on the shared box
+def test_wandb_offline_run_holds_each_points_metrics(tmp_path, monkeypatch):
+    """training.tracking.wandb: the trainer is handed the point's run id (WANDB_RUN_ID, resume),
+    stepwise logs the point's eval metric, teacher cost and data fraction to that run, and a run
+    already active in the process is neither logged to nor closed."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the Makefile and conftest say disabled; no network here
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    data = {"train": _tickets(8), "val": _tickets(2, "v"), "test": _tickets(6, "t")}
+    train_env: dict = {}
+    _stub_stages(monkeypatch, data, train_env)
+    recipe_path = _stub_experiment(tmp_path, "tracking:\n  wandb: {project: dss}\n")
+    recipe_path.write_text(recipe_path.read_text().replace("data_fraction: [0.5, 1.0]", "data_fraction: [0.5]"))
+    exp = tmp_path / "exp"
+    outer = wandb.init(project="mine", name="outer")  # the caller's own run: wandb.run
+    try:
+        res = runner.invoke(app, ["experiment", str(recipe_path), "--dir", str(exp), "--no-progress", "--yes"])
+        assert res.exit_code == 0, res.output
+        assert wandb.run is outer  # still the caller's, still open
+    finally:
+        outer.finish()
+    rec = json.loads((exp / "points" / "f0.5" / "point.json").read_text())
+    run_id = rec["tracking_run_id"]
+    assert run_id and train_env["WANDB_RUN_ID"] == run_id and train_env["WANDB_RESUME"] == "allow"
+    assert train_env["WANDB_MODE"] == "offline"
+    assert "WANDB_RUN_ID" not in os.environ  # the point's run id does not leak into the next point
+    runs = {p.name.rsplit("-", 1)[1]: p for p in (tmp_path / "wb" / "wandb").glob("offline-run-*")}
+    assert set(runs) == {run_id, outer.id}
+    history, summary, name = _wandb_logged(runs[run_id])
+    result = json.loads((exp / "results.json").read_text())["points"][0]
+    assert name == "f0.5"
+    for logged in (history, summary):
+        assert logged["accuracy"] == result["metrics"]["accuracy"]
+        assert logged["data_fraction"] == 0.5
+        assert logged["teacher_cost_usd"] == pytest.approx(result["teacher_cost"]) and result["teacher_cost"] > 0
+        assert logged["train_rows"] == result["train_rows"] == 4
+    outer_history, _, _ = _wandb_logged(runs[outer.id])
+    assert "accuracy" not in outer_history
 
 
 # -- the real grid -------------------------------------------------------------------------------
@@ -456,3 +551,4 @@ def test_two_by_two_grid_resumes_and_reports(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [Path(r["path"]).name for r in compared["runs"]] == ids
+

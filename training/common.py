@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,18 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def trainer_env(*, wandb: bool) -> dict[str, str]:
+    """The trainer process's environment: this one with OFFLINE_ENV over it, except that a run
+    reporting to W&B (training.tracking.wandb) keeps the caller's WANDB_MODE (online, offline;
+    unset: W&B's default) instead of having the tracker the recipe asked for disabled."""
+    env = {**os.environ, **OFFLINE_ENV}
+    if wandb:
+        env.pop("WANDB_MODE")
+        if "WANDB_MODE" in os.environ:
+            env["WANDB_MODE"] = os.environ["WANDB_MODE"]
+    return env
 
 
 class TrainError(RuntimeError):

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from stepwise.training.checkpoints import LOSS_FIELDS, config_identity, prepare_output_dir
 from stepwise.training.checks import local_model_config_dir
-from stepwise.training.common import OFFLINE_ENV, TrainError, TrainResult, dump_yaml, finish
+from stepwise.training.common import OFFLINE_ENV, TrainError, TrainResult, dump_yaml, finish, trainer_env
 from stepwise.training.configgen import apply_cpu_profile
 
 from stepwise.io import atomic_write_text
@@ -189,8 +189,7 @@ def train(
     header = f"# Resolved by `stepwise train` from {config_path}{' (cpu profile)' if cpu else ''}\n"
     atomic_write_text(resolved_path, header + dump_yaml(resolved))
 
-    env = dict(os.environ)
-    env.update(OFFLINE_ENV)
+    env = trainer_env(wandb=bool(resolved.get("wandb_project")))  # training.tracking.wandb: W&B stays on
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     gpus = 0 if cpu else processes_for(num_gpus, visible_gpus(), config_path)
     train_cmd = train_command(resolved_path, gpus)

@@ -72,6 +72,15 @@ def open_mlflow_run(tracking: TrackingSpec, run_name: str, run_id: str | None = 
     return client.create_run(exp_id, run_name=run_name).info.run_id
 
 
+def wandb_run_id(run_id: str | None = None) -> str:
+    """The W&B run id a point logs to: `run_id` (a restarted point), else a new one, chosen before
+    the trainer starts so its callback (WANDB_RUN_ID) and `log_point` write to the same run."""
+    import secrets
+    import string
+
+    return run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def run_env(tracking: TrackingSpec, run_id: str | None) -> dict[str, str]:
     """Environment for the training process so its tracker callback writes to the point's run."""
     if tracking.mlflow and run_id:
@@ -105,10 +114,17 @@ def log_point(tracking: TrackingSpec, run_name: str, run_id: str | None, metrics
     if tracking.wandb:
         import wandb  # optional: `pip install wandb`
 
+        # create_new: a run still active in this process (a caller's own, or one left open by an
+        # error) would otherwise be returned by wandb.init and get the point's metrics
         run = wandb.init(project=tracking.wandb.project, entity=tracking.wandb.entity, name=run_name,
-                         id=run_id or os.environ.get("WANDB_RUN_ID"), resume="allow", config=params)
-        run.log(metrics)
-        rid = run.id
-        run.finish()
-        return rid
+                         id=run_id or os.environ.get("WANDB_RUN_ID"), resume="allow", config=params,
+                         reinit="create_new")
+        try:
+            run.log(metrics)
+            # also the summary: offline, this process's records sync as a second part of the run,
+            # whose history steps restart at 0, below the trainer's; the summary is kept either way
+            run.summary.update(metrics)
+            return run.id
+        finally:
+            run.finish()
     return None

@@ -49,13 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stepwise.training.checkpoints import config_identity, prepare_output_dir
 from stepwise.training.checks import check_chat_rows, local_model_config_dir
 from stepwise.training.common import (
-    OFFLINE_ENV,
     CheckReport,
     Problem,
     TrainError,
     TrainResult,
     dump_yaml,
     finish,
+    trainer_env,
 )
 from stepwise.training.configgen import (
     DEFAULT_SEQUENCE_LEN,
@@ -309,8 +309,7 @@ def train(
     for stale in (out_dir / RESULT_FILE, out_dir / "loss.csv"):
         stale.unlink(missing_ok=True)
 
-    env = dict(os.environ)
-    env.update(OFFLINE_ENV)
+    env = trainer_env(wandb="wandb" in (spec.report_to or []))
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-c", "import sys; from stepwise.training.trl_backend import child_main; child_main(sys.argv[1])",
