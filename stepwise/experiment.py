@@ -33,14 +33,17 @@ normal run's. Nothing here copies the stage sequence.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -529,6 +532,30 @@ def run_parallel(recipe: Recipe, layout: ExperimentLayout, points: list[Point], 
     queue = list(points)
     running: dict[int, tuple[subprocess.Popen, Point, float, Any]] = {}
     outcomes: list[PointOutcome] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # `kill` of this process: stop the workers too
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        _drain(recipe, layout, queue, running, outcomes, slots, flags, gpus, log)
+    finally:  # interrupted (Ctrl-C, kill, an error): no worker outlives this process to train on unattended
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for proc, _pt, _, logf in running.values():
+            if proc.poll() is None:  # the worker's process group: it and its trainer process
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+            logf.close()
+    return outcomes
+
+
+def _drain(recipe: Recipe, layout: ExperimentLayout, queue: list[Point],
+           running: dict[int, tuple[subprocess.Popen, Point, float, Any]], outcomes: list[PointOutcome], slots: int,
+           flags: list[str], gpus: int, log: Callable[[str], None]) -> None:
     while queue or running:
         while queue and len(running) < slots:
             slot = next(i for i in range(slots) if i not in running)
@@ -538,8 +565,9 @@ def run_parallel(recipe: Recipe, layout: ExperimentLayout, points: list[Point], 
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
             layout.point(pt.id).mkdir(parents=True, exist_ok=True)
             logf = (layout.point(pt.id) / "experiment.log").open("a", encoding="utf-8")
+            # its own process group, so stopping it stops its trainer process too
             proc = subprocess.Popen(_worker_cmd(recipe, layout, pt, flags), env=env, stdout=logf,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             running[slot] = (proc, pt, time.time(), logf)
             log(f"started {pt.id} (slot {slot}, log {layout.point(pt.id) / 'experiment.log'})")
         time.sleep(0.5)
@@ -550,10 +578,10 @@ def run_parallel(recipe: Recipe, layout: ExperimentLayout, points: list[Point], 
             del running[slot]
             rec = read_status(layout, pt.id)
             status = rec.get("status") if rec.get("status") in ("done", "failed", "stopped") else "failed"
-            outcomes.append(PointOutcome(pt, status, int(rec.get("exit_code", proc.returncode)),
-                                         rec.get("detail") or f"worker exit {proc.returncode}", time.time() - t0))
+            detail = rec.get("detail") or ("" if status == "done" else f"worker exit {proc.returncode}")
+            outcomes.append(PointOutcome(pt, status, int(rec.get("exit_code", proc.returncode)), detail,
+                                         time.time() - t0))
             log(f"{status} {pt.id}")
-    return outcomes
 
 
 def _guard_shared_data(layout: ExperimentLayout, points: list[Point], force: bool, log: Callable[[str], None],

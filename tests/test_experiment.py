@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -452,6 +454,91 @@ def test_wandb_offline_run_holds_each_points_metrics(tmp_path, monkeypatch):
     assert "accuracy" not in outer_history
 
 
+def test_parallel_runs_no_more_points_at_once_than_the_planner_allows(tmp_path, monkeypatch):
+    """--parallel 2 where the planner says one point fills the GPU: the points run one after another
+    in this process (no workers); where two fit, both go to the workers at once."""
+    from stepwise.training import launcher
+
+    from stepwise import experiment
+    from stepwise.layout import ExperimentLayout
+    from stepwise.pipeline import RunOptions
+
+    data = {"train": _tickets(8), "val": _tickets(2, "v"), "test": _tickets(6, "t")}
+    _stub_stages(monkeypatch, data)
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: 1)
+    recipe = load_recipe(_stub_experiment(tmp_path))
+    points = plan_points(recipe)
+    for p in points:  # the fake memory plan: 20 GB per point on a 24 GB GPU
+        p.estimate_gb = 20.0
+    launched: list[tuple[list[str], int]] = []
+
+    def fake_parallel(recipe, layout, todo, slots, flags, gpus, log):
+        launched.append(([p.id for p in todo], slots))
+        return [experiment.PointOutcome(p, "done") for p in todo]
+
+    monkeypatch.setattr(experiment, "run_parallel", fake_parallel)
+    layout = ExperimentLayout(tmp_path / "exp")
+    summary = experiment.run_experiment(recipe, layout, points, points, RunOptions(progress=False), parallel=2)
+    assert launched == []  # one at a time, here
+    assert [o.status for o in summary.outcomes] == ["done", "done"]
+    assert any("--parallel 2: 1 at once" in n and "planner: 20.0 GB" in n for n in summary.notes), summary.notes
+    for p in points:  # two that fit side by side: both to the workers at once
+        p.estimate_gb = 10.0
+    summary = experiment.run_experiment(recipe, layout, points, points, RunOptions(progress=False), parallel=2,
+                                        force=True)
+    assert launched == [(["f0.5", "f1"], 2)] and not summary.notes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended (only its parent has not reaped it)
+
+
+def test_an_interrupted_parallel_run_leaves_no_worker_or_trainer_behind(tmp_path, monkeypatch):
+    """Ctrl-C or `kill` in `--parallel`: the workers and the trainer processes they started stop with it (they
+    used to train on, unattended, writing into the points while a re-run wrote there too)."""
+    import sys
+
+    from stepwise import experiment
+    from stepwise.layout import ExperimentLayout
+
+    recipe = load_recipe(_stub_experiment(tmp_path))
+    points = plan_points(recipe)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    # a stand-in worker: starts a "trainer" child, records both pids, then works for a long time
+    code = ("import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(300)']); open(os.path.join(sys.argv[1], str(os.getpid())), 'w').write(str(c.pid)); "
+            "time.sleep(300)")
+    monkeypatch.setattr(experiment, "_worker_cmd", lambda *a: [sys.executable, "-c", code, str(pids)])
+
+    def interrupt_with(signum: int):
+        def log(msg: str) -> None:
+            if msg.startswith("started f1"):
+                deadline = time.time() + 60
+                while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+                    time.sleep(0.2)
+                os.kill(os.getpid(), signum)  # Ctrl-C, or `kill` of the experiment's process
+                time.sleep(5)
+        return log
+
+    for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)):
+        for f in pids.iterdir():
+            f.unlink()
+        with pytest.raises(raised):
+            experiment.run_parallel(recipe, ExperimentLayout(tmp_path / "exp"), points, 2, [], 0, interrupt_with(signum))
+        started = [(int(f.name), int(f.read_text())) for f in pids.iterdir()]
+        assert len(started) == 2
+        deadline = time.time() + 30
+        while any(_alive(p) for pair in started for p in pair) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [p for pair in started for p in pair if _alive(p)], signum
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was only the run's
+
+
 # -- the real grid -------------------------------------------------------------------------------
 
 
@@ -551,4 +638,44 @@ def test_two_by_two_grid_resumes_and_reports(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [Path(r["path"]).name for r in compared["runs"]] == ids
+
+
+SERIAL_POINT_KEYS = {"status", "exit_code", "finished", "wall_s", "values", "detail", "shared_data"}
+
+
+@pytest.mark.slow  # two real points (tiny model, TRL, 2 steps) in two worker processes at once: ~2 min
+def test_parallel_two_points_finish_like_serial_ones(tmp_path, monkeypatch):
+    recipe_path = _small_experiment(tmp_path)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe["training"]["sweep"] = {"data_fraction": [0.5, 1.0]}
+    recipe["training"].pop("tracking")
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    exp = tmp_path / "exp"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU box: one device, the planner's cap per 24 GB
+    res = runner.invoke(app, ["experiment", str(recipe_path), "--dir", str(exp), "--cpu", "--max-steps", "2",
+                              "--offline", "--no-progress", "--parallel", "2"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "started f0.5 (slot 0" in out and "started f1 (slot 1" in out  # both at once, each in its worker
+    plan = json.loads((exp / "experiment.json").read_text())
+    fp = plan["shared_data"]["fingerprint"]
+    for pid in ("f0.5", "f1"):
+        run = exp / "points" / pid
+        rec = json.loads((run / "point.json").read_text())
+        assert rec["status"] == "done" and rec["exit_code"] == 0, (pid, rec, (run / "experiment.log").read_text()[-3000:])
+        assert set(rec) == SERIAL_POINT_KEYS and rec["shared_data"] == fp and rec["detail"] == ""
+        assert rec["values"]["data_fraction"] == float(pid[1:])
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["experiment"]["point"] == pid and manifest["experiment"]["shared_data"] == fp
+        for stage in ("export", "configs", "train", "eval", "report"):
+            assert manifest["stages"][stage]["status"] == "done", (pid, stage)
+        assert (run / "report.html").exists() and (run / "eval" / "task.json").exists()
+        assert "experiment directory" in (run / "experiment.log").read_text()  # the worker's own log
+    results = {p["id"]: p for p in json.loads((exp / "results.json").read_text())["points"]}
+    assert all(p["status"] == "done" and p["metric"]["n"] == 6 for p in results.values())
+    assert results["f0.5"]["train_rows"] < results["f1"]["train_rows"]
+    # a second invocation skips both, as after a serial run
+    res = runner.invoke(app, ["experiment", str(recipe_path), "--dir", str(exp), "--cpu", "--max-steps", "2",
+                              "--offline", "--no-progress", "--parallel", "2"])
+    assert res.exit_code == 0 and res.output.count("skipped") >= 2, res.output
 
