@@ -679,3 +679,40 @@ def test_parallel_two_points_finish_like_serial_ones(tmp_path, monkeypatch):
                               "--offline", "--no-progress", "--parallel", "2"])
     assert res.exit_code == 0 and res.output.count("skipped") >= 2, res.output
 
+
+@pytest.mark.slow  # one real TRL training step on CPU and two W&B runs: 1-3 min on the shared box
+def test_trl_trainer_logs_to_the_points_wandb_run(tmp_path, monkeypatch):
+    """The trainer half of W&B tracking: the TRL trainer process (its WandbCallback) logs its loss to
+    the run id run_point hands it, offline; log_point then adds the point's metrics under that id."""
+    pytest.importorskip("wandb")
+    from stepwise.training.backends import train
+    from stepwise.training.configgen import write_configs
+    from stepwise.training.tracking import log_point, run_env, wandb_run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    recipe, run_dir = make_run(tmp_path, """\
+    backend: trl
+    modality: lora
+    lora_r: 8
+    sequence_len: 128
+    micro_batch_size: 2
+    gradient_accumulation_steps: 1
+    tracking:
+      wandb: {project: dss}
+    """, n_train=4, n_val=2)
+    [path] = write_configs(generate_configs(recipe, run_dir=run_dir, relative_to=tmp_path), tmp_path / "configs")
+    run_id = wandb_run_id()
+    for k, v in run_env(recipe.training.tracking, run_id).items():  # as run_point sets them
+        monkeypatch.setenv(k, v)
+    train(path, run_dir=run_dir, cpu=True, max_steps=1, base_dir=tmp_path)
+    trainer_runs = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(trainer_runs) == 1, list((tmp_path / "wb").rglob("*"))[:20]
+    history, _, _ = _wandb_logged(trainer_runs[0])
+    assert history.get("train/loss", 0) > 0, history
+    assert log_point(recipe.training.tracking, "p", run_id, {"accuracy": 0.5}, {"data_fraction": 1.0}) == run_id
+    runs = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # offline, each process writes its own part under the one run id
+    assert {_wandb_logged(r)[1].get("accuracy") for r in runs} == {None, 0.5}
