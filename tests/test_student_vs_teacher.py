@@ -197,8 +197,11 @@ def test_a_free_local_teacher_is_costed_by_its_measured_hardware_time_or_not_at_
     from stepwise.recipe import load_recipe
     from tests.conftest import REPO
 
-    recipe = load_recipe(REPO / "examples" / "support-tickets" / "recipe.yaml")  # transformers, price 0
-    assert recipe.teacher.price.input_per_1k == recipe.teacher.price.output_per_1k == 0
+    example = load_recipe(REPO / "examples" / "support-tickets" / "recipe.yaml")  # a local teacher, price 0
+    assert example.teacher.price.input_per_1k == example.teacher.price.output_per_1k == 0
+    # transformers answers in batches of teacher.batch_size; llama.cpp one request at a time (below)
+    recipe = example.model_copy(update={"teacher": example.teacher.model_copy(
+        update={"provider": "transformers", "batch_size": 8})})
     report = {"n": 4, "headline": {"accuracy": {"value": 0.5, "ci_low": 0.0, "ci_high": 1.0}}}
     asked = {"cached": 0, "asked": 4, "timings": [3.6] * 4, "elapsed_s": 7.2, "output_tokens_asked": 360,
              "tokens": (300.0, 90.0)}  # two batches of 2 (batch_size 8 in the recipe; times as measured)
@@ -206,6 +209,10 @@ def test_a_free_local_teacher_is_costed_by_its_measured_hardware_time_or_not_at_
     assert t["latency"]["measured"] and t["latency"]["batched"]["s_per_request"] == pytest.approx(1.8)
     assert t["latency"]["batched"]["tokens_per_s"] == pytest.approx(50.0)
     assert t["cost_per_1k"] == pytest.approx(1000 * 1.8 / 3600 * 2.0) and "local teacher" in t["cost_basis"]
+    llama = example.model_copy(update={"teacher": example.teacher.model_copy(update={"provider": "llamacpp"})})
+    one = teacher_entry(llama, report, {**asked, "timings": [1.8] * 4}, cost_per_hour=2.0)
+    assert one["latency"]["batched"] is None and one["latency"]["batch1"]["s_per_request"] == pytest.approx(1.8)
+    assert one["cost_per_1k"] == pytest.approx(1000 * 1.8 / 3600 * 2.0)
     cached = teacher_entry(recipe, report, {**asked, "cached": 4, "asked": 0, "timings": []}, cost_per_hour=2.0)
     assert cached["cost_per_1k"] == 0.0 and "not measured" in cached["cost_basis"]
     assert cached["latency"] == {"measured": False, "note": "cached, latency not measured", "batched": None,
