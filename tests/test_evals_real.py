@@ -20,7 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 EXAMPLE = REPO / "examples" / "support-tickets"
-N_QUESTIONS = 25
+N_QUESTIONS = 12  # per forgetting benchmark (was 25): every assertion here holds at any n; the eval time scales with it
 N_TEST = 6
 
 
