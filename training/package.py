@@ -6,7 +6,7 @@ Writes `package/` in the run (paths from stepwise.layout.RunLayout):
                         generation_config, system_prompt.txt, README.md (Hugging Face model card)
   student-f16.gguf, student-q8_0.gguf   llama.cpp's converter (stepwise.training.gguf); the formats
                         are the recipe's `package.gguf` (default f16 + q8_0; `[]`: none)
-  Modelfile             Ollama, on the q8_0 GGUF (else the first one written; none without a GGUF)
+  Modelfile             Ollama, on the q8_0 GGUF (else f16, else the first one written; none without a GGUF)
   SERVE.md              the vLLM / Ollama / llama.cpp commands and the prompt the student expects
 The data's card (`export/README.md` + parquet) is the export stage's (stepwise.curation.dataset_card);
 the model card repeats its sources, licences and lineage hash.
