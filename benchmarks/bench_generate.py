@@ -21,6 +21,11 @@ resume. Printed: requests submitted (each once; only the failed ones again, from
 answers paid twice, the bill at the batch discount vs the same answers online, and wall time.
 
     .venv/bin/python benchmarks/bench_generate.py --batch --rows 20000 --fault-rate 0.02
+
+`--local` compares the two local teachers instead (transformers + outlines vs llama.cpp, same model,
+same prompts, same grammar strength): every argument after it goes to bench_local_teacher.py, e.g.
+
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/bench_generate.py --local --task banking77 --rows 10 --tf-rows 3
 """
 
 from __future__ import annotations
@@ -336,7 +341,14 @@ def billed_usage(entries: list[dict], price: tuple[float, float]) -> float:
 
 
 def main() -> None:
+    if "--local" in sys.argv[1:]:  # the local-teacher comparison has its own arguments (module docstring)
+        import runpy
+
+        sys.argv = [str(Path(__file__).with_name("bench_local_teacher.py"))] + [a for a in sys.argv[1:] if a != "--local"]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     ap = argparse.ArgumentParser()
+    ap.add_argument("--local", action="store_true", help="local teachers: transformers vs llama.cpp (docstring)")
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--latency", type=float, default=0.1)

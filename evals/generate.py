@@ -69,9 +69,18 @@ def load_local(model: ModelRef, device: str = "cpu", load_in_4bit: bool = False)
 def generate_local(
     model: ModelRef, prompts: Sequence[Messages], *, max_new_tokens: int = 256, batch_size: int = 8,
     device: str = "cpu", load_in_4bit: bool = False, progress: Callable[[int], None] | None = None,
+    n_threads: int | None = None,
 ) -> GenerationResult:
     import torch
 
+    if n_threads and not device.startswith("cuda"):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n_threads)  # process-wide: restored below, so training or lm-eval keep theirs
+        try:
+            return generate_local(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  device=device, load_in_4bit=load_in_4bit, progress=progress)
+        finally:
+            torch.set_num_threads(previous)
     lm, tok = load_local(model, device, load_in_4bit)
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -103,6 +112,7 @@ def generate_local(
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mb()
     return GenerationResult(outs, [None] * len(outs), wall, n_out, peak,
                             {"backend": "transformers", "device": device, "batch_size": batch_size,
+                             "n_threads": None if device.startswith("cuda") else torch.get_num_threads(),
                              "batch_walls": batch_walls})
 
 

@@ -123,10 +123,11 @@ def evaluate_task(
     elif model.kind == "gguf":  # llama.cpp in process, the same prompts and stop rule
         from stepwise.evals.gguf_generate import generate_gguf
 
-        gen = generate_gguf(model, prompts, max_new_tokens=spec.max_new_tokens, progress=progress)
+        gen = generate_gguf(model, prompts, max_new_tokens=spec.max_new_tokens, n_threads=spec.n_threads,
+                            progress=progress)
     else:
         gen = generate_local(model, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-                             device=device, progress=progress)
+                             device=device, progress=progress, n_threads=spec.n_threads)
     fmt = parse_format or inference_parse_format(dss_output)
     matcher = LabelMatcher(task.label_set, task.label_aliases) if task.is_classification else None
     parsed = [parse_answer(t, task, fmt, matcher) if t is not None else None for t in gen.texts]

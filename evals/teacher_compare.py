@@ -346,7 +346,7 @@ def measure_batch1(model: ModelRef, recipe: Recipe, rows: list[dict[str, Any]], 
         return None
     prompts = [inference_messages(recipe.task, r["input"], recipe.training.dss_output) for r in rows[:k]]
     gen = (generate or generate_local)(model, prompts, max_new_tokens=recipe.eval.task.max_new_tokens, batch_size=1,
-                                       device=device)
+                                       device=device, n_threads=recipe.eval.task.n_threads)
     return latency_stats(batch_latencies(gen.info), batch_size=1, output_tokens=gen.output_tokens, wall_s=gen.wall_s)
 
 

@@ -491,6 +491,10 @@ class TaskEvalSpec(StrictModel):
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals.")
     limit: int | None = Field(None, ge=1)
     device: str = Field("auto", description="`auto` (cuda when present, else cpu), `cpu`, `cuda`, `cuda:1`...")
+    n_threads: int | None = Field(None, ge=1, le=1024, description=(
+        "CPU threads of local evaluation: transformers on `cpu` (torch's intra-op threads, restored afterwards; "
+        "default: torch's) and GGUF students through llama.cpp (default: one per free physical core). Set it "
+        "to the free cores when other work shares the CPU: OpenMP threads spin when a core they wait on is taken."))
     concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight for an OpenAI-compatible endpoint.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the endpoint's API key.")
     compare_base: bool = Field(

@@ -356,3 +356,46 @@ def test_bare_clause_is_repaired_counted_and_scored_like_curation(tmp_path):
     assert preds[0]["repaired"] == BARE_QUERY_REPAIR and preds[1]["repaired"] is None
     assert preds[0]["pred"] == {"query": {"bool": {"filter": [{"term": {"status": "pending"}}]}}}
     assert preds[0]["schema_valid"] == 1.0 and preds[0]["exact_match"] == 1.0
+
+
+def test_local_eval_runs_on_eval_task_n_threads_and_gives_torch_its_threads_back(monkeypatch):
+    """eval.task.n_threads caps torch's intra-op threads while the student answers (OpenMP threads
+    spin on a shared CPU), and only then: training or lm-eval in the same process keep theirs."""
+    import torch
+    from stepwise.evals import generate as gen_mod
+
+    seen: list[int] = []
+
+    class Tok:
+        pad_token_id = 0
+
+        def apply_chat_template(self, m, tokenize=False, add_generation_prompt=True):
+            return m[-1]["content"]
+
+        def __call__(self, texts, **kw):
+            class Enc(dict):
+                def to(self, device):
+                    return self
+            return Enc(input_ids=torch.zeros((len(texts), 1), dtype=torch.long))
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "<answer>a</answer>"
+
+    class Lm:
+        def generate(self, input_ids, **kw):
+            seen.append(torch.get_num_threads())
+            return torch.ones((input_ids.shape[0], 3), dtype=torch.long)
+
+    monkeypatch.setattr(gen_mod, "load_local", lambda *a, **k: (Lm(), Tok()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prompts = [[{"role": "user", "content": "q"}]] * 3
+        out = gen_mod.generate_local(None, prompts, batch_size=2, device="cpu", n_threads=1)
+        assert seen == [1, 1] and out.info["n_threads"] == 1 and out.texts == ["<answer>a</answer>"] * 3
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        out = gen_mod.generate_local(None, prompts, batch_size=3, device="cpu")  # unset: torch's own
+        assert seen == [2] and out.info["n_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
