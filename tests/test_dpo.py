@@ -227,40 +227,15 @@ def test_dpo_checks_catch_what_axolotl_ignores(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_trains_on_cpu(tmp_path):
-    """A few real DPO steps through Axolotl on SmolLM2-135M (LoRA; reference = adapter disabled).
-
-    The SFT checkpoint is the base SmolLM2 itself (`training.dpo.sft_checkpoint`, the override);
-    the real SFT -> merge -> DPO chain is `test_sft_merge_dpo_chain_on_cpu`."""
-    from stepwise.training.backends import train
-
-    from stepwise.models import resolve_model_dir
-
-    sft = resolve_model_dir("smollm2-135m-instruct")
-    recipe, run, configs = _dpo_configs(tmp_path, "  modality: lora", f"{{enabled: true, beta: 0.1, sft_checkpoint: {sft}}}")
-    [gc] = [c for c in configs if c.name.endswith("-dpo")]
-    [path] = write_configs([gc], tmp_path / "configs")
-    result = train(path, run_dir=run.path, cpu=True, max_steps=2, base_dir=tmp_path)
-    with (result.out_dir / "loss.csv").open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["kind"] == "train"]
-    assert len(rows) == 2 and all(math.isfinite(float(r["loss"])) for r in rows)
-    # DPO's loss at the first step, with the fresh adapter = reference, is -log sigmoid(0) = ln 2
-    assert abs(float(rows[0]["loss"]) - math.log(2)) < 1e-3, rows[0]
-    assert (result.out_dir / "adapter_model.safetensors").exists()
-    adapter_cfg = json.loads((result.out_dir / "adapter_config.json").read_text())
-    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 8
-    resolved = yaml.safe_load((result.out_dir / "axolotl.yaml").read_text())
-    assert resolved["rl"] == "dpo" and resolved["base_model"] == str(sft)
-    stage = json.loads((run.path / "manifest.json").read_text())["stages"]["train_dpo"]
-    assert stage["status"] == "done" and stage["counts"]["steps"] == 2
-
-
-@pytest.mark.slow
 def test_sft_merge_dpo_chain_on_cpu(tmp_path):
     """The chain as a user runs it, with no override: `stepwise train <sft lora> --merge`, then the
     generated DPO config (whose base_model is `<run>/train/<sft>/merged`) trains from that merged
     SFT model. The DPO reference is the SFT model (fresh adapter disabled), so the first DPO loss is
-    ln 2 here too, now measured against the SFT weights rather than the base."""
+    ln 2 (-log sigmoid(0)), measured against the SFT weights.
+
+    The suite's one real DPO run (the tiny model trained once): a DPO config from the
+    `training.dpo.sft_checkpoint` override differs only in its base_model, and
+    test_dpo_config_passes_axolotl_and_our_checks checks that config with Axolotl."""
     from stepwise.curation.export import run_export
     from stepwise.training.backends import train
 
@@ -282,6 +257,11 @@ def test_sft_merge_dpo_chain_on_cpu(tmp_path):
     assert resolved["rl"] == "dpo" and Path(resolved["base_model"]).resolve() == merged.resolve()
     with (result.out_dir / "loss.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["kind"] == "train"]
-    assert len(rows) == 2 and abs(float(rows[0]["loss"]) - math.log(2)) < 1e-3, rows
+    assert len(rows) == 2 and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert abs(float(rows[0]["loss"]) - math.log(2)) < 1e-3, rows
+    assert (result.out_dir / "adapter_model.safetensors").exists()
+    adapter_cfg = json.loads((result.out_dir / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 8
     stages = json.loads((run.path / "manifest.json").read_text())["stages"]
     assert stages["train"]["status"] == "done" and stages["train_dpo"]["status"] == "done"
+    assert stages["train_dpo"]["counts"]["steps"] == 2
