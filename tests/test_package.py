@@ -328,18 +328,14 @@ def test_run_package_stage_with_a_hosted_student_says_there_is_nothing_to_packag
 def test_full_finetune_is_copied_without_checkpoints(tmp_path):
     """A full fine-tune's weights go into package/model unchanged (no merge), its checkpoints and logs stay
     behind; with no GGUF asked for, none is written and the Modelfile is left out."""
-    import shutil
-
     from stepwise.training.package import run_package
 
     from stepwise.io import sha256_file
-    from stepwise.models import resolve_model_dir
 
     recipe = _recipe(tmp_path)
     run_dir = tmp_path / "runs" / recipe.name / "r1"
     write_export(recipe, run_dir, n_train=4, n_val=2)
-    out = RunLayout(run_dir).train_output("tiny-full")
-    shutil.copytree(resolve_model_dir("smollm2-135m-instruct"), out)
+    out = _stand_in_full_finetune(RunLayout(run_dir).train_output("tiny-full"))
     (out / "checkpoint-2").mkdir()
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
     (out / "loss.csv").write_text("step,loss\n", encoding="utf-8")
