@@ -37,7 +37,8 @@ def small_copy(example: str, tmp_path: Path, base_url: str, limit: int) -> Path:
     recipe["data"]["limit"] = limit
     recipe.setdefault("training", {}).update(micro_batch_size=2, gradient_accumulation_steps=1, sequence_len=512)
     recipe.setdefault("curation", {})["min_train_rows"] = 4  # tiny on purpose: 24-36 inputs
-    recipe["eval"] = {"task": {"max_new_tokens": 48, "batch_size": 8, "bootstrap": 200, "limit": 8},
+    # latency_rows 2: the batch-1 latency pass still runs (student and base), on 2 prompts instead of 8
+    recipe["eval"] = {"task": {"max_new_tokens": 48, "batch_size": 8, "bootstrap": 200, "limit": 8, "latency_rows": 2},
                       "forgetting": {"benchmarks": ["arc_easy"], "subset_size": 4, "max_drop": 0.05}}
     (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return dst / "recipe.yaml"
@@ -52,10 +53,15 @@ def chromium() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example,limit", [("support-tickets", 36), ("nl2dsl", 30)])
-def test_example_end_to_end(tmp_path, example, limit):
+# package.gguf: one real GGUF conversion here, none in the other (each took 60-70 s on the shared 2 cores; the default
+# f16 + q8_0 pair and the GGUF round trip are test_package's)
+@pytest.mark.parametrize("example,limit,gguf", [("support-tickets", 36, ["f16"]), ("nl2dsl", 30, [])])
+def test_example_end_to_end(tmp_path, example, limit, gguf):
     with OpenAIStub() as stub:
         recipe_path = small_copy(example, tmp_path, stub.base_url, limit)
+        data = yaml.safe_load(recipe_path.read_text())
+        data["package"] = {"gguf": gguf}
+        recipe_path.write_text(yaml.safe_dump(data, sort_keys=False))
         recipe = load_recipe(recipe_path)
         run = create_run(recipe)
         summary = run_pipeline(recipe, run, RunOptions(cpu=True, max_steps=1, progress=False))
@@ -72,6 +78,14 @@ def test_example_end_to_end(tmp_path, example, limit):
                 "report.html", "manifest.json"]:
         assert (p / rel).exists(), rel
     assert list((p / "configs").glob("*.yaml")) and list((p / "train").glob("*/loss.csv"))
+    # the package stage wrote the recipe's package.gguf formats, and a Modelfile only with a GGUF
+    lay = run.layout
+    assert (lay.package_model / "model.safetensors").exists() and lay.model_card.exists()
+    assert sorted(f.name for f in lay.package_dir.glob("*.gguf")) == [f"student-{g}.gguf" for g in gguf]
+    for g in gguf:
+        with lay.package_gguf(g).open("rb") as fh:
+            assert fh.read(4) == b"GGUF", g
+    assert lay.modelfile.exists() == bool(gguf)
 
     # lineage: every training example -> a curated row -> a teacher response -> an input file line
     responses = {r["id"]: r for r in read_jsonl(p / "generate" / "responses.jsonl")}
