@@ -556,7 +556,7 @@ def _execute(recipe: Recipe, jobs: list[Job], cache: ResponseCache, budget: Budg
             from stepwise.pipelines.llamacpp_llm import LlamaCppError, run_llamacpp
 
             try:
-                return run_llamacpp(recipe, jobs, cache, budget, price_fn(recipe), on_progress)
+                return run_llamacpp(recipe, jobs, cache, budget, price_fn(recipe), on_progress, timings=timings)
             except LlamaCppError as exc:  # bad GGUF, rejected grammar, missing extra: the recipe's to fix
                 raise GenerateError(str(exc)) from None
         from stepwise.pipelines.openai_api import online_generate

@@ -251,12 +251,15 @@ def build_llamacpp_teacher(recipe: Any) -> LlamaCppTeacher:
     return teacher
 
 
-def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: Any, on_progress: Any = None) -> Any:
+def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: Any, on_progress: Any = None,
+                 timings: list[float] | None = None) -> Any:
     """Answer the jobs one at a time through the shared executor (cache, budget, per-row errors).
 
     Jobs go in prompt order, so consecutive prompts share the longest prefix and its KV state stays
     hot; each request carries its own seed (from teacher.seed, the attempt and the request key, so the
-    samples of one row differ and a re-ask samples afresh), so the order does not change answers."""
+    samples of one row differ and a re-ask samples afresh), so the order does not change answers.
+    `timings`, when given, gets each answered request's latency in seconds (as `_execute`'s other
+    backends; the student-vs-teacher table reports them)."""
     from stepwise.pipelines.constraints import per_row, sampling_params
     from stepwise.pipelines.executor import run_sync_batches
     from stepwise.pipelines.grammar import GrammarError, dss_gbnf
@@ -285,8 +288,14 @@ def run_llamacpp(recipe: Any, jobs: list[Any], cache: Any, budget: Any, price: A
         sampling = sampling_params(t)  # the same settings the cache key names
 
         def generate(batch: list[Any]) -> list[dict[str, Any]]:
-            return [teacher.generate([j.messages], **sampling, seed=request_seed(t.seed, j),
-                                     grammar=grammars.get(j.key))[0] for j in batch]
+            out = []
+            for j in batch:
+                sent = time.perf_counter()
+                out.append(teacher.generate([j.messages], **sampling, seed=request_seed(t.seed, j),
+                                            grammar=grammars.get(j.key))[0])
+                if timings is not None:
+                    timings.append(time.perf_counter() - sent)
+            return out
 
         def request_seed(seed: int, job: Any) -> int:
             return int(sha256_text(f"{seed}:{job.attempt}:{job.key}")[:8], 16)

@@ -261,8 +261,8 @@ def test_opensearch_answers_under_the_bounded_subset_grammar(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "pairs.jsonl").write_text("\n".join(rows) + "\n")
     text = (example / "recipe.yaml").read_text()
-    assert "provider: transformers" in text and "cache: teacher_cache.sqlite" in text
-    text = text.replace("provider: transformers", "provider: llamacpp\n  n_threads: 1").replace(
+    assert "provider: llamacpp" in text and "cache: teacher_cache.sqlite" in text  # the example's own teacher
+    text = text.replace("provider: llamacpp", "provider: llamacpp\n  n_threads: 1").replace(
         "cache: teacher_cache.sqlite", "cache: cache.sqlite")
     (tmp_path / "recipe.yaml").write_text(text)
     recipe = load_recipe(tmp_path / "recipe.yaml")
@@ -305,3 +305,18 @@ def test_estimate_counts_prompt_tokens_as_llama_cpp_bills_them(tmp_path):
     run_generate(recipe, create_run(recipe, tmp_path / "run"), progress=False)
     billed = sum(r["usage"]["input_tokens"] for r in responses(create_run(recipe, tmp_path / "run")))
     assert counted == billed > 0
+
+
+def test_teacher_eval_through_llama_cpp_measures_the_latency_of_what_it_asked(tmp_path):
+    """The student-vs-teacher table reports a local teacher's latency from the requests asked in the
+    run; through llama.cpp they were never timed, so a fresh answer read "cached, latency not measured"."""
+    from stepwise.evals.teacher_compare import teacher_entry, teacher_generation
+
+    recipe = load_recipe(write(tmp_path, max_new_tokens=48))
+    rows = [{"id": r["id"], "input": {"text": r["text"]}, "gold": r["label"]} for r in ROWS[:2]]
+    gen, info = teacher_generation(recipe, rows)
+    assert info["asked"] == 2 and len(info["timings"]) == 2 and all(s > 0 for s in info["timings"]), info
+    entry = teacher_entry(recipe, {"n": 2, "headline": {}}, info, cost_per_hour=1.0)
+    assert entry["latency"]["measured"] and entry["latency"]["batch1"]["s_per_request"] > 0
+    again, info2 = teacher_generation(recipe, rows)  # now every answer is cached: nothing to time
+    assert info2["asked"] == 0 and info2["timings"] == [] and again.texts == gen.texts
