@@ -8,8 +8,9 @@ time; the client only retries after a 429):
 - `teacher.max_requests_per_minute` / `max_tokens_per_minute` for servers that send no headers: a
   sliding 60-second window of what this process sent.
 
-A response's `remaining` was counted when that request reached the server; requests sent after it
-may not be counted yet, so they are subtracted (conservative: never more requests than remain).
+A response's `remaining` was counted when that request reached the server; requests sent after it,
+and earlier ones still in flight (separate connections arrive out of order), may not be counted yet,
+so they are subtracted (conservative: never more requests than remain).
 Tokens of a request are estimated as prompt characters / 4 + max_new_tokens (what OpenAI books
 against a token limit before generating).
 """
@@ -159,9 +160,12 @@ class RateLimiter:
             b.limit = _int(headers.get(f"x-ratelimit-limit-{name}")) or b.limit
             reset = parse_reset(headers.get(f"x-ratelimit-reset-{name}"))
             b.reset_at = now + reset if reset is not None else b.reset_at
-            # requests sent after this one may not be counted in `remaining` yet
+            # requests sent after this one may not be counted in `remaining` yet, and neither may earlier
+            # ones still in flight (requests on separate connections can reach the server out of order)
             recent = list(self._window)[-later:] if later else []
-            b.remaining = remaining - (len(recent) if name == "requests" else sum(t for _, t in recent))
+            earlier = [t for k, t in self._tokens.items() if k < ticket] if ticket is not None else []
+            b.remaining = remaining - (len(recent) + len(earlier) if name == "requests"
+                                       else sum(t for _, t in recent) + sum(earlier))
         retry_after = parse_reset(headers.get("retry-after"))
         if retry_after:  # a 429 anyway (another client shares the key): nothing goes out before it
             b = self._buckets["requests"]

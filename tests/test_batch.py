@@ -387,3 +387,19 @@ def test_an_answer_from_before_the_window_reset_does_not_restart_the_new_window(
     limiter.done(old[0])
     now[0] = 0.65
     assert limiter._delay(0, now[0]) > 0, "the old window's headers restarted the new window"
+
+
+def test_an_earlier_request_the_server_has_not_counted_yet_is_not_spent_twice():
+    """Two requests in flight reach the server out of order (a loaded box): the later one's answer
+    says how many remain without counting the earlier one, which is still on its way; trusting it
+    let one request too many out (a 429 in test_rate_limit_headers_hold_requests_back_no_429)."""
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    first, second = asyncio.run(limiter.acquire()), asyncio.run(limiter.acquire())
+    # the server saw `second` only: 3 per window, 1 used, 2 left
+    limiter.observe({"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
+                     "x-ratelimit-reset-requests": "400ms"}, second)
+    limiter.done(second)
+    asyncio.run(limiter.acquire())  # one more fits: `first` and this one make the window's 3
+    assert limiter._delay(0, now[0]) > 0, "the request still in flight was not counted"
+    limiter.done(first)
