@@ -10,7 +10,8 @@ time; the client only retries after a 429):
 
 A response's `remaining` was counted when that request reached the server; requests sent after it,
 and earlier ones still in flight (separate connections arrive out of order), may not be counted yet,
-so they are subtracted (conservative: never more requests than remain).
+so they are subtracted (conservative: never more requests than remain); answers read out of the
+order the server counted them never raise the count within a window.
 Tokens of a request are estimated as prompt characters / 4 + max_new_tokens (what OpenAI books
 against a token limit before generating).
 """
@@ -58,6 +59,7 @@ class _Bucket:
     limit: int | None = None
     remaining: int | None = None  # None: unknown (no header yet), do not hold back
     reset_at: float | None = None
+    reset_guessed: bool = False  # reset_at is the one-second guess, not a server's word
     first_ticket: int = 0  # the first request sent in the window the bucket now describes
 
 
@@ -96,13 +98,13 @@ class RateLimiter:
                 # in flight (a request sent before the reset may reach the server after it)
                 in_flight = self.in_flight if name == "requests" else self.in_flight_tokens
                 b.remaining = None if b.limit is None else b.limit - in_flight
-                b.reset_at = None
+                b.reset_at, b.reset_guessed = None, False
                 b.first_ticket = self._sent
             if b.limit is not None and need > b.limit:
                 continue  # a single request over the whole limit: the server decides
             if b.remaining is not None and b.remaining < need:
                 if b.reset_at is None:  # spent, reset time unknown: assume a one-second window
-                    b.reset_at = now + 1.0
+                    b.reset_at, b.reset_guessed = now + 1.0, True
                 waits.append(b.reset_at - now)
         return max(waits, default=0.0)
 
@@ -159,13 +161,18 @@ class RateLimiter:
                 continue
             b.limit = _int(headers.get(f"x-ratelimit-limit-{name}")) or b.limit
             reset = parse_reset(headers.get(f"x-ratelimit-reset-{name}"))
-            b.reset_at = now + reset if reset is not None else b.reset_at
+            if reset is not None:  # the latest end any answer names: waiting for it is always enough
+                b.reset_at = now + reset if b.reset_at is None or b.reset_guessed else max(b.reset_at, now + reset)
+                b.reset_guessed = False
             # requests sent after this one may not be counted in `remaining` yet, and neither may earlier
             # ones still in flight (requests on separate connections can reach the server out of order)
             recent = list(self._window)[-later:] if later else []
             earlier = [t for k, t in self._tokens.items() if k < ticket] if ticket is not None else []
-            b.remaining = remaining - (len(recent) + len(earlier) if name == "requests"
-                                       else sum(t for _, t in recent) + sum(earlier))
+            left = remaining - (len(recent) + len(earlier) if name == "requests"
+                                else sum(t for _, t in recent) + sum(earlier))
+            # answers are read in another order than the server counted them: a late one carries an
+            # older, higher count, so what remains only goes down until the window resets (in _delay)
+            b.remaining = left if b.remaining is None else min(b.remaining, left)
         retry_after = parse_reset(headers.get("retry-after"))
         if retry_after:  # a 429 anyway (another client shares the key): nothing goes out before it
             b = self._buckets["requests"]

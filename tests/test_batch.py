@@ -403,3 +403,23 @@ def test_an_earlier_request_the_server_has_not_counted_yet_is_not_spent_twice():
     asyncio.run(limiter.acquire())  # one more fits: `first` and this one make the window's 3
     assert limiter._delay(0, now[0]) > 0, "the request still in flight was not counted"
     limiter.done(first)
+
+
+def test_answers_settled_out_of_order_never_raise_what_remains_in_a_window():
+    """Within one window the server's count only goes down; an answer that arrives late carries an older,
+    higher count (here ticket 3 reached the server before ticket 2 but its answer was read after), and
+    taking it as the latest let one request too many out (the 429 seen in a fast run of the suite)."""
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    hdr = lambda left: {"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": str(left),  # noqa: E731
+                        "x-ratelimit-reset-requests": "360ms"}
+    tickets = [asyncio.run(limiter.acquire()) for _ in range(4)]
+    limiter.done(tickets[0])
+    limiter.observe(hdr(4), tickets[0])
+    asyncio.run(limiter.acquire())  # the fifth of the window
+    for t, left in ((tickets[1], 3), (tickets[2], 1), (tickets[3], 2)):  # server order: 0, 1, 3, 2
+        limiter.done(t)
+        limiter.observe(hdr(left), t)
+    assert limiter._delay(0, now[0]) > 0, "a late answer's older count raised what remains"
+    now[0] = 0.4  # the window reset: requests go out again
+    assert limiter._delay(0, now[0]) == 0
