@@ -503,7 +503,6 @@ def test_an_interrupted_parallel_run_leaves_no_worker_or_trainer_behind(tmp_path
     import sys
 
     from stepwise import experiment
-    from stepwise.layout import ExperimentLayout
 
     recipe = load_recipe(_stub_experiment(tmp_path))
     points = plan_points(recipe)
@@ -525,6 +524,20 @@ def test_an_interrupted_parallel_run_leaves_no_worker_or_trainer_behind(tmp_path
                 time.sleep(5)
         return log
 
+    # a test runner started in the background (`make test &`) inherits SIGINT ignored, and Python then
+    # never turns it into KeyboardInterrupt: give this process the handler an interactive one has
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_twice(recipe, points, pids, interrupt_with, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was only the run's
+
+
+def _interrupt_twice(recipe, points, pids, interrupt_with, tmp_path) -> None:
+    from stepwise import experiment
+    from stepwise.layout import ExperimentLayout
+
     for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)):
         for f in pids.iterdir():
             f.unlink()
@@ -536,7 +549,6 @@ def test_an_interrupted_parallel_run_leaves_no_worker_or_trainer_behind(tmp_path
         while any(_alive(p) for pair in started for p in pair) and time.time() < deadline:
             time.sleep(0.2)
         assert not [p for pair in started for p in pair if _alive(p)], signum
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was only the run's
 
 
 # -- the real grid -------------------------------------------------------------------------------
