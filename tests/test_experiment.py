@@ -410,6 +410,8 @@ def test_trainer_keeps_wandb_on_only_when_the_recipe_tracks_with_it(monkeypatch)
     assert trainer_env(wandb=False)["WANDB_MODE"] == "disabled"
     monkeypatch.delenv("WANDB_MODE")
     assert "WANDB_MODE" not in trainer_env(wandb=True)  # W&B's own default (online)
+    monkeypatch.setenv("WANDB_SERVICE", "2-123-tcp-localhost-4567")  # this process's W&B service
+    assert "WANDB_SERVICE" not in trainer_env(wandb=True)  # the trainer starts its own
 
 
 @pytest.mark.slow  # two W&B runs, each starting wandb-core: 30-60 s on the shared box
@@ -680,6 +682,13 @@ def test_trl_trainer_logs_to_the_points_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wb").mkdir()
+    import wandb
+
+    wandb.teardown()  # a W&B service an earlier test left in this process writes to that test's WANDB_DIR
+    # as after an earlier point's log_point: this process runs a W&B service and names it in WANDB_SERVICE;
+    # a trainer that shared it left its run open there, and log_point below failed with "run ID is in use"
+    wandb.init(project="dss", name="previous-point").finish()
+    assert "WANDB_SERVICE" in os.environ
     recipe, run_dir = make_run(tmp_path, """\
     backend: trl
     modality: lora
@@ -697,7 +706,7 @@ def test_trl_trainer_logs_to_the_points_wandb_run(tmp_path, monkeypatch):
     train(path, run_dir=run_dir, cpu=True, max_steps=1, base_dir=tmp_path)
     trainer_runs = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(trainer_runs) == 1, list((tmp_path / "wb").rglob("*"))[:20]
-    history, _, _ = _wandb_logged(trainer_runs[0])
+    history, _, _ = _wandb_logged(trainer_runs[0])  # written when the trainer exited (its own W&B service)
     assert history.get("train/loss", 0) > 0, history
     assert log_point(recipe.training.tracking, "p", run_id, {"accuracy": 0.5}, {"data_fraction": 1.0}) == run_id
     runs = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -69,8 +69,13 @@ OFFLINE_ENV = {
 def trainer_env(*, wandb: bool) -> dict[str, str]:
     """The trainer process's environment: this one with OFFLINE_ENV over it, except that a run
     reporting to W&B (training.tracking.wandb) keeps the caller's WANDB_MODE (online, offline;
-    unset: W&B's default) instead of having the tracker the recipe asked for disabled."""
-    env = {**os.environ, **OFFLINE_ENV}
+    unset: W&B's default) instead of having the tracker the recipe asked for disabled.
+
+    The trainer never inherits this process's W&B service (WANDB_SERVICE, set once stepwise has
+    logged a point): through it, the trainer's run outlives the trainer, still open when stepwise
+    logs the point's metrics to the same run id ("run ID is in use"); its own service closes and
+    writes the run when the trainer exits."""
+    env = {k: v for k, v in {**os.environ, **OFFLINE_ENV}.items() if k != "WANDB_SERVICE"}
     if wandb:
         env.pop("WANDB_MODE")
         if "WANDB_MODE" in os.environ:
