@@ -206,6 +206,7 @@ def test_cancel_batches_cancels_and_keeps_answers(tmp_path, monkeypatch):
         assert len(stub.submitted_ids()) == 4
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_sigkill_during_polling_then_resume_submits_nothing_twice(tmp_path):
     with OpenAIStub(StubConfig(batch_complete_s=3.0)) as stub:
         recipe, run = setup(tmp_path, stub, 6, per_file=2)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def test_make_test_fast_runs_the_unit_tests_only():
     assert re.search(r'"slow:', (ROOT / "pyproject.toml").read_text())  # registered, so a typo is caught
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_fast_selection_leaves_out_training_and_real_models():
     proc = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", "not slow", "-p", "no:cacheprovider"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -342,6 +342,7 @@ def test_cache_made_before_the_ledger_is_migrated_once_and_keeps_its_keys(tmp_pa
 # -- the cost cap is a ledger across runs (issue 20 item 3) ----------------------------------
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_cost_cap_holds_across_sigkill_and_two_resumes(tmp_path):
     cap = 2.0
     with OpenAIStub(StubConfig(hold_after=4, latency_s=0.01)) as stub:
@@ -378,6 +379,7 @@ def test_cost_cap_holds_across_sigkill_and_two_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["generate", "run"])
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_ctrl_c_reports_cached_responses_and_the_resume_command(tmp_path, command):
     # 36 requests at 0.3 s, 2 at a time: ~5 s of generation, so a loaded box still interrupts it mid-way
     # (with 18 requests it once finished before the test saw 3 cached answers)

@@ -108,6 +108,7 @@ def test_import_contracts():
     assert "broken" not in proc.stdout.lower().replace("0 broken", "")
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_every_module_imports_on_its_own():
     """Each module in a process of its own making: every `stepwise` module dropped from sys.modules
     before the next import, so no module works only because another one was imported first

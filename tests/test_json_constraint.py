@@ -132,6 +132,7 @@ def test_openai_request_carries_the_json_schema(tmp_path):
     assert result.status_counts == {"ok": len(sent)}
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_schema_too_large_to_compile_exits_2_naming_schema_and_fallback(tmp_path):
     """A row whose mapping has a huge number of fields: stopped before the model loads, exit 2."""
     path = nl2dsl(tmp_path, rows=1)

@@ -299,6 +299,7 @@ def test_explicit_review_auto_after_a_push_says_the_reviews_are_not_used(tmp_pat
     assert review.status == "done" and "NOT used" in review.detail and "push.json" in review.detail
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_recipe_auto_after_a_push_pulls_instead_of_auto_accepting(tmp_path: Path, monkeypatch) -> None:
     """No server here: the stage must try to reach Argilla (and fail saying so), never auto-accept."""
     from stepwise.pipeline import RunOptions, run_pipeline

@@ -195,6 +195,7 @@ def test_axolotl_schema_errors_are_reported(tmp_path):
     assert any("micro_batch_size" in m and "axolotl" in m for m in report.messages())
 
 
+@pytest.mark.slow  # 3-16 s each (CLI subprocesses, imports): keeps make test-fast under 2 min
 def test_check_cli_on_hand_edited_file(tmp_path):
     _, _, _, paths = _generate(tmp_path, "micro_batch_size: 2\ngradient_accumulation_steps: 2\n")
     text = paths[1].read_text().replace("lora_dropout: 0.05", "lora_dropout: 0.05\nlora_dropuot: 0.1")
