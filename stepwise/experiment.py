@@ -471,20 +471,14 @@ def run_point(recipe: Recipe, layout: ExperimentLayout, pt: Point, opts: RunOpti
     run_id = prev.get("tracking_run_id")
     env_before = dict(os.environ)
     try:
-        if tracking.mlflow:
-            from stepwise.training.tracking import open_mlflow_run, run_env
+        if tracking.mlflow or tracking.wandb:
+            from stepwise.training.tracking import open_mlflow_run, run_env, wandb_run_id
 
-            run_id = open_mlflow_run(tracking, pt.id, run_id)
-            os.environ.update(run_env(tracking, run_id))  # the trainer's callback resumes this run
-            # recorded now, so a point killed mid-way logs to the same run when it restarts
-            atomic_write_json(layout.point_status(pt.id), {**read_status(layout, pt.id), "tracking_run_id": run_id})
-        elif tracking.wandb:
-            from stepwise.training.tracking import run_env, wandb_run_id
-
-            # the id is chosen now: the trainer's W&B callback (WANDB_RUN_ID) and log_point share the run,
-            # and a point killed mid-way resumes it
-            run_id = wandb_run_id(run_id)
+            # the run is opened (MLflow) or its id chosen (W&B) now: the trainer's callback resumes it and
+            # log_point adds the point's metrics to it
+            run_id = open_mlflow_run(tracking, pt.id, run_id) if tracking.mlflow else wandb_run_id(run_id)
             os.environ.update(run_env(tracking, run_id))
+            # recorded now, so a point killed mid-way logs to the same run when it restarts
             atomic_write_json(layout.point_status(pt.id), {**read_status(layout, pt.id), "tracking_run_id": run_id})
         prepare_point(recipe, pt, shared, run)
         first, last = point_stages()
